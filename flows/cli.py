@@ -1,0 +1,122 @@
+"""The `spin` command: demo, run, serve, report (SPEC §5).
+
+Exit codes: 0 done; 2 bad config or input (one line naming the field or file);
+1 failure at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _offline_defaults() -> None:
+    # Runs on Prefect's embedded server unless PREFECT_API_URL points elsewhere;
+    # telemetry would fail without a network.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spin", description="Self-Play Fine-Tuning as a Prefect pipeline"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the embedded default end to end and print the report")
+    demo.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run = sub.add_parser("run", help="run (or resume) the pipeline from a YAML config")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--run-dir", default=None, help="run directory (default runs/<run.name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    serve = sub.add_parser("serve", help="serve the flows as deployments for the Prefect UI")
+    serve.add_argument("--config", default=None, help="default config for the deployment form")
+    rep = sub.add_parser("report", help="rebuild report.md of a run directory")
+    rep.add_argument("run_dir")
+    return parser
+
+
+def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[str]) -> int:
+    from spin_core.config import load_config
+
+    config = load_config(config_path, overrides)
+    from flows.pipeline import default_run_dir, spin_pipeline
+
+    report_path = spin_pipeline(config, run_dir or default_run_dir(config))
+    print(Path(report_path).read_text())
+    return 0
+
+
+def _serve(config_path: str | None) -> int:
+    from prefect import serve
+
+    from flows.iteration import spin_iteration
+    from flows.pipeline import spin_pipeline
+    from spin_core.config import load_config
+
+    config = load_config(config_path or DEMO_CONFIG)
+    pipeline = spin_pipeline.to_deployment(
+        name="spin-pipeline", parameters={"config": config.model_dump(mode="json")}
+    )
+    iteration = spin_iteration.to_deployment(name="spin-iteration")
+    serve(pipeline, iteration)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from spin_core.errors import InputError
+
+    try:
+        if args.command == "demo":
+            return _run_pipeline(DEMO_CONFIG, args.run_dir, args.overrides)
+        if args.command == "run":
+            return _run_pipeline(args.config, args.run_dir, args.overrides)
+        if args.command == "serve":
+            return _serve(args.config)
+        from spin_core.report import write_report
+
+        if not Path(args.run_dir).is_dir():
+            raise InputError(f"{args.run_dir}: run directory not found")
+        path, _ = write_report(args.run_dir)
+        print(path.read_text())
+        return 0
+    except InputError as exc:
+        print(f"spin: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spin: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports any run-time failure as exit 1
+        cause = _input_error_in(exc)
+        if cause is not None:
+            print(f"spin: error: {cause}", file=sys.stderr)
+            return 2
+        logging.getLogger("spin").exception("run failed")
+        print(f"spin: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _input_error_in(exc: BaseException):
+    """An InputError raised inside a flow reaches us as itself or as a cause."""
+    from spin_core.errors import InputError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""One SPIN iteration (Algorithm 1 of Chen et al., 2024): θt → θ(t+1)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from spin_core.config import SpinConfig
+from spin_core.rundir import RunDir
+from tasks.build import build_training_set, score_with_opponent
+from tasks.evaluate import evaluate
+from tasks.generate import generate_responses
+from tasks.sample import sample_prompts
+from tasks.train import train_policy
+
+
+@flow(name="spin-iteration", flow_run_name="iteration-{iteration}", log_prints=True)
+def spin_iteration(
+    config: SpinConfig, run_dir: str, iteration: int, opponent: str, opponent_eval: str
+) -> dict:
+    """Train θ(t+1) against the opponent θt; returns the iteration's metrics.
+
+    opponent_eval: the directory holding θt's held-out evaluation.
+    """
+    run = RunDir(run_dir)
+    # 1. Sample the SFT prompts (the same fixed sample every iteration by default).
+    sample_prompts(config, run_dir, iteration)
+    # 2. The opponent θt writes y' for every prompt.
+    generate_responses(config, run_dir, iteration, opponent)
+    # 3. D_t = {(x, y, y')} with `history` earlier iterations; θt scores it once.
+    build_training_set(config, run_dir, iteration)
+    score_with_opponent(config, run_dir, iteration, opponent)
+    # 4. Train θ(t+1) from θt on the SPIN loss.
+    model = train_policy(config, run_dir, iteration, opponent)
+    # 5. θ(t+1) is checkpointed as an HF model directory; evaluate it against θt.
+    return evaluate(config, run_dir, model, str(run.iteration(iteration)), opponent_eval, iteration)

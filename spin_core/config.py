@@ -1,0 +1,410 @@
+"""The one typed configuration of a SPIN run.
+
+`SpinConfig` is validated from YAML, from `--set key.sub=value` overrides and, in
+the pipeline, from the Prefect flow parameter form; the same model serves all
+three, so every field has a type, a default, a range and a one-line description.
+Defaults follow the paper's official recipe (Chen et al., 2024) for a 7B model.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spin_core.errors import InputError
+
+
+class ConfigError(InputError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A per-iteration schedule: one value for every iteration, or a list indexed by
+# iteration whose last value carries on for later iterations.
+PositiveSchedule = float | list[float]
+
+
+def _check_schedule(name: str, value: PositiveSchedule) -> PositiveSchedule:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ValueError(f"{name} must be a number or a non-empty list of numbers")
+    for v in values:
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    return value
+
+
+def schedule_at(value: PositiveSchedule, iteration: int) -> float:
+    """The value of a per-iteration schedule at `iteration` (last entry repeats)."""
+    if isinstance(value, list):
+        return float(value[min(iteration, len(value) - 1)])
+    return float(value)
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        "HuggingFaceH4/ultrachat_200k",
+        description="SFT data: a Parquet/JSONL file or directory, or a Hugging Face dataset name",
+    )
+    split: str = Field("train_sft", description="split to load when `dataset` is a hub name")
+    eval_dataset: str | None = Field(
+        None,
+        description="held-out data (same formats); when unset, `eval_size` rows are held out of `dataset`",
+    )
+    eval_split: str = Field("test_sft", description="split of `eval_dataset` when it is a hub name")
+    eval_size: int = Field(500, ge=1, le=100_000, description="held-out pairs used for evaluation")
+    messages_column: str = Field(
+        "messages",
+        description="chat-format column: first user turn = prompt, first assistant turn = real",
+    )
+    prompt_column: str | None = Field(
+        None, description="prompt column (set with response_column instead of a messages column)"
+    )
+    response_column: str | None = Field(None, description="human response column")
+    num_prompts: int = Field(
+        50_000, ge=1, le=100_000_000, description="(prompt, real) pairs sampled per iteration"
+    )
+    resample_each_iteration: bool = Field(
+        False, description="draw a new sample each iteration (the paper reuses one fixed sample)"
+    )
+    seed: int = Field(42, ge=0, description="seed of the prompt sample and held-out split")
+    history: int = Field(
+        1,
+        ge=0,
+        le=100,
+        description="earlier iterations' synthetic pairs mixed into the training set",
+    )
+    drop_identical: bool = Field(
+        True, description="drop pairs whose generated response equals the real one (zero gradient)"
+    )
+    overlong_prompts: Literal["truncate", "drop"] = Field(
+        "truncate", description="prompts longer than max_prompt_length: left-truncate or drop"
+    )
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "alignment-handbook/zephyr-7b-sft-full",
+        description="θ0: a local HF model directory or hub name",
+    )
+    trust_remote_code: bool = Field(
+        False, description="allow model code from the hub (off: secure)"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="compute precision; auto = bf16 on GPU, fp32 on CPU"
+    )
+    attn_implementation: str | None = Field(
+        None, description="transformers attention implementation (e.g. sdpa, flash_attention_2)"
+    )
+
+
+class GenerationConfig(_Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation engine")
+    do_sample: bool = Field(False, description="sample (True) or decode greedily (False)")
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(256, ge=1, le=32_768, description="longest generated response")
+    batch_tokens: int = Field(
+        65_536,
+        ge=64,
+        description="token budget of one generation batch (prompt + new tokens per row)",
+    )
+    max_batch_size: int = Field(256, ge=1, description="most prompts in one generation batch")
+    shard_size: int = Field(
+        1000, ge=1, description="rows per generated shard; finished shards survive a crash"
+    )
+    num_workers: int = Field(
+        1, ge=1, le=1024, description="parallel generation workers (one per GPU)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size")
+    seed: int = Field(0, ge=0, description="sampling seed")
+
+
+class TrainingConfig(_Section):
+    beta: PositiveSchedule = Field(
+        0.1, description="β (λ = 1/β in the paper): a number, or a list indexed by iteration"
+    )
+    learning_rate: PositiveSchedule = Field(
+        [5e-7, 5e-7, 1e-7],
+        description="peak learning rate: a number, or a list indexed by iteration (last repeats)",
+    )
+    optimizer: Literal["rmsprop", "adamw"] = Field("rmsprop", description="optimizer")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of steps of linear warm-up")
+    num_epochs: int = Field(
+        2, ge=1, le=100, description="epochs over the training set per iteration"
+    )
+    global_batch_size: int = Field(64, ge=1, description="pairs per optimizer step, over all ranks")
+    micro_batch_size: int = Field(8, ge=1, description="pairs per forward pass on one rank")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="micro-batches per step; derived from the global batch when unset"
+    )
+    num_processes: int = Field(1, ge=1, le=4096, description="training ranks (GPUs)")
+    max_length: int = Field(1024, ge=2, description="longest prompt + response in tokens")
+    max_prompt_length: int = Field(
+        512, ge=1, description="longest prompt in tokens (left-truncated)"
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = off)")
+    gradient_checkpointing: bool = Field(True, description="recompute activations to save memory")
+    zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    save_steps: int = Field(50, ge=1, description="optimizer steps between DeepSpeed checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="DeepSpeed checkpoints kept in train_state/")
+    logprob_chunk_size: int = Field(
+        1024, ge=1, description="response positions per chunk when computing log-probs"
+    )
+    score_batch_tokens: int = Field(
+        32_768, ge=64, description="token budget of one opponent-scoring batch"
+    )
+    seed: int = Field(42, ge=0, description="seed of data order and initialisation")
+    deepspeed: dict[str, Any] | None = Field(
+        None, description="DeepSpeed JSON merged over the generated DeepSpeed config"
+    )
+
+    @field_validator("beta", "learning_rate")
+    @classmethod
+    def _positive_schedule(cls, value: PositiveSchedule, info) -> PositiveSchedule:
+        return _check_schedule(info.field_name, value)
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on one rank."""
+        if self.gradient_accumulation_steps is not None:
+            return self.gradient_accumulation_steps
+        return self.global_batch_size // (self.micro_batch_size * self.num_processes)
+
+    @model_validator(mode="after")
+    def _check_batch_and_lengths(self) -> TrainingConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"max_length ({self.max_length})"
+            )
+        per_step = self.micro_batch_size * self.num_processes
+        accumulation = self.gradient_accumulation_steps
+        if accumulation is None and self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be divisible by "
+                f"micro_batch_size × num_processes ({self.micro_batch_size} × {self.num_processes})"
+            )
+        if accumulation is not None and self.global_batch_size != per_step * accumulation:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must equal micro_batch_size × "
+                f"gradient_accumulation_steps × num_processes ({self.micro_batch_size} × "
+                f"{accumulation} × {self.num_processes} = {per_step * accumulation})"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="longest held-out generation; defaults to generation.max_new_tokens"
+    )
+    exact_match: bool = Field(True, description="score greedy held-out generations by exact match")
+
+
+class RunConfig(_Section):
+    name: str = Field("spin", min_length=1, description="run name (runs/<name>/ by default)")
+    iterations: int = Field(3, ge=1, le=1000, description="SPIN iterations T")
+    early_stop_margin: float | None = Field(
+        None, description="stop when the held-out margin of the new model falls below this"
+    )
+    collapse_tolerance: float = Field(
+        0.5,
+        ge=0,
+        description="nats/token the held-out real log-likelihood may fall below the opponent's",
+    )
+    promote_collapsed: bool = Field(
+        False, description="promote a model that failed the health check anyway"
+    )
+    sample_rows: int = Field(8, ge=0, le=100, description="sample generations shown in the report")
+    execution: Literal["local"] = Field("local", description="where heavy steps run")
+
+
+TOY = "toy"  # data.dataset / model.name_or_path value that selects the embedded default
+
+
+class ToyConfig(_Section):
+    num_train: int = Field(4000, ge=10, description="toy training pairs generated")
+    num_eval: int = Field(500, ge=10, description="toy held-out pairs generated")
+    sft_steps: int = Field(
+        300, ge=1, description="SFT warm-up steps that make θ0 (weak on purpose)"
+    )
+    sft_lr: float = Field(1e-3, gt=0, description="SFT warm-up learning rate (AdamW)")
+    seed: int = Field(0, ge=0, description="seed of the toy data and θ0")
+
+
+class SpinConfig(_Section):
+    """A SPIN run: data, model θ0, generation, training, evaluation and run control."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="SFT data and sampling")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the SFT model θ0")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="how the opponent writes responses"
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="the SPIN objective and optimizer"
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    run: RunConfig = Field(default_factory=RunConfig, description="iterations and run control")
+    toy: ToyConfig = Field(
+        default_factory=ToyConfig,
+        description="the embedded default, built when data.dataset or model.name_or_path is 'toy'",
+    )
+
+    def uses_toy(self) -> bool:
+        return TOY in (self.data.dataset, self.model.name_or_path)
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> SpinConfig:
+        if (self.data.prompt_column is None) != (self.data.response_column is None):
+            raise ValueError(
+                "data.prompt_column and data.response_column must be set together "
+                f"(got prompt_column={self.data.prompt_column!r}, "
+                f"response_column={self.data.response_column!r})"
+            )
+        return self
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if error["type"] == "missing":
+        return f"{where}: required field is missing"
+    got = error.get("input")
+    if isinstance(got, dict | list) or got is None:
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {got!r})"
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> SpinConfig:
+    """Validate a plain mapping into `SpinConfig`, raising `ConfigError` naming the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return SpinConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    key, _, text = item.partition("=")
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key")
+    # YAML gives `0.1` -> float, `[1e-5, 1e-6]` -> list, `true` -> bool, as in the file.
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {text!r}: {exc}") from None
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with `key.sub=value` overrides applied (not yet validated)."""
+    merged = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = merged
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(keys)}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SpinConfig:
+    """Load a YAML config (or the defaults when `path` is None) with `--set` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def deepspeed_config(training: TrainingConfig, *, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for one iteration, with `training.deepspeed` merged over it."""
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": training.accumulation_steps(),
+        "train_batch_size": training.global_batch_size,
+        "gradient_clipping": training.max_grad_norm,
+        "zero_optimization": {"stage": training.zero_stage},
+        # RMSprop (the paper's optimizer) is a client optimizer DeepSpeed has not tested.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if training.zero_stage == 3:
+        generated["zero_optimization"].update(
+            {"stage3_gather_16bit_weights_on_model_save": True, "overlap_comm": False}
+        )
+    return _merge(generated, training.deepspeed or {})
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# Fields that do not change what a run computes; a resumed run may change them.
+RESULT_NEUTRAL_FIELDS = {
+    ("run", "sample_rows"),
+    ("run", "execution"),
+    ("run", "iterations"),
+    ("run", "early_stop_margin"),
+    ("training", "save_steps"),
+    ("training", "keep_checkpoints"),
+    ("generation", "shard_size"),
+    ("generation", "num_workers"),
+    ("generation", "batch_tokens"),
+    ("generation", "max_batch_size"),
+    ("training", "score_batch_tokens"),
+    ("training", "logprob_chunk_size"),
+}
+
+
+def result_changing_differences(old: SpinConfig, new: SpinConfig) -> list[str]:
+    """Dotted names of fields whose change would change a run's results."""
+    differences = []
+    old_dump, new_dump = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for section, fields in new_dump.items():
+        for name, value in fields.items():
+            if (section, name) in RESULT_NEUTRAL_FIELDS:
+                continue
+            if old_dump.get(section, {}).get(name) != value:
+                differences.append(f"{section}.{name}")
+    return differences

@@ -1,0 +1,540 @@
+"""SFT data in, SPIN training sets out: loading, sampling and Parquet IO.
+
+Steps 1 and 3 of SPIN (Chen et al., 2024) live here: `sample_prompts` draws the
+seeded (prompt, real) sample that every iteration reuses, and `build_training_set`
+joins the opponent's generations of the current iteration with those of its
+`history` predecessors into D_t = {(x, y_real, y_generated)}.
+
+`load_pairs` reads UltraChat-style chat data (a `messages` list of {role, content})
+or two plain columns with pyarrow kernels, so 200k multi-turn rows load in seconds.
+Every file of the run directory is written with `write_parquet_atomic`, so a file
+that exists is complete; `read_parquet_checked` returns None for anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from spin_core.config import DataConfig
+from spin_core.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ["id", "prompt", "real"]
+TRAINING_COLUMNS = ["id", "prompt", "real", "generated", "source_iteration"]
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+# Independent random streams per use of `data.seed`, so the held-out split and
+# the prompt sample are not correlated draws.
+_HELDOUT_STREAM = 1
+_SAMPLE_STREAM = 2
+_EVAL_SUBSET_STREAM = 3
+
+
+# --------------------------------------------------------------------------- IO
+
+
+def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
+    """Write `df` to `path` atomically: a temp file in the same directory, fsync, rename.
+
+    Parent directories are created. A crash leaves either the old file or none,
+    never a partial one, so a file that exists is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_parquet_checked(
+    path: str | Path, *, expected_rows: int | None = None
+) -> pd.DataFrame | None:
+    """The Parquet file at `path`, or None when it must be redone.
+
+    None when the file is missing, unreadable (e.g. truncated: no valid footer)
+    or holds a different number of rows than `expected_rows`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        parquet = pq.ParquetFile(path)
+        rows = parquet.metadata.num_rows
+        if expected_rows is not None and rows != expected_rows:
+            logger.warning("%s has %d rows, expected %d; redoing it", path, rows, expected_rows)
+            return None
+        return parquet.read().to_pandas()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        logger.warning("%s is unreadable (%s); redoing it", path, _first_line(exc))
+        return None
+
+
+def pair_id(prompt: str, response: str) -> str:
+    """Stable id of a (prompt, response) pair: 16 hex digits of blake2b."""
+    data = prompt.encode("utf-8") + b"\x00" + response.encode("utf-8")
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+# ---------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadStats:
+    """What `load_pairs` read and dropped from one source."""
+
+    source: str
+    rows: int
+    dropped_empty: int
+    dropped_duplicates: int
+
+    @property
+    def rows_read(self) -> int:
+        return self.rows + self.dropped_empty + self.dropped_duplicates
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"rows_read": self.rows_read}
+
+
+def load_pairs(
+    source: str,
+    *,
+    split: str = "train",
+    messages_column: str = "messages",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+) -> tuple[pd.DataFrame, LoadStats]:
+    """(prompt, real) pairs of a dataset, in source order, with columns id, prompt, real.
+
+    `source` is a .parquet / .jsonl / .json file, a directory of them (every such
+    file, sorted by name), or else a Hugging Face dataset name loaded with
+    `datasets.load_dataset(source, split=split)`.
+
+    With `prompt_column` and `response_column` those two columns are used;
+    otherwise `messages_column` holds chats in UltraChat format: the first user
+    message is the prompt, the first assistant message after it the real response.
+    Pairs with an empty (or whitespace-only) prompt or response, or without a
+    user turn answered by an assistant turn, are dropped and counted; so are exact
+    duplicate pairs (same id). Raises `InputError` naming the file and what was
+    expected when the source is missing or unreadable, lacks a column, or has no
+    usable rows.
+    """
+    if (prompt_column is None) != (response_column is None):
+        raise InputError(
+            "data.prompt_column and data.response_column must be set together "
+            f"(got {prompt_column!r} and {response_column!r})"
+        )
+    columns = [prompt_column, response_column] if prompt_column else [messages_column]
+    prompts, reals = [], []
+    for where, table in _read_source(source, split, columns):
+        if prompt_column:
+            prompt = _string_column(table, prompt_column, where)
+            real = _string_column(table, response_column, where)
+        else:
+            prompt, real = _first_exchange(table.column(messages_column), messages_column, where)
+        prompts.append(prompt)
+        reals.append(real)
+    prompt = pa.chunked_array(
+        [c for a in prompts for c in a.chunks], type=pa.large_string()
+    ).combine_chunks()
+    real = pa.chunked_array(
+        [c for a in reals for c in a.chunks], type=pa.large_string()
+    ).combine_chunks()
+    rows_read = len(prompt)
+
+    usable = pc.and_(_non_blank(prompt), _non_blank(real))
+    prompt, real = prompt.filter(usable), real.filter(usable)
+    dropped_empty = rows_read - len(prompt)
+
+    ids = [pair_id(p, r) for p, r in zip(prompt.to_pylist(), real.to_pylist(), strict=True)]
+    pairs = pa.table({"id": pa.array(ids, pa.large_string()), "prompt": prompt, "real": real})
+    pairs = pairs.to_pandas()
+    duplicated = pairs["id"].duplicated(keep="first")
+    pairs = pairs[~duplicated].reset_index(drop=True)
+    stats = LoadStats(
+        source=str(source),
+        rows=len(pairs),
+        dropped_empty=dropped_empty,
+        dropped_duplicates=int(duplicated.sum()),
+    )
+    if pairs.empty:
+        expected = (
+            f"non-empty '{prompt_column}' and '{response_column}' values"
+            if prompt_column
+            else f"a '{messages_column}' chat with a user turn answered by an assistant turn"
+        )
+        raise InputError(
+            f"{source}: no usable rows (read {rows_read}: {dropped_empty} empty or without "
+            f"a user/assistant exchange); expected rows with {expected}"
+        )
+    if dropped_empty or stats.dropped_duplicates:
+        logger.info(
+            "%s: %d pairs (dropped %d empty, %d duplicates)",
+            source,
+            stats.rows,
+            dropped_empty,
+            stats.dropped_duplicates,
+        )
+    pairs.attrs["source"] = str(source)
+    return pairs, stats
+
+
+def _read_source(source: str, split: str, columns: list[str]) -> list[tuple[str, pa.Table]]:
+    """(name, table) per file of `source`, each table holding `columns`."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise InputError(
+                f"{source}: directory has no {', '.join(DATA_SUFFIXES)} files; "
+                "expected a dataset file, a directory of them or a Hugging Face dataset name"
+            )
+        return [(str(f), _read_file(f, columns)) for f in files]
+    if path.is_file():
+        return [(str(path), _read_file(path, columns))]
+    if path.suffix in DATA_SUFFIXES or source.startswith(("/", ".", "~")):
+        raise InputError(f"{source}: file not found")
+    return [(source, _read_hub(source, split, columns))]
+
+
+def _read_file(path: Path, columns: list[str]) -> pa.Table:
+    if path.suffix == ".parquet":
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        _check_columns(path, names, columns)
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+    if path.suffix in (".jsonl", ".json"):
+        table = _read_json(path)
+        _check_columns(path, table.column_names, columns)
+        return table.select(columns)
+    raise InputError(f"{path}: unsupported file type; expected one of {', '.join(DATA_SUFFIXES)}")
+
+
+def _read_json(path: Path) -> pa.Table:
+    try:
+        return pajson.read_json(path)
+    except (OSError, pa.ArrowException) as arrow_error:
+        # pyarrow reads JSON Lines only and infers types from the first block;
+        # pandas also reads a JSON array of records and mixed-type lines.
+        try:
+            frame = pd.read_json(path, lines=path.suffix == ".jsonl")
+            return pa.Table.from_pandas(frame, preserve_index=False)
+        except (ValueError, pa.ArrowException):
+            raise InputError(
+                f"{path}: not readable JSON Lines records ({_first_line(arrow_error)})"
+            ) from None
+
+
+def _read_hub(source: str, split: str, columns: list[str]) -> pa.Table:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
+        raise InputError(
+            f"{source}: not a local file or directory, and loading it as a Hugging Face "
+            f"dataset (split {split!r}) failed: {_first_line(exc)}"
+        ) from None
+    _check_columns(source, dataset.column_names, columns)
+    return dataset.select_columns(columns).with_format("arrow")[:]
+
+
+def _check_columns(where: str | Path, found: list[str], columns: list[str]) -> None:
+    for column in columns:
+        if column not in found:
+            hint = (
+                ""
+                if len(columns) == 2
+                else "; set data.messages_column, or data.prompt_column and data.response_column"
+            )
+            raise InputError(
+                f"{where}: no column '{column}' (found: {', '.join(map(repr, found)) or 'none'})"
+                + hint
+            )
+
+
+def _string_column(table: pa.Table, name: str, where: str) -> pa.ChunkedArray:
+    column = table.column(name)
+    if pa.types.is_large_string(column.type):
+        return column
+    if pa.types.is_string(column.type) or pa.types.is_null(column.type):
+        return column.cast(pa.large_string())
+    raise InputError(f"{where}: column '{name}' must hold text, got {column.type}")
+
+
+def _first_exchange(
+    messages: pa.ChunkedArray, name: str, where: str
+) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """Per chat: the first user message and the first assistant message after it.
+
+    Missing turns come back as null. Works chunk by chunk on flattened arrays, so
+    it never loops over rows in Python nor concatenates past 2 GiB of text.
+    """
+    expected = f"column '{name}' must hold lists of {{role, content}} messages"
+    kind = messages.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        raise InputError(f"{where}: {expected}, got {kind}")
+    message = kind.value_type
+    if not pa.types.is_struct(message) or {"role", "content"} - {
+        message.field(i).name for i in range(message.num_fields)
+    }:
+        raise InputError(f"{where}: {expected}, got {kind}")
+    content_type = message.field("content").type
+    if not (
+        pa.types.is_string(content_type)
+        or pa.types.is_large_string(content_type)
+        or pa.types.is_null(content_type)
+    ):
+        raise InputError(f"{where}: {expected} with text content, got content of {content_type}")
+
+    prompts, reals = [], []
+    for chats in messages.chunks:
+        flat = pc.list_flatten(chats)  # (messages,), skipping null chats
+        lengths = pc.fill_null(pc.list_value_length(chats), 0).to_numpy()
+        chat_of = np.repeat(np.arange(len(chats)), lengths)  # (messages,) -> chat index
+        role = pc.struct_field(flat, "role").cast(pa.large_string())
+        content = pc.struct_field(flat, "content").cast(pa.large_string())
+        position = np.arange(len(flat))
+
+        is_user = pc.fill_null(pc.equal(role, "user"), False).to_numpy(zero_copy_only=False)
+        first_user = _first_per_chat(position[is_user], chat_of[is_user], len(chats))
+
+        after_user = (first_user[chat_of] >= 0) & (position > first_user[chat_of])
+        is_assistant = pc.fill_null(pc.equal(role, "assistant"), False).to_numpy(
+            zero_copy_only=False
+        )
+        answer = is_assistant & after_user
+        first_answer = _first_per_chat(position[answer], chat_of[answer], len(chats))
+
+        prompts.append(content.take(pa.array(first_user, mask=first_user < 0)))
+        reals.append(content.take(pa.array(first_answer, mask=first_answer < 0)))
+    return (
+        pa.chunked_array(prompts, type=pa.large_string()),
+        pa.chunked_array(reals, type=pa.large_string()),
+    )
+
+
+def _first_per_chat(position: np.ndarray, chat: np.ndarray, num_chats: int) -> np.ndarray:
+    """Per chat, the first of the (chat-sorted) `position`s, or -1 when it has none."""
+    first = np.full(num_chats, -1, dtype=np.int64)
+    starts = np.ones(len(chat), dtype=bool)
+    starts[1:] = chat[1:] != chat[:-1]
+    first[chat[starts]] = position[starts]
+    return first
+
+
+def _non_blank(text: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.greater(pc.binary_length(pc.utf8_trim_whitespace(text)), 0), False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# ------------------------------------------------------- held-out and SFT data
+
+
+def split_heldout(
+    pairs: pd.DataFrame, *, eval_size: int, seed: int, source: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, heldout): `eval_size` seeded rows held out, both in source order."""
+    source = source or pairs.attrs.get("source", "the dataset")
+    if eval_size >= len(pairs):
+        raise InputError(
+            f"data.eval_size ({eval_size}) must be smaller than the {len(pairs)} usable rows "
+            f"of {source}"
+        )
+    rng = np.random.default_rng([_HELDOUT_STREAM, seed])
+    held = np.zeros(len(pairs), dtype=bool)
+    held[rng.permutation(len(pairs))[:eval_size]] = True
+    return pairs[~held].reset_index(drop=True), pairs[held].reset_index(drop=True)
+
+
+def load_sft_data(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Training pairs, held-out pairs and counts for the report.
+
+    Held-out pairs are `eval_size` rows of `cfg.eval_dataset` when it is set
+    (seeded subset when it has more), else `eval_size` rows held out of
+    `cfg.dataset`. Training pairs whose prompt is also a held-out prompt are
+    removed, so held-out metrics never score a prompt that was trained on.
+    """
+    columns = dict(
+        messages_column=cfg.messages_column,
+        prompt_column=cfg.prompt_column,
+        response_column=cfg.response_column,
+    )
+    pairs, load_stats = load_pairs(cfg.dataset, split=cfg.split, **columns)
+    stats: dict = {"dataset": load_stats.as_dict()}
+    if cfg.eval_dataset:
+        heldout, eval_stats = load_pairs(cfg.eval_dataset, split=cfg.eval_split, **columns)
+        stats["eval_dataset"] = eval_stats.as_dict()
+        if len(heldout) > cfg.eval_size:
+            rng = np.random.default_rng([_EVAL_SUBSET_STREAM, cfg.seed])
+            keep = np.sort(rng.permutation(len(heldout))[: cfg.eval_size])
+            heldout = heldout.iloc[keep].reset_index(drop=True)
+        train = pairs
+    else:
+        train, heldout = split_heldout(
+            pairs, eval_size=cfg.eval_size, seed=cfg.seed, source=cfg.dataset
+        )
+
+    overlap = train["prompt"].isin(set(heldout["prompt"]))
+    train = train[~overlap].reset_index(drop=True)
+    if train.empty:
+        raise InputError(
+            f"{cfg.dataset}: every prompt also occurs in the held-out data "
+            f"({cfg.eval_dataset or 'data.eval_size'}); nothing is left to train on"
+        )
+    train.attrs["source"] = cfg.dataset
+    heldout.attrs["source"] = cfg.eval_dataset or cfg.dataset
+    stats.update(
+        train_rows=len(train),
+        heldout_rows=len(heldout),
+        heldout_source=cfg.eval_dataset or f"{cfg.dataset} (held out, seed {cfg.seed})",
+        dropped_heldout_overlap=int(overlap.sum()),
+    )
+    return train, heldout, stats
+
+
+# ------------------------------------------------------------- SPIN step 1
+
+
+def sample_prompts(
+    pairs: pd.DataFrame,
+    num_prompts: int,
+    *,
+    seed: int,
+    iteration: int = 0,
+    resample: bool = False,
+    source: str | None = None,
+) -> pd.DataFrame:
+    """`num_prompts` (id, prompt, real) rows drawn without replacement, seeded.
+
+    The paper fixes one sample for all iterations: the same rows come back for
+    every `iteration` unless `resample`, which mixes the iteration into the seed.
+    A larger sample with the same seed extends a smaller one (a prefix).
+    """
+    source = source or pairs.attrs.get("source", "the dataset")
+    if num_prompts > len(pairs):
+        raise InputError(
+            f"data.num_prompts ({num_prompts}) is larger than the {len(pairs)} usable rows "
+            f"of {source}"
+        )
+    key = [_SAMPLE_STREAM, seed, iteration] if resample else [_SAMPLE_STREAM, seed]
+    chosen = np.random.default_rng(key).permutation(len(pairs))[:num_prompts]
+    return pairs.iloc[chosen][PAIR_COLUMNS].reset_index(drop=True)
+
+
+# ------------------------------------------------------------- SPIN step 3
+
+
+@dataclass
+class TrainingSetStats:
+    """Counts of a training set D_t.
+
+    `identical_dropped` counts dropped pairs over all mixed-in iterations;
+    `identical_fraction` is the share of identical pairs among the current
+    iteration's generations (how close the opponent is to the data).
+    """
+
+    rows: int
+    identical_dropped: int
+    identical_fraction: float
+    per_iteration: dict[int, int] = field(default_factory=dict)
+
+
+def build_training_set(
+    generated: dict[int, pd.DataFrame], *, drop_identical: bool = True
+) -> tuple[pd.DataFrame, TrainingSetStats]:
+    """D_t: the (prompt, real, generated) pairs of the current iteration and its history.
+
+    `generated` maps iteration -> that iteration's generated.parquet frame; the
+    largest key is the current iteration. Output columns: id, prompt, real,
+    generated, source_iteration. With `drop_identical`, pairs whose generated
+    response equals the real one are dropped and counted: their SPIN margin is 0
+    by construction, so they add no gradient, only cost.
+    """
+    if not generated:
+        raise ValueError("build_training_set needs at least one iteration's generations")
+    current = max(generated)
+    frames, per_iteration = [], {}
+    identical_dropped, identical_current, rows_current = 0, 0, 0
+    for iteration in sorted(generated):
+        frame = generated[iteration]
+        missing = [c for c in TRAINING_COLUMNS[:-1] if c not in frame.columns]
+        if missing:
+            raise InputError(
+                f"generations of iteration {iteration}: missing column(s) {', '.join(missing)} "
+                f"(found: {', '.join(map(str, frame.columns))})"
+            )
+        frame = frame[TRAINING_COLUMNS[:-1]].assign(source_iteration=iteration)
+        identical = (frame["generated"] == frame["real"]).to_numpy(dtype=bool, na_value=False)
+        if iteration == current:
+            identical_current, rows_current = int(identical.sum()), len(frame)
+        if drop_identical:
+            identical_dropped += int(identical.sum())
+            frame = frame[~identical]
+        per_iteration[iteration] = len(frame)
+        frames.append(frame)
+
+    training_set = pd.concat(frames, ignore_index=True)
+    training_set["source_iteration"] = training_set["source_iteration"].astype("int64")
+    stats = TrainingSetStats(
+        rows=len(training_set),
+        identical_dropped=identical_dropped,
+        identical_fraction=identical_current / rows_current if rows_current else 0.0,
+        per_iteration=per_iteration,
+    )
+    if training_set.empty and not identical_dropped:
+        raise InputError(
+            f"generations of iteration(s) {', '.join(map(str, sorted(generated)))} have no rows"
+        )
+    if training_set.empty:
+        raise InputError(
+            f"every generated response of iteration(s) {', '.join(map(str, sorted(generated)))} "
+            "equals its real one: nothing to train on (the opponent already reproduces "
+            "the data; SPIN's fixed point)"
+        )
+    return training_set, stats

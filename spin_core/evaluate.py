@@ -1,0 +1,110 @@
+"""Held-out evaluation of θ0, θ1, ...
+
+For each model: greedy exact match of its generations, the mean per-token
+log-likelihood of the real responses (the health signal: SPIN's fixed point is
+pθ = p_data), and, against its opponent θt, the reward accuracy and margin on
+held-out pairs (x, y, y') where y' is the opponent's greedy generation. The
+opponent's generations and log-probs come from its own evaluation, so each model
+is generated from and scored once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from spin_core.generate import Decoding, HFBackend, encode_prompts
+from spin_core.score import score_columns
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    heldout: pd.DataFrame,
+    cfg,
+    *,
+    opponent_eval: pd.DataFrame | None = None,
+    beta: float | None = None,
+    group_of: Callable[[str], str] | None = None,
+    show_progress: bool = False,
+) -> tuple[pd.DataFrame, dict]:
+    """Evaluate `model` on `heldout` (id, prompt, real).
+
+    opponent_eval: the opponent's own evaluation frame (same ids), whose
+    `generated`, `real_logps` and `generated_logps` give the held-out pairs and
+    the opponent's log-probs. group_of: maps a prompt to a group (e.g. the toy
+    task) for a per-group exact-match breakdown.
+    Returns (per-example frame, metrics dict).
+    """
+    training = cfg.training
+    decoding = Decoding.from_config(
+        cfg.generation.model_copy(update={"do_sample": False}),
+        tokenizer,
+        cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+    )
+    backend = HFBackend(
+        model,
+        tokenizer,
+        decoding,
+        batch_tokens=cfg.generation.batch_tokens,
+        max_batch_size=cfg.generation.max_batch_size,
+    )
+    prompt_ids = encode_prompts(tokenizer, heldout["prompt"].tolist(), training.max_prompt_length)
+    generated = backend.generate(prompt_ids)
+    frame = heldout[["id", "prompt", "real"]].reset_index(drop=True).copy()
+    frame["generated"] = [g.text for g in generated]
+    frame["exact_match"] = frame["generated"].str.strip() == frame["real"].str.strip()
+
+    columns = ["real", "generated"]
+    if opponent_eval is not None:
+        opponent = opponent_eval.set_index("id").loc[frame["id"]].reset_index()
+        frame["opponent_generated"] = opponent["generated"].to_numpy()
+        columns.append("opponent_generated")
+    logps, counts, _ = score_columns(
+        model,
+        tokenizer,
+        frame,
+        columns,
+        max_length=training.max_length,
+        max_prompt_length=training.max_prompt_length,
+        batch_tokens=training.score_batch_tokens,
+        chunk_size=training.logprob_chunk_size,
+        show_progress=show_progress,
+    )
+    frame["real_logps"] = logps["real"]
+    frame["real_tokens"] = counts["real"]
+    frame["generated_logps"] = logps["generated"]
+
+    metrics: dict = {
+        "eval_pairs": len(frame),
+        "exact_match": float(frame["exact_match"].mean()),
+        "real_loglik_per_token": float(
+            frame["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
+        ),
+    }
+    if group_of is not None:
+        groups = frame["prompt"].map(group_of)
+        metrics["exact_match_by_group"] = {
+            str(k): float(v) for k, v in frame["exact_match"].groupby(groups).mean().items()
+        }
+    if opponent_eval is not None:
+        if beta is None:
+            raise ValueError("beta is needed to compute rewards against the opponent")
+        real_reward = beta * (frame["real_logps"].to_numpy() - opponent["real_logps"].to_numpy())
+        generated_reward = beta * (
+            logps["opponent_generated"] - opponent["generated_logps"].to_numpy()
+        )
+        margin = real_reward - generated_reward
+        frame["margin"] = margin
+        metrics |= {
+            "real_reward": float(np.mean(real_reward)),
+            "generated_reward": float(np.mean(generated_reward)),
+            "margin": float(np.mean(margin)),
+            "reward_accuracy": float(np.mean(margin > 0)),
+            "opponent_real_loglik_per_token": float(
+                opponent["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
+            ),
+        }
+    return frame, metrics

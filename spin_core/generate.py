@@ -1,0 +1,252 @@
+"""The opponent writes responses: batched generation into resumable Parquet shards.
+
+Prompts are encoded by `spin_core.prompts` exactly as training encodes them,
+sorted by length, and batched by a token budget with left padding. Output goes
+to `part-00000.parquet`, ... of `shard_size` rows each; a finished shard is
+kept across crashes and a truncated one is redone. A backend only maps prompt
+token ids to responses, so vLLM can stand in for Hugging Face `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig as HFGenerationConfig
+
+from spin_core.config import ConfigError, GenerationConfig
+from spin_core.data import read_parquet_checked, write_parquet_atomic
+from spin_core.prompts import encode_prompt, template_name, truncate_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings, recorded with every generated row."""
+
+    do_sample: bool
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    template: str
+
+    @classmethod
+    def from_config(cls, cfg: GenerationConfig, tokenizer, max_new_tokens: int | None = None):
+        return cls(
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+            seed=cfg.seed,
+            template=template_name(tokenizer),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class Generated:
+    text: str
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+    num_tokens: int  # generated tokens, EOS included
+
+
+class GenerationBackend(Protocol):
+    """Maps prompt token ids to responses; must keep the order of its input."""
+
+    def generate(
+        self, prompt_ids: Sequence[list[int]], progress: Callable[[int], None] | None = None
+    ) -> list[Generated]: ...
+
+
+def token_budget_batches(
+    lengths: Sequence[int], budget: int, max_batch_size: int, extra: int = 0
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size fits `budget`.
+
+    A batch's cost is rows × (its longest length + `extra`); one row always fits.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[index] + extra  # sorted ascending: the newest row is the longest
+        if current and ((len(current) + 1) * longest > budget or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class HFBackend:
+    """Batched `model.generate` with left padding; stops each row at EOS."""
+
+    def __init__(
+        self, model, tokenizer, decoding: Decoding, *, batch_tokens: int, max_batch_size: int
+    ):
+        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
+        self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
+        self.hf_config = HFGenerationConfig(
+            do_sample=decoding.do_sample,
+            temperature=decoding.temperature if decoding.do_sample else None,
+            top_p=decoding.top_p if decoding.do_sample else None,
+            top_k=None,
+            max_new_tokens=decoding.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Sequence[list[int]], progress: Callable[[int], None] | None = None
+    ):
+        results: list[Generated | None] = [None] * len(prompt_ids)
+        batches = token_budget_batches(
+            [len(p) for p in prompt_ids],
+            self.batch_tokens,
+            self.max_batch_size,
+            self.decoding.max_new_tokens,
+        )
+        device = next(self.model.parameters()).device
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        for batch in batches:
+            rows = [prompt_ids[i] for i in batch]
+            longest = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+            for j, row in enumerate(rows):  # left padding: generation continues at the right edge
+                input_ids[j, longest - len(row) :] = torch.tensor(row)
+                attention_mask[j, longest - len(row) :] = 1
+            output = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=self.hf_config,
+            )  # (batch, longest + new)
+            for j, index in enumerate(batch):
+                new = output[j, longest:].tolist()
+                if eos in new:
+                    new, reason = new[: new.index(eos) + 1], "stop"
+                else:
+                    reason = "length"
+                text_ids = new[:-1] if reason == "stop" else new
+                text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+                results[index] = Generated(text=text, finish_reason=reason, num_tokens=len(new))
+            if progress is not None:
+                progress(len(batch))
+        return results
+
+
+def make_backend(model_path: str, cfg, tokenizer, *, max_new_tokens: int | None = None, model=None):
+    """The configured backend for the opponent at `model_path`."""
+    decoding = Decoding.from_config(cfg.generation, tokenizer, max_new_tokens)
+    if cfg.generation.backend == "vllm":
+        try:
+            from spin_core.vllm_backend import VLLMBackend
+        except ImportError as exc:
+            raise ConfigError(
+                f"generation.backend: 'vllm' needs the vllm package (pip install 'spin[vllm]'): {exc}"
+            ) from None
+        return VLLMBackend(model_path, tokenizer, decoding, cfg)
+    if model is None:
+        from spin_core.checkpoint import load_policy
+
+        model, _ = load_policy(model_path, cfg.model)
+    return HFBackend(
+        model,
+        tokenizer,
+        decoding,
+        batch_tokens=cfg.generation.batch_tokens,
+        max_batch_size=cfg.generation.max_batch_size,
+    )
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
+    """Prompt ids as training will see them (left-truncated to max_prompt_length)."""
+    return [truncate_prompt(encode_prompt(tokenizer, p), max_prompt_length)[0] for p in prompts]
+
+
+def shard_path(shards_dir: Path, index: int) -> Path:
+    return shards_dir / f"part-{index:05d}.parquet"
+
+
+def generate_shards(
+    backend: GenerationBackend,
+    prompts: pd.DataFrame,
+    prompt_ids: Sequence[list[int]],
+    shards_dir: str | Path,
+    *,
+    shard_size: int,
+    opponent: str,
+    decoding: Decoding,
+    shard_indices: Sequence[int] | None = None,
+    show_progress: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Generate every missing or truncated shard of `prompts`; returns all shard paths.
+
+    prompts: id, prompt, real (in sample order). Shard k holds rows
+    [k·shard_size, (k+1)·shard_size). `shard_indices` restricts the work to some
+    shards (one worker's share); `on_shard(done, total)` reports progress.
+    """
+    shards_dir = Path(shards_dir)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    total = (len(prompts) + shard_size - 1) // shard_size
+    todo = list(range(total)) if shard_indices is None else list(shard_indices)
+    paths = []
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not show_progress)
+    for done, k in enumerate(todo, 1):
+        rows = prompts.iloc[k * shard_size : (k + 1) * shard_size]
+        path = shard_path(shards_dir, k)
+        if read_parquet_checked(path, expected_rows=len(rows)) is not None:
+            bar.update(len(rows))
+            paths.append(path)
+            continue
+        ids = list(prompt_ids[k * shard_size : (k + 1) * shard_size])
+        # Seeded per shard so a redone shard samples what the lost one would have.
+        torch.manual_seed(decoding.seed + k)
+        generated = backend.generate(ids, progress=bar.update)
+        shard = (
+            rows[["id", "prompt", "real"]]
+            .reset_index(drop=True)
+            .assign(
+                generated=[g.text for g in generated],
+                finish_reason=[g.finish_reason for g in generated],
+                generated_tokens=[g.num_tokens for g in generated],
+                opponent=opponent,
+                decoding=decoding.to_json(),
+            )
+        )
+        paths.append(write_parquet_atomic(shard, path))
+        if on_shard is not None:
+            on_shard(done, len(todo))
+    bar.close()
+    return paths
+
+
+def merge_shards(
+    shards_dir: str | Path, num_rows: int, shard_size: int, out_path: str | Path
+) -> Path:
+    """Concatenate the shards in order into `generated.parquet` (atomically)."""
+    shards_dir = Path(shards_dir)
+    total = (num_rows + shard_size - 1) // shard_size
+    frames = []
+    for k in range(total):
+        expected = min(shard_size, num_rows - k * shard_size)
+        frame = read_parquet_checked(shard_path(shards_dir, k), expected_rows=expected)
+        if frame is None:
+            raise RuntimeError(f"{shard_path(shards_dir, k)}: shard missing or incomplete")
+        frames.append(frame)
+    return write_parquet_atomic(pd.concat(frames, ignore_index=True), out_path)

@@ -1,0 +1,229 @@
+"""The run directory (SPEC §4): where every stage's output lives, and who holds it.
+
+    runs/<name>/spin.yaml, .lock, heldout.parquet, theta0/, iter_<t>/..., metrics.parquet, report.md
+
+Paths are pure functions of the run directory and the iteration, so any stage
+can be rerun alone from its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from spin_core.config import TOY, SpinConfig, result_changing_differences, validate_config
+from spin_core.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    # run level
+    @property
+    def config(self) -> Path:
+        return self.root / "spin.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def heldout(self) -> Path:
+        return self.root / "heldout.parquet"
+
+    @property
+    def toy(self) -> Path:
+        return self.root / "toy"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def base_eval(self) -> Path:
+        """Held-out evaluation of θ0 (eval.parquet, metrics.json)."""
+        return self.root / "theta0"
+
+    # iteration level
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def prompts(self, t: int) -> Path:
+        return self.iteration(t) / "prompts.parquet"
+
+    def generated_shards(self, t: int) -> Path:
+        return self.iteration(t) / "generated"
+
+    def generated(self, t: int) -> Path:
+        return self.iteration(t) / "generated.parquet"
+
+    def pairs(self, t: int) -> Path:
+        return self.iteration(t) / "pairs.parquet"
+
+    def train(self, t: int) -> Path:
+        return self.iteration(t) / "train.parquet"
+
+    def train_state(self, t: int) -> Path:
+        return self.iteration(t) / "train_state"
+
+    def model(self, t: int) -> Path:
+        return self.iteration(t) / "model"
+
+    def eval(self, t: int) -> Path:
+        return self.iteration(t) / "eval.parquet"
+
+    def iteration_metrics(self, t: int) -> Path:
+        return self.iteration(t) / "metrics.json"
+
+    def baseline(self, t: int) -> Path:
+        return self.iteration(t) / "baseline"
+
+    # inputs, with the embedded default resolved
+    def dataset(self, cfg: SpinConfig) -> str:
+        return (
+            str(self.toy / "data" / "train.parquet")
+            if cfg.data.dataset == TOY
+            else cfg.data.dataset
+        )
+
+    def eval_dataset(self, cfg: SpinConfig) -> str | None:
+        if cfg.data.dataset == TOY and cfg.data.eval_dataset in (None, TOY):
+            return str(self.toy / "data" / "eval.parquet")
+        return cfg.data.eval_dataset
+
+    def data_config(self, cfg: SpinConfig):
+        """The data section with the embedded default's files filled in."""
+        if cfg.data.dataset != TOY:
+            return cfg.data
+        return cfg.data.model_copy(
+            update={"dataset": self.dataset(cfg), "eval_dataset": self.eval_dataset(cfg)}
+        )
+
+    def base_model(self, cfg: SpinConfig) -> str:
+        if cfg.model.name_or_path == TOY:
+            return str(self.toy / "theta0")
+        return cfg.model.name_or_path
+
+
+def write_json_atomic(data: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory held by one live process.
+
+    The lock file records pid, host and start time. A lock whose process is gone
+    (same host) is stale and taken over with a warning; a live holder is refused.
+    """
+
+    def __init__(self, run: RunDir):
+        self.path = run.lock
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                    self.held = True  # re-entrant within one process (e.g. a retried flow)
+                    return self
+                if (
+                    holder
+                    and holder.get("host") == me["host"]
+                    and not _pid_alive(int(holder["pid"]))
+                ):
+                    logger.warning(
+                        "taking over stale lock of dead process %s (started %s)",
+                        holder.get("pid"),
+                        holder.get("started"),
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise InputError(
+                    f"{self.path.parent}: run directory is held by a live run "
+                    f"(pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}); "
+                    "wait for it or use another --run-dir"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return self
+        raise InputError(f"{self.path}: could not take the run directory lock")
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held and self._holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_or_save_config(run: RunDir, cfg: SpinConfig) -> None:
+    """Save the run's config, or refuse a rerun whose config would change results."""
+    if run.config.exists():
+        try:
+            old = validate_config(yaml.safe_load(run.config.read_text()) or {}, str(run.config))
+        except InputError:
+            raise
+        differences = result_changing_differences(old, cfg)
+        if differences:
+            raise InputError(
+                f"{run.config}: this run was started with a different config "
+                f"({', '.join(differences)} differ); use a new --run-dir to start a new run"
+            )
+    run.root.mkdir(parents=True, exist_ok=True)
+    tmp = run.config.with_name(".spin.yaml.tmp")
+    tmp.write_text(cfg.dump_yaml())
+    os.replace(tmp, run.config)

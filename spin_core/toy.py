@@ -1,0 +1,371 @@
+"""The embedded default (SPEC §3): a dataset, tokenizer and weak SFT model θ0, offline.
+
+`build_toy` makes everything `spin demo` needs on a fresh machine with nothing
+downloaded: verifiable instruction pairs (reverse, add, sort, shift letters), a
+character-level tokenizer with a chat template, a small Llama, and a short SFT
+warm-up. θ0 is deliberately *weak* (about a third of held-out answers exactly
+right), like zephyr-7b-sft-full in the paper: a θ0 trained to convergence writes
+the real answers already, leaving SPIN nothing to learn from.
+
+    from spin_core.toy import build_toy
+    toy = build_toy("runs/toy")  # ~30 s on 2 CPU cores; cached afterwards
+    toy.model_dir, toy.train_path, toy.eval_path
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import string
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from spin_core.logprobs import pad_batch, sequence_logps
+from spin_core.loss import sft_loss
+from spin_core.prompts import build_example, encode_prompt, encode_response
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("reverse", "add", "sort", "shift")
+
+LETTERS = string.ascii_lowercase
+MIN_LETTERS, MAX_LETTERS = 3, 9
+MAX_SHIFT = 3
+MAX_DIGITS = 3
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, USER, ASSISTANT)
+# Every message is '<|role|>' + content; only assistant turns end with EOS, as generation does.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+MARKER = "toy.json"  # written last: its presence means the build completed
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _letters(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(MIN_LETTERS, MAX_LETTERS)))
+
+
+def _number(rng: random.Random) -> int:
+    digits = rng.randint(1, MAX_DIGITS)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def _shift(word: str, by: int) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + by) % len(LETTERS)] for c in word)
+
+
+def _make_pair(task: str, rng: random.Random) -> tuple[str, str]:
+    """One (prompt, answer) of `task`; the answer is computed, so it is always right."""
+    if task == "reverse":
+        word = _letters(rng)
+        return f"reverse: {word}", word[::-1]
+    if task == "add":
+        a, b = _number(rng), _number(rng)
+        return f"add: {a}+{b}", str(a + b)
+    if task == "sort":
+        word = _letters(rng)
+        return f"sort: {word}", "".join(sorted(word))
+    if task == "shift":
+        word, by = _letters(rng), rng.randint(1, MAX_SHIFT)
+        return f"shift by {by}: {word}", _shift(word, by)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def make_pairs(n: int, seed: int) -> pd.DataFrame:
+    """`n` distinct prompts with their answers, the tasks in equal shares, shuffled.
+
+    Columns: `messages` ([{"role": "user", ...}, {"role": "assistant", ...}]) and
+    `task`. The same `seed` gives the same frame.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows = []
+    while len(rows) < n:
+        task = TASKS[len(rows) % len(TASKS)]
+        prompt, answer = _make_pair(task, rng)
+        if prompt in seen:  # a repeated prompt would blur the train/eval split
+            continue
+        seen.add(prompt)
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append({"messages": messages, "task": task})
+    rng.shuffle(rows)
+    return pd.DataFrame(rows, columns=["messages", "task"])
+
+
+def task_of(prompt: str) -> str:
+    """The task of a toy prompt: its first word ('shift by 2: abc' -> 'shift')."""
+    task = prompt.split(maxsplit=1)[0].rstrip(":") if prompt.strip() else ""
+    if task not in TASKS:
+        raise ValueError(f"not a toy prompt: {prompt!r}; expected one of {TASKS}")
+    return task
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write via a temporary name in the same directory, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def write_dataset(
+    out_dir: str | os.PathLike, *, num_train: int = 4000, num_eval: int = 500, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write out_dir/train.parquet and out_dir/eval.parquet; no eval prompt is in train."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # One draw of distinct prompts, split in two, keeps the held-out prompts unseen.
+    pairs = make_pairs(num_train + num_eval, seed)
+    train_path, eval_path = out_dir / "train.parquet", out_dir / "eval.parquet"
+    _write_parquet(pairs.iloc[:num_train].reset_index(drop=True), train_path)
+    _write_parquet(pairs.iloc[num_train:].reset_index(drop=True), eval_path)
+    return train_path, eval_path
+
+
+# ---------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], out_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a chat template, saved to `out_dir`.
+
+    One token per character (printable ASCII plus any character in `texts`), so
+    decode(encode(s)) == s for such text, spaces and newlines included.
+    """
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    # Special tokens are matched first; then every remaining character is its own piece.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # join pieces with no separator
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    # The printable alphabet keeps text outside the toy tasks (a user's prompt) off <unk>.
+    tokenizer.train_from_iterator([string.printable, *texts], trainer=trainer)
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[USER, ASSISTANT],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,  # would rewrite " ." and the like on decode
+        model_max_length=1024,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+# -------------------------------------------------------------------------- model
+
+
+def build_model(
+    tokenizer,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A small randomly initialised Llama whose special ids are the tokenizer's."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    # Seed the initialisation without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    generation = model.generation_config
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def sft_warmup(
+    model,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 32,
+    seed: int = 0,
+    max_length: int = 128,
+) -> list[float]:
+    """Supervised fine-tuning on prompt + response + EOS, the prompt masked out.
+
+    Plain AdamW at a constant `lr`, `steps` batches drawn epoch by epoch in a
+    seeded order. Returns the token-averaged loss of each step.
+    """
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(
+            f"need equally many prompts and responses, got {len(prompts)} and {len(responses)}"
+        )
+    examples = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        input_ids, labels, _ = build_example(
+            encode_prompt(tokenizer, prompt),
+            encode_response(tokenizer, response),
+            max_length=max_length,
+            max_prompt_length=max_length // 2,
+        )
+        examples.append((input_ids, labels))
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        if len(order) < batch_size:  # next epoch: a fresh permutation
+            order += rng.sample(range(len(examples)), len(examples))
+        batch, order = order[:batch_size], order[batch_size:]
+        input_ids, attention_mask, labels = pad_batch(
+            [examples[i][0] for i in batch],
+            [examples[i][1] for i in batch],
+            tokenizer.pad_token_id,
+        )  # each (batch, seq)
+        logps, counts = sequence_logps(model, input_ids, attention_mask, labels)  # (batch,)
+        loss = sft_loss(logps, counts)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("sft warm-up step %d/%d loss %.4f", step + 1, steps, losses[-1])
+    model.eval()
+    return losses
+
+
+# -------------------------------------------------------------------------- build
+
+
+@dataclass
+class ToyArtifacts:
+    """Where `build_toy` put the dataset and θ0."""
+
+    data_dir: Path
+    train_path: Path
+    eval_path: Path
+    model_dir: Path
+
+
+def _artifacts(out_dir: Path) -> ToyArtifacts:
+    data_dir = out_dir / "data"
+    return ToyArtifacts(
+        data_dir=data_dir,
+        train_path=data_dir / "train.parquet",
+        eval_path=data_dir / "eval.parquet",
+        model_dir=out_dir / "theta0",
+    )
+
+
+def build_toy(
+    out_dir: str | os.PathLike,
+    *,
+    num_train: int = 4000,
+    num_eval: int = 500,
+    sft_steps: int = 300,
+    sft_lr: float = 1e-3,
+    seed: int = 0,
+    force: bool = False,
+) -> ToyArtifacts:
+    """Write out_dir/data/{train,eval}.parquet and the weak SFT model out_dir/theta0/.
+
+    A completed build with the same parameters is returned as is (unless `force`).
+    Everything is built in a temporary directory and moved into place; the marker
+    out_dir/toy.json is written last, so an interrupted build is never mistaken
+    for a finished one.
+    """
+    out_dir = Path(out_dir)
+    artifacts = _artifacts(out_dir)
+    params = {
+        "num_train": num_train,
+        "num_eval": num_eval,
+        "sft_steps": sft_steps,
+        "sft_lr": sft_lr,
+        "seed": seed,
+    }
+    marker = out_dir / MARKER
+    if not force and marker.exists() and artifacts.model_dir.is_dir():
+        if json.loads(marker.read_text()).get("params") == params:
+            logger.info("toy model already built in %s", out_dir)
+            return artifacts
+        logger.info("toy in %s was built with other parameters; rebuilding", out_dir)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".toy-build-") as tmp:
+        staged = _artifacts(Path(tmp))
+        logger.info("writing %d train and %d eval pairs", num_train, num_eval)
+        write_dataset(staged.data_dir, num_train=num_train, num_eval=num_eval, seed=seed)
+        train = pd.read_parquet(staged.train_path)
+        prompts = [messages[0]["content"] for messages in train["messages"]]
+        responses = [messages[1]["content"] for messages in train["messages"]]
+
+        tokenizer = train_tokenizer(prompts + responses, staged.model_dir)
+        model = build_model(tokenizer, seed=seed)
+        logger.info(
+            "built a %.2fM-parameter Llama, vocabulary %d",
+            model.num_parameters() / 1e6,
+            len(tokenizer),
+        )
+        losses = sft_warmup(
+            model, tokenizer, prompts, responses, steps=sft_steps, lr=sft_lr, seed=seed
+        )
+        model.save_pretrained(staged.model_dir)
+
+        # The old build goes first (marker before contents), then the new one moves in.
+        marker.unlink(missing_ok=True)
+        for old in (artifacts.data_dir, artifacts.model_dir):
+            if old.exists():
+                shutil.rmtree(old)
+        os.replace(staged.data_dir, artifacts.data_dir)
+        os.replace(staged.model_dir, artifacts.model_dir)
+
+    summary = {
+        "params": params,
+        "final_sft_loss": losses[-1] if losses else None,
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    tmp_marker = marker.with_name(f".{MARKER}.tmp")
+    tmp_marker.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp_marker, marker)
+    logger.info("built the toy in %s in %.0f s", out_dir, summary["build_seconds"])
+    return artifacts

@@ -1,0 +1,415 @@
+"""Training θ(t+1) from θt: an explicit loop over a DeepSpeed engine.
+
+One optimizer step covers `global_batch_size` pairs: every rank runs
+`accumulation_steps` micro-batches of `micro_batch_size` pairs, each one forward
+pass over the real and generated responses together. Opponent log-probs come
+from `train.parquet` (scored once by `spin_core.score`), so no second model is
+in memory. A DeepSpeed checkpoint every `save_steps` holds the optimizer,
+scheduler, RNG and data position; a rerun resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from spin_core.checkpoint import compute_dtype, device, load_policy, save_model_dir
+from spin_core.config import SpinConfig, deepspeed_config, schedule_at
+from spin_core.logprobs import pad_batch, sequence_logps
+from spin_core.loss import sft_loss, spin_loss
+from spin_core.score import Examples, tokenize_responses
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "complete.json"
+STEP_LOG = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps of the iteration
+    resumed_from: int  # step of the checkpoint resumed from (0 = fresh start)
+    log_path: Path
+    model_dir: Path | None  # None when stopped early by `stop_after_steps`
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a one-rank group in-process."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), verbose=False
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def steps_per_epoch(num_pairs: int, global_batch_size: int) -> int:
+    return math.ceil(num_pairs / global_batch_size)
+
+
+def step_indices(num_pairs: int, step: int, global_batch_size: int, seed: int) -> list[int]:
+    """Pair indices of optimizer step `step` (a pure function: resume needs no sampler state).
+
+    Each epoch is a seeded permutation; the last batch of an epoch wraps around to
+    its start so every step has a full global batch.
+    """
+    per_epoch = steps_per_epoch(num_pairs, global_batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+    order = np.concatenate([order, order[: per_epoch * global_batch_size - num_pairs]])
+    return order[position * global_batch_size : (position + 1) * global_batch_size].tolist()
+
+
+def micro_batches(
+    indices: list[int], lengths: list[int], micro_batch_size: int, rank: int, world_size: int
+) -> list[list[int]]:
+    """This rank's micro-batches of one step, grouped by length.
+
+    Micro-batches are equal-sized and the loss is a mean, so how the step's pairs
+    are grouped does not change the gradient; sorting by length cuts padding.
+    """
+    ordered = sorted(indices, key=lambda i: lengths[i])
+    batches = [ordered[s : s + micro_batch_size] for s in range(0, len(ordered), micro_batch_size)]
+    return batches[rank::world_size]
+
+
+def complete_checkpoints(state_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoints whose save finished, oldest first."""
+    found = []
+    for marker in state_dir.glob(f"step_*/{COMPLETE_MARKER}"):
+        found.append((int(marker.parent.name.removeprefix("step_")), marker.parent))
+    return sorted(found)
+
+
+class PairData:
+    """Tokenized training pairs with the opponent's log-probs."""
+
+    def __init__(self, frame: pd.DataFrame, tokenizer, training_cfg):
+        kwargs = {
+            "max_length": training_cfg.max_length,
+            "max_prompt_length": training_cfg.max_prompt_length,
+        }
+        prompts = frame["prompt"].tolist()
+        self.real: Examples = tokenize_responses(
+            tokenizer, prompts, frame["real"].tolist(), **kwargs
+        )
+        self.generated: Examples | None = None
+        if "generated" in frame:
+            self.generated = tokenize_responses(
+                tokenizer, prompts, frame["generated"].tolist(), **kwargs
+            )
+        self.opponent_real = torch.tensor(
+            frame.get("opponent_real_logps", pd.Series(dtype=float)).to_numpy()
+        )
+        self.opponent_generated = torch.tensor(
+            frame.get("opponent_generated_logps", pd.Series(dtype=float)).to_numpy()
+        )
+        self.lengths = [
+            len(r) + (len(g) if self.generated else 0)
+            for r, g in zip(
+                self.real.input_ids,
+                self.generated.input_ids if self.generated else self.real.input_ids,
+                strict=True,
+            )
+        ]
+
+    def __len__(self) -> int:
+        return len(self.real.input_ids)
+
+
+def _policy_logps(model, data: PairData, batch: list[int], pad_id: int, chunk: int, objective: str):
+    """Summed log-probs of the batch's real (and generated) responses in one forward pass."""
+    ids = [data.real.input_ids[i] for i in batch]
+    labels = [data.real.labels[i] for i in batch]
+    if objective == "spin":
+        ids += [data.generated.input_ids[i] for i in batch]
+        labels += [data.generated.labels[i] for i in batch]
+    input_ids, mask, targets = pad_batch(ids, labels, pad_id)  # (2·micro, seq)
+    dev = device()
+    logps, counts = sequence_logps(
+        model, input_ids.to(dev), mask.to(dev), targets.to(dev), chunk_size=chunk
+    )
+    return logps, counts, int(mask.sum())
+
+
+def _build_optimizer(model, training, lr: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay)
+
+
+def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world_size
+    return values
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Drop logged steps after the checkpoint we resume from (they will be redone)."""
+    if not log_path.exists():
+        return
+    kept = [
+        line
+        for line in log_path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_iteration(
+    *,
+    init_model: str,
+    train_path: str | Path,
+    state_dir: str | Path,
+    model_out: str | Path,
+    cfg: SpinConfig,
+    iteration: int,
+    objective: str = "spin",
+    on_step: Callable[[dict], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train one iteration from `init_model` (θt) on `train_path`; export θ(t+1) to `model_out`.
+
+    objective: "spin" (the SPIN loss against the opponent's stored log-probs) or
+    "sft" (continued SFT on the real responses, the baseline).
+    `stop_after_steps` ends the call after that step's checkpoint, as a crash would.
+    """
+    import deepspeed
+    from transformers import get_scheduler
+
+    training = cfg.training
+    state_dir, model_out = Path(state_dir), Path(model_out)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / STEP_LOG
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    seed_everything(training.seed + iteration)
+
+    bf16 = compute_dtype(cfg.model.precision) == torch.bfloat16
+    ds_config = deepspeed_config(training, bf16=bf16)
+    if training.zero_stage == 3 and world_size > 1:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Kept alive so from_pretrained partitions weights across ranks as it loads.
+        zero3_init = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    from transformers import AutoConfig
+
+    saved_dtype = _config_dtype(
+        AutoConfig.from_pretrained(init_model, trust_remote_code=cfg.model.trust_remote_code)
+    )
+    model, tokenizer = load_policy(init_model, cfg.model, for_training=True)
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    data = PairData(pd.read_parquet(train_path), tokenizer, training)
+    if objective == "spin" and data.generated is None:
+        raise ValueError(f"{train_path}: no generated column to train SPIN on")
+
+    lr = schedule_at(training.learning_rate, iteration)
+    beta = schedule_at(training.beta, iteration)
+    total_steps = training.num_epochs * steps_per_epoch(len(data), training.global_batch_size)
+    optimizer = _build_optimizer(model, training, lr)
+    scheduler = get_scheduler(
+        "linear",
+        optimizer,
+        num_warmup_steps=math.ceil(training.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    start_step = 0
+    checkpoints = complete_checkpoints(state_dir)
+    if checkpoints:
+        start_step, path = checkpoints[-1]
+        _, client_state = engine.load_checkpoint(str(state_dir), tag=path.name)
+        set_rng_state(client_state["rng"])
+        logger.info("resuming iteration %d from %s (step %d)", iteration, path, start_step)
+    if rank == 0:
+        _truncate_log(log_path, start_step)
+    writer = _tensorboard(state_dir) if rank == 0 else None
+
+    pad_id = tokenizer.pad_token_id
+    engine.train()
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        indices = step_indices(
+            len(data), step, training.global_batch_size, training.seed + iteration
+        )
+        step_lr = scheduler.get_last_lr()[0]
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, real, generated, margin, correct, pairs
+        tokens = 0
+        for batch in micro_batches(
+            indices, data.lengths, training.micro_batch_size, rank, world_size
+        ):
+            logps, counts, batch_tokens = _policy_logps(
+                engine.module, data, batch, pad_id, training.logprob_chunk_size, objective
+            )
+            tokens += batch_tokens
+            n = len(batch)
+            if objective == "spin":
+                loss, real_reward, generated_reward = spin_loss(
+                    logps[:n],
+                    logps[n:],
+                    data.opponent_real[batch].to(logps),
+                    data.opponent_generated[batch].to(logps),
+                    beta=beta,
+                )
+                margin = (real_reward - generated_reward).cpu()
+                sums += torch.tensor(
+                    [
+                        loss.item() * n,
+                        real_reward.sum().item(),
+                        generated_reward.sum().item(),
+                        margin.sum().item(),
+                        (margin > 0).sum().item(),
+                        n,
+                    ],
+                    dtype=torch.float64,
+                )
+            else:
+                loss = sft_loss(logps, counts)
+                sums += torch.tensor([loss.item() * n, 0, 0, 0, 0, n], dtype=torch.float64)
+            engine.backward(loss)
+            engine.step()
+        sums = _reduce_mean(sums, world_size) * world_size
+        seconds = time.perf_counter() - started
+        token_total = _reduce_mean(torch.tensor([float(tokens)]), world_size).item() * world_size
+        pairs = sums[5].item()
+        record = {
+            "iteration": iteration,
+            "step": step + 1,
+            "epoch": step / steps_per_epoch(len(data), training.global_batch_size),
+            "loss": sums[0].item() / pairs,
+            "real_reward": sums[1].item() / pairs,
+            "generated_reward": sums[2].item() / pairs,
+            "margin": sums[3].item() / pairs,
+            "reward_accuracy": sums[4].item() / pairs,
+            "learning_rate": step_lr,
+            "grad_norm": _float(engine.get_global_grad_norm()),
+            "tokens_per_s": token_total / max(seconds, 1e-9),
+        }
+        if rank == 0:
+            with log_path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key not in ("iteration", "step") and value is not None:
+                    writer.add_scalar(f"train/{key}", value, step + 1)
+        if on_step is not None and rank == 0:
+            on_step(record | {"total_steps": total_steps})
+        last = step + 1 == total_steps
+        if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
+            _save_checkpoint(engine, state_dir, step + 1, training.keep_checkpoints, rank)
+        if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
+            if writer:
+                writer.close()
+            return TrainResult(total_steps, start_step, log_path, None)
+    if writer:
+        writer.close()
+    export_model(engine, tokenizer, model_out, rank, training.zero_stage, saved_dtype)
+    return TrainResult(total_steps, start_step, log_path, model_out)
+
+
+def _float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _tensorboard(state_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(state_dir / "tensorboard"))
+
+
+def _save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) -> None:
+    """Save, then mark complete; a checkpoint without the marker is ignored on resume."""
+    tag = f"step_{step:06d}"
+    engine.save_checkpoint(str(state_dir), tag=tag, client_state={"step": step, "rng": rng_state()})
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    if rank == 0:
+        (state_dir / tag / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        for _, old in complete_checkpoints(state_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint was stored in (weights are exported in it again)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def export_model(
+    engine, tokenizer, out_dir: Path, rank: int, zero_stage: int, dtype: torch.dtype
+) -> None:
+    """Write the trained weights as one HF directory (ZeRO-3 shards gathered first)."""
+    module = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    else:
+        state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    if rank == 0:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        module.config.use_cache = True
+        save_model_dir(module, tokenizer, out_dir, state_dict=state_dict)
+    if dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,63 @@
+"""Step 3: the training set D_t = current generations + `history` earlier ones, scored by θt."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import task
+
+from spin_core import data, score
+from spin_core.checkpoint import load_policy
+from spin_core.config import SpinConfig
+from spin_core.rundir import RunDir, write_json_atomic
+from tasks.progress import logger
+
+
+@task(name="build-training-set", cache_policy=None)
+def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict:
+    """generated.parquet of t, t-1, ... → iter_t/pairs.parquet; returns the counts."""
+    run = RunDir(run_dir)
+    stats_path = run.iteration(iteration) / "pairs.json"
+    if data.read_parquet_checked(run.pairs(iteration)) is not None and stats_path.exists():
+        logger().info("iteration %d: pairs.parquet exists, skipped", iteration)
+        return pd.read_json(stats_path, typ="series").to_dict()
+    sources = range(max(0, iteration - config.data.history), iteration + 1)
+    generated = {t: pd.read_parquet(run.generated(t)) for t in sources}
+    pairs, stats = data.build_training_set(generated, drop_identical=config.data.drop_identical)
+    data.write_parquet_atomic(pairs, run.pairs(iteration))
+    counts = {
+        "train_pairs": stats.rows,
+        "identical_dropped": stats.identical_dropped,
+        "identical_fraction": stats.identical_fraction,
+    }
+    write_json_atomic(counts, stats_path)
+    logger().info(
+        "iteration %d: %d training pairs from iterations %s; %d identical pairs dropped (%.1f%%)",
+        iteration,
+        stats.rows,
+        list(sources),
+        stats.identical_dropped,
+        100 * stats.identical_fraction,
+    )
+    return counts
+
+
+@task(name="score-with-opponent", cache_policy=None)
+def score_with_opponent(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
+    """pairs.parquet → train.parquet with opponent_real_logps and opponent_generated_logps."""
+    run = RunDir(run_dir)
+    out = run.train(iteration)
+    pairs = pd.read_parquet(run.pairs(iteration))
+    if data.read_parquet_checked(out, expected_rows=len(pairs)) is not None:
+        logger().info("iteration %d: train.parquet exists, skipped", iteration)
+        return str(out)
+    model, tokenizer = load_policy(opponent, config.model)
+    scored, truncation = score.score_with_opponent(model, tokenizer, pairs, config.training)
+    logger().info(
+        "iteration %d: scored %d pairs with θ%d (%d prompts, %d responses truncated)",
+        iteration,
+        len(scored),
+        iteration,
+        truncation.prompts,
+        truncation.responses,
+    )
+    return str(data.write_parquet_atomic(scored, out))

@@ -1,0 +1,76 @@
+"""Step 5: held-out metrics of the new model against its opponent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from spin_core import data, toy
+from spin_core.checkpoint import load_policy
+from spin_core.config import SpinConfig, schedule_at
+from spin_core.evaluate import evaluate_model
+from spin_core.rundir import RunDir, write_json_atomic
+from tasks.progress import logger
+
+
+@task(name="evaluate-model", cache_policy=None)
+def evaluate(
+    config: SpinConfig,
+    run_dir: str,
+    model: str,
+    out_dir: str,
+    opponent_dir: str | None = None,
+    iteration: int | None = None,
+) -> dict:
+    """model + heldout.parquet → out_dir/eval.parquet and out_dir/metrics.json.
+
+    opponent_dir: where the opponent's own evaluation lives; its generations are the
+    held-out y' for reward accuracy and margin.
+    """
+    run, out_dir = RunDir(run_dir), Path(out_dir)
+    metrics_path = out_dir / "metrics.json"
+    if metrics_path.exists() and data.read_parquet_checked(out_dir / "eval.parquet") is not None:
+        logger().info("%s exists, skipped", metrics_path)
+        return json.loads(metrics_path.read_text())
+    heldout = pd.read_parquet(run.heldout)
+    opponent_eval = pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
+    policy, tokenizer = load_policy(model, config.model)
+    frame, metrics = evaluate_model(
+        policy,
+        tokenizer,
+        heldout,
+        config,
+        opponent_eval=opponent_eval,
+        beta=schedule_at(config.training.beta, iteration or 0),
+        group_of=toy.task_of if config.uses_toy() else None,
+    )
+    data.write_parquet_atomic(frame, out_dir / "eval.parquet")
+    metrics["model"] = model
+    if iteration is not None:
+        metrics |= _training_summary(run, iteration)
+        drop = metrics["opponent_real_loglik_per_token"] - metrics["real_loglik_per_token"]
+        # The health signal (SPEC §1): real responses must not become less likely.
+        metrics["collapsed"] = bool(drop > config.run.collapse_tolerance)
+    write_json_atomic(metrics, metrics_path)
+    logger().info(
+        "%s: exact match %.3f, real log-lik %.4f nats/token%s",
+        model,
+        metrics["exact_match"],
+        metrics["real_loglik_per_token"],
+        f", margin {metrics['margin']:.3f}" if "margin" in metrics else "",
+    )
+    return metrics
+
+
+def _training_summary(run: RunDir, iteration: int) -> dict:
+    """Counts of the training set and the last epoch's mean training metrics."""
+    summary = json.loads((run.iteration(iteration) / "pairs.json").read_text())
+    steps = pd.read_json(run.train_state(iteration) / "metrics.jsonl", lines=True)
+    last_epoch = steps[steps["epoch"] >= steps["epoch"].max() // 1]
+    summary["train_steps"] = int(steps["step"].max())
+    for key in ("loss", "margin", "reward_accuracy"):
+        summary[f"train_{key}"] = float(last_epoch[key].mean())
+    return summary

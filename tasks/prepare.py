@@ -1,0 +1,45 @@
+"""Before iteration 0: the embedded default (when selected) and the held-out split."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from spin_core import toy
+from spin_core.checkpoint import check_model_path
+from spin_core.config import SpinConfig
+from spin_core.data import load_sft_data, read_parquet_checked, sample_prompts, write_parquet_atomic
+from spin_core.rundir import RunDir
+from tasks.progress import logger
+
+
+@task(name="build-embedded-default", cache_policy=None)
+def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
+    """Generate the toy data and train the weak SFT model θ0 (SPEC §3); skipped once built."""
+    run = RunDir(run_dir)
+    spec = config.toy
+    artifacts = toy.build_toy(
+        run.toy,
+        num_train=spec.num_train,
+        num_eval=spec.num_eval,
+        sft_steps=spec.sft_steps,
+        sft_lr=spec.sft_lr,
+        seed=spec.seed,
+    )
+    logger().info("embedded default ready: θ0 at %s", artifacts.model_dir)
+    return str(artifacts.model_dir)
+
+
+@task(name="check-inputs", cache_policy=None, retries=2, retry_delay_seconds=5)
+def check_inputs(config: SpinConfig, run_dir: str) -> str:
+    """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
+    run = RunDir(run_dir)
+    check_model_path(run.base_model(config))
+    train_pairs, heldout, stats = load_sft_data(run.data_config(config))
+    # Raises, naming data.num_prompts, when the data holds fewer usable rows.
+    sample_prompts(train_pairs, config.data.num_prompts, seed=config.data.seed)
+    logger().info(
+        "data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats
+    )
+    if read_parquet_checked(run.heldout) is None:
+        write_parquet_atomic(heldout[["id", "prompt", "real"]], run.heldout)
+    return str(run.heldout)

@@ -1,0 +1,26 @@
+"""After the last iteration: metrics.parquet, report.md, and the same tables as Prefect artifacts."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from spin_core import report
+from spin_core.config import SpinConfig
+from tasks.progress import logger
+
+
+@task(name="write-report", cache_policy=None)
+def write_report(config: SpinConfig, run_dir: str) -> str:
+    path, metrics = report.write_report(run_dir)
+    if len(metrics):
+        columns = ["model_name"] + [key for key, _ in report.COLUMNS if key in metrics]
+        table = metrics[columns].astype(object).where(metrics[columns].notna(), None)
+        create_table_artifact(
+            table=table.to_dict(orient="records"),
+            key="spin-metrics",
+            description="held-out metrics per model",
+        )
+    create_markdown_artifact(markdown=path.read_text(), key="spin-report", description=str(path))
+    logger().info("report written to %s", path)
+    return str(path)

@@ -1,0 +1,44 @@
+"""Step 1: sample the iteration's (prompt, real) pairs from the SFT data."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from spin_core import data
+from spin_core.checkpoint import load_tokenizer
+from spin_core.config import SpinConfig
+from spin_core.prompts import drop_overlong_prompts
+from spin_core.rundir import RunDir
+from tasks.progress import logger
+
+
+@task(name="sample-prompts", cache_policy=None, retries=2, retry_delay_seconds=5)
+def sample_prompts(config: SpinConfig, run_dir: str, iteration: int) -> str:
+    """SFT data → iter_t/prompts.parquet (id, prompt, real); seeded, the same every iteration."""
+    run = RunDir(run_dir)
+    out = run.prompts(iteration)
+    if data.read_parquet_checked(out) is not None:
+        logger().info("iteration %d: %s exists, skipped", iteration, out.name)
+        return str(out)
+    train_pairs, _, stats = data.load_sft_data(run.data_config(config))
+    if config.data.overlong_prompts == "drop":
+        tokenizer = load_tokenizer(
+            run.base_model(config), trust_remote_code=config.model.trust_remote_code
+        )
+        train_pairs, dropped = drop_overlong_prompts(
+            train_pairs, tokenizer, config.training.max_prompt_length
+        )
+        logger().info(
+            "dropped %d prompts longer than %d tokens", dropped, config.training.max_prompt_length
+        )
+    sample = data.sample_prompts(
+        train_pairs,
+        config.data.num_prompts,
+        seed=config.data.seed,
+        iteration=iteration,
+        resample=config.data.resample_each_iteration,
+    )
+    logger().info(
+        "iteration %d: sampled %d of %d pairs (%s)", iteration, len(sample), len(train_pairs), stats
+    )
+    return str(data.write_parquet_atomic(sample[["id", "prompt", "real"]], out))

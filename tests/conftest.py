@@ -1,0 +1,48 @@
+"""Shared fixtures: one small embedded-default build for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL_TOY = ["toy.num_train=600", "toy.num_eval=60", "toy.sft_steps=60", "toy.sft_lr=2e-3"]
+
+
+@pytest.fixture(scope="session")
+def toy_build(tmp_path_factory):
+    from spin_core import toy
+
+    return toy.build_toy(
+        tmp_path_factory.mktemp("toy"),
+        num_train=600,
+        num_eval=60,
+        sft_steps=60,
+        sft_lr=2e-3,
+        seed=0,
+    )
+
+
+@pytest.fixture
+def toy_config(toy_build):
+    """A small config on the session's toy model and data."""
+    from spin_core.config import load_config
+
+    return load_config(
+        "configs/demo.yaml",
+        [
+            f"data.dataset={toy_build.train_path}",
+            f"data.eval_dataset={toy_build.eval_path}",
+            f"model.name_or_path={toy_build.model_dir}",
+            "data.num_prompts=64",
+            "data.eval_size=40",
+            "training.global_batch_size=8",
+            "training.micro_batch_size=4",
+            "training.save_steps=4",
+            "generation.shard_size=32",
+        ],
+    )

@@ -1,0 +1,137 @@
+"""Training: the loss falls, resume reproduces the losses, the export loads."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spin_core.checkpoint import load_policy
+from spin_core.generate import Decoding, HFBackend, encode_prompts
+from spin_core.score import score_with_opponent
+from spin_core.train import complete_checkpoints, step_indices, train_iteration
+
+
+@pytest.fixture(scope="module")
+def train_parquet(toy_build, tmp_path_factory):
+    """A SPIN training set: real answers vs the toy θ0's own greedy answers, scored by θ0."""
+    from spin_core.config import load_config
+
+    cfg = load_config(
+        "configs/demo.yaml", ["training.max_length=96", "training.max_prompt_length=48"]
+    )
+    model, tokenizer = load_policy(str(toy_build.model_dir), cfg.model)
+    frame = pd.read_parquet(toy_build.train_path).head(96)
+    pairs = pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(len(frame))],
+            "prompt": frame["messages"].map(lambda m: m[0]["content"]),
+            "real": frame["messages"].map(lambda m: m[1]["content"]),
+        }
+    )
+    backend = HFBackend(
+        model, tokenizer, Decoding(False, 1, 1, 24, 0, "chat"), batch_tokens=8192, max_batch_size=96
+    )
+    pairs["generated"] = [
+        g.text for g in backend.generate(encode_prompts(tokenizer, pairs["prompt"].tolist(), 48))
+    ]
+    pairs = pairs[pairs["generated"] != pairs["real"]].head(64)
+    scored, _ = score_with_opponent(model, tokenizer, pairs, cfg.training)
+    path = tmp_path_factory.mktemp("train") / "train.parquet"
+    scored.to_parquet(path)
+    return path
+
+
+def _config(toy_build, *extra):
+    from spin_core.config import load_config
+
+    return load_config(
+        "configs/demo.yaml",
+        [
+            f"model.name_or_path={toy_build.model_dir}",
+            "training.learning_rate=1e-4",
+            "training.optimizer=adamw",
+            "training.global_batch_size=8",
+            "training.micro_batch_size=4",
+            "training.num_epochs=4",
+            "training.warmup_ratio=0",
+            "training.max_length=96",
+            "training.max_prompt_length=48",
+            "training.save_steps=10",
+            *extra,
+        ],
+    )
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_spin_training_lowers_loss_and_raises_reward_accuracy(toy_build, train_parquet, tmp_path):
+    cfg = _config(toy_build)
+    result = train_iteration(
+        init_model=str(toy_build.model_dir),
+        train_path=train_parquet,
+        state_dir=tmp_path / "state",
+        model_out=tmp_path / "model",
+        cfg=cfg,
+        iteration=0,
+    )
+    log = _log(result.log_path)
+    assert result.steps == 32 and len(log) == 32  # 64 pairs / 8 per step × 4 epochs
+    # Step 1 starts at the opponent: policy == θ0, so loss = log 2 and margin = 0.
+    assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert abs(log[0]["margin"]) < 1e-3
+    first, last = log[:4], log[-4:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
+    assert sum(r["reward_accuracy"] for r in last) > sum(r["reward_accuracy"] for r in first)
+    assert all(r["tokens_per_s"] > 0 and r["learning_rate"] > 0 for r in log)
+
+    # The export is a normal HF directory whose logits equal the trained weights'.
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    reference, _ = load_policy(str(tmp_path / "model"), cfg.model)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    torch.testing.assert_close(exported(ids).logits, reference(ids).logits)
+    assert not torch.allclose(
+        exported(ids).logits, AutoModelForCausalLM.from_pretrained(toy_build.model_dir)(ids).logits
+    )
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert (tmp_path / "model" / "tokenizer_config.json").exists()
+    assert (tmp_path / "model" / "generation_config.json").exists()
+
+
+def test_interrupted_then_resumed_run_reproduces_losses(toy_build, train_parquet, tmp_path):
+    cfg = _config(toy_build, "training.num_epochs=2", "training.save_steps=3")
+    kwargs = dict(
+        init_model=str(toy_build.model_dir), train_path=train_parquet, cfg=cfg, iteration=0
+    )
+    straight = train_iteration(state_dir=tmp_path / "a", model_out=tmp_path / "ma", **kwargs)
+
+    stopped = train_iteration(
+        state_dir=tmp_path / "b", model_out=tmp_path / "mb", stop_after_steps=7, **kwargs
+    )
+    assert stopped.model_dir is None and not (tmp_path / "mb").exists()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "b")] == [6, 7]  # keep_checkpoints=2
+    # A checkpoint directory without its completion marker (a crash mid-save) is ignored.
+    (tmp_path / "b" / "step_000008").mkdir()
+    resumed = train_iteration(state_dir=tmp_path / "b", model_out=tmp_path / "mb", **kwargs)
+    assert resumed.resumed_from == 7
+
+    a, b = _log(straight.log_path), _log(resumed.log_path)
+    assert [r["step"] for r in b] == list(range(1, 17))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+        assert y["learning_rate"] == pytest.approx(x["learning_rate"], rel=1e-9)
+    sa = AutoModelForCausalLM.from_pretrained(tmp_path / "ma").state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(tmp_path / "mb").state_dict()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=1e-6, rtol=1e-5)
+
+
+def test_data_order_is_a_seeded_permutation_with_wraparound():
+    steps = [step_indices(10, s, 4, seed=3) for s in range(3)]
+    epoch = [i for s in steps for i in s]
+    assert len(epoch) == 12 and set(epoch) == set(range(10))
+    assert step_indices(10, 0, 4, seed=3) == steps[0]
+    assert step_indices(10, 3, 4, seed=3) != steps[0]  # the next epoch is reshuffled
