@@ -408,3 +408,35 @@ def result_changing_differences(old: SpinConfig, new: SpinConfig) -> list[str]:
             if old_dump.get(section, {}).get(name) != value:
                 differences.append(f"{section}.{name}")
     return differences
+
+
+def reference_markdown() -> str:
+    """The config reference table (README), generated from the model so it cannot drift."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for section_name, section_field in SpinConfig.model_fields.items():
+        section = section_field.annotation
+        for name, field in section.model_fields.items():
+            annotation = str(field.annotation).replace("typing.", "").replace("<class '", "")
+            annotation = annotation.replace("'>", "").replace("|", "\\|")
+            default = field.default_factory() if field.default_factory else field.default
+            bounds = [
+                f"{symbol} {getattr(m, attr)}"
+                for m in field.metadata
+                for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
+                if getattr(m, attr, None) is not None
+            ]
+            description = field.description + (f" ({', '.join(bounds)})" if bounds else "")
+            lines.append(
+                f"| `{section_name}.{name}` | {annotation} | `{json_default(default)}` | {description} |"
+            )
+    return "\n".join(lines)
+
+
+def json_default(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -45,7 +45,7 @@ def evaluate(
         config,
         opponent_eval=opponent_eval,
         beta=schedule_at(config.training.beta, iteration or 0),
-        group_of=toy.task_of if config.uses_toy() else None,
+        group_of=_toy_task_of(heldout),
     )
     data.write_parquet_atomic(frame, out_dir / "eval.parquet")
     metrics["model"] = model
@@ -74,3 +74,12 @@ def _training_summary(run: RunDir, iteration: int) -> dict:
     for key in ("loss", "margin", "reward_accuracy"):
         summary[f"train_{key}"] = float(last_epoch[key].mean())
     return summary
+
+
+def _toy_task_of(heldout: pd.DataFrame):
+    """toy.task_of when the held-out prompts are the embedded default's (per-task breakdown)."""
+    try:
+        heldout["prompt"].map(toy.task_of)
+    except ValueError:
+        return None
+    return toy.task_of

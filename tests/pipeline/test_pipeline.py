@@ -1,0 +1,123 @@
+"""The real flows on the toy model under a temporary Prefect server."""
+
+import json
+
+import pandas as pd
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+from transformers import AutoModelForCausalLM
+
+from spin_core.rundir import RunDir
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(harness, toy_build, tmp_path_factory):
+    from flows.pipeline import spin_pipeline
+    from spin_core.config import load_config
+
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            f"data.dataset={toy_build.train_path}",
+            f"data.eval_dataset={toy_build.eval_path}",
+            f"model.name_or_path={toy_build.model_dir}",
+            "data.num_prompts=64",
+            "data.eval_size=40",
+            "run.iterations=2",
+            "training.global_batch_size=16",
+            "training.micro_batch_size=8",
+            "training.learning_rate=5e-5",
+            "generation.shard_size=24",
+            "generation.max_new_tokens=24",
+        ],
+    )
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    report = spin_pipeline(cfg, str(run_dir))
+    return RunDir(run_dir), cfg, report
+
+
+def test_run_directory_matches_the_spec(finished_run):
+    run, cfg, report = finished_run
+    assert report == str(run.report) and run.report.exists()
+    assert run.config.exists() and not run.lock.exists()
+    for t in range(2):
+        assert (run.generated_shards(t) / "part-00000.parquet").exists()
+        assert len(list(run.generated_shards(t).glob("part-*.parquet"))) == 3  # 64 rows / 24
+        for path in (run.prompts(t), run.generated(t), run.train(t), run.iteration_metrics(t)):
+            assert path.exists(), path
+        assert (run.train_state(t) / "metrics.jsonl").exists()
+    assert list(pd.read_parquet(run.prompts(0)).columns) == ["id", "prompt", "real"]
+    generated = pd.read_parquet(run.generated(0))
+    assert {
+        "id",
+        "prompt",
+        "real",
+        "generated",
+        "finish_reason",
+        "generated_tokens",
+        "opponent",
+        "decoding",
+    } <= set(generated.columns)
+    train = pd.read_parquet(run.train(1))
+    assert {
+        "id",
+        "prompt",
+        "real",
+        "generated",
+        "source_iteration",
+        "opponent_real_logps",
+        "opponent_generated_logps",
+    } <= set(train.columns)
+    assert not list(run.root.rglob("*.tmp")) and not list(run.root.rglob("*.partial"))
+
+
+def test_ids_are_consistent_and_iteration_one_used_theta1_and_history(finished_run):
+    run, cfg, _ = finished_run
+    prompts = pd.read_parquet(run.prompts(0))
+    assert (
+        pd.read_parquet(run.prompts(1))["id"].tolist() == prompts["id"].tolist()
+    )  # the fixed sample
+    assert pd.read_parquet(run.generated(0))["id"].tolist() == prompts["id"].tolist()
+    # Iteration 1's opponent is iteration 0's model, and its data mixes iteration 0's pairs.
+    assert set(pd.read_parquet(run.generated(1))["opponent"]) == {str(run.model(0))}
+    assert set(pd.read_parquet(run.generated(0))["opponent"]) == {cfg.model.name_or_path}
+    sources = pd.read_parquet(run.train(1))["source_iteration"]
+    assert set(sources) == {0, 1}
+    assert set(pd.read_parquet(run.train(1))["id"]) <= set(prompts["id"])
+
+
+def test_metrics_has_one_row_per_model_and_models_load(finished_run):
+    run, _, _ = finished_run
+    metrics = pd.read_parquet(run.metrics)
+    assert metrics["iteration"].tolist() == [0, 1, 2]
+    assert metrics["exact_match"].between(0, 1).all()
+    assert metrics["real_loglik_per_token"].lt(0).all()
+    assert metrics.loc[0, ["margin", "reward_accuracy"]].isna().all()  # θ0 has no opponent
+    assert metrics.loc[1:, "reward_accuracy"].between(0, 1).all()
+    assert {"exact_match/reverse", "exact_match/add"} <= set(metrics.columns)
+    for t in range(2):
+        AutoModelForCausalLM.from_pretrained(run.model(t))
+        assert json.loads(run.iteration_metrics(t).read_text())["train_steps"] > 0
+    text = run.report.read_text()
+    assert "| θ0 |" in text and "| θ2 |" in text
+    assert (run.plots / "metrics_per_iteration.png").exists()
+    assert (run.plots / "train_steps.png").exists()
+
+
+def test_rerun_skips_every_finished_step(finished_run):
+    from flows.pipeline import spin_pipeline
+
+    run, cfg, _ = finished_run
+    stamps = {
+        p: p.stat().st_mtime_ns for p in run.root.rglob("*.parquet") if p.parent.name != "generated"
+    }
+    stamps |= {p: p.stat().st_mtime_ns for p in run.root.rglob("model.safetensors")}
+    spin_pipeline(cfg, str(run.root))
+    changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t and p != run.metrics]
+    assert changed == []
