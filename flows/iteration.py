@@ -6,6 +6,7 @@ from prefect import flow
 
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
+from tasks.baseline import train_sft_baseline
 from tasks.build import build_training_set, score_with_opponent
 from tasks.evaluate import evaluate
 from tasks.generate import generate_responses
@@ -32,4 +33,14 @@ def spin_iteration(
     # 4. Train θ(t+1) from θt on the SPIN loss.
     model = train_policy(config, run_dir, iteration, opponent)
     # 5. θ(t+1) is checkpointed as an HF model directory; evaluate it against θt.
-    return evaluate(config, run_dir, model, str(run.iteration(iteration)), opponent_eval, iteration)
+    metrics = evaluate(
+        config, run_dir, model, str(run.iteration(iteration)), opponent_eval, iteration
+    )
+    if config.run.baseline == "sft":
+        # The question users have: does SPIN beat continued SFT with the same steps?
+        previous = (
+            run.base_model(config) if iteration == 0 else str(run.baseline(iteration - 1) / "model")
+        )
+        baseline = train_sft_baseline(config, run_dir, iteration, previous)
+        evaluate(config, run_dir, baseline, str(run.baseline(iteration)))
+    return metrics

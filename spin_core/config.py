@@ -224,6 +224,10 @@ class RunConfig(_Section):
     )
     sample_rows: int = Field(8, ge=0, le=100, description="sample generations shown in the report")
     execution: Literal["local"] = Field("local", description="where heavy steps run")
+    baseline: Literal["none", "sft"] = Field(
+        "none",
+        description="also train a continued-SFT baseline with SPIN's optimizer steps and learning rate",
+    )
 
 
 TOY = "toy"  # data.dataset / model.name_or_path value that selects the embedded default

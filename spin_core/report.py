@@ -21,6 +21,8 @@ from spin_core.rundir import RunDir  # noqa: E402
 
 COLUMNS = [
     ("exact_match", "exact match"),
+    ("sft_exact_match", "SFT baseline exact match"),
+    ("sft_real_loglik_per_token", "SFT baseline log-lik/token"),
     ("real_loglik_per_token", "real log-lik/token"),
     ("reward_accuracy", "reward acc."),
     ("margin", "margin"),
@@ -126,11 +128,19 @@ def samples_table(run: RunDir, rows: int) -> str | None:
 def plot_metrics(metrics: pd.DataFrame, steps: pd.DataFrame, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    keys = [k for k, _ in COLUMNS[:4] if k in metrics]
+    keys = [
+        k
+        for k in ("exact_match", "real_loglik_per_token", "reward_accuracy", "margin")
+        if k in metrics
+    ]
     if keys and len(metrics):
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
         for ax, key in zip(axes if len(keys) > 1 else [axes], keys, strict=True):
-            ax.plot(metrics["iteration"], metrics[key], marker="o")
+            ax.plot(metrics["iteration"], metrics[key], marker="o", label="SPIN")
+            if f"sft_{key}" in metrics:
+                baseline = metrics[f"sft_{key}"].fillna(metrics[key])  # θ0 starts both lines
+                ax.plot(metrics["iteration"], baseline, marker="s", label="continued SFT")
+                ax.legend()
             ax.set_title(dict(COLUMNS)[key])
             ax.set_xlabel("model θt")
             ax.grid(alpha=0.3)
@@ -176,6 +186,17 @@ def verdict(metrics: pd.DataFrame) -> list[str]:
         f"Real-response log-likelihood went from {first['real_loglik_per_token']:.4f} to "
         f"{last['real_loglik_per_token']:.4f} nats/token."
     )
+    if "sft_exact_match" in metrics and pd.notna(last.get("sft_exact_match")):
+        gap = last["exact_match"] - last["sft_exact_match"]
+        if gap > 0.005:
+            lines.append(
+                f"SPIN beat the continued-SFT baseline with the same steps by {gap:.3f} exact match."
+            )
+        else:
+            lines.append(
+                f"Continued SFT with the same optimizer steps and learning rate reached "
+                f"{last['sft_exact_match']:.3f} exact match: SPIN did not beat it here."
+            )
     if "collapsed" in metrics and metrics["collapsed"].fillna(False).astype(bool).any():
         bad = metrics[metrics["collapsed"].fillna(False).astype(bool)].iloc[0]
         lines.append(

@@ -219,12 +219,15 @@ def train_iteration(
     objective: str = "spin",
     on_step: Callable[[dict], None] | None = None,
     stop_after_steps: int | None = None,
+    num_steps: int | None = None,
 ) -> TrainResult:
     """Train one iteration from `init_model` (θt) on `train_path`; export θ(t+1) to `model_out`.
 
     objective: "spin" (the SPIN loss against the opponent's stored log-probs) or
     "sft" (continued SFT on the real responses, the baseline).
     `stop_after_steps` ends the call after that step's checkpoint, as a crash would.
+    `num_steps` fixes the number of optimizer steps (the baseline matches SPIN's);
+    by default it is num_epochs × ceil(pairs / global_batch_size).
     """
     import deepspeed
     from transformers import get_scheduler
@@ -259,7 +262,9 @@ def train_iteration(
 
     lr = schedule_at(training.learning_rate, iteration)
     beta = schedule_at(training.beta, iteration)
-    total_steps = training.num_epochs * steps_per_epoch(len(data), training.global_batch_size)
+    total_steps = num_steps or training.num_epochs * steps_per_epoch(
+        len(data), training.global_batch_size
+    )
     optimizer = _build_optimizer(model, training, lr)
     scheduler = get_scheduler(
         "linear",
