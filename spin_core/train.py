@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from spin_core.checkpoint import compute_dtype, device, load_policy, save_model_dir
 from spin_core.config import SpinConfig, deepspeed_config, schedule_at
@@ -289,6 +290,13 @@ def train_iteration(
 
     pad_id = tokenizer.pad_token_id
     engine.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=f"train {iteration}",
+        unit="step",
+        disable=rank != 0,
+    )
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         indices = step_indices(
@@ -353,15 +361,19 @@ def train_iteration(
             for key, value in record.items():
                 if key not in ("iteration", "step") and value is not None:
                     writer.add_scalar(f"train/{key}", value, step + 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}")
         if on_step is not None and rank == 0:
             on_step(record | {"total_steps": total_steps})
         last = step + 1 == total_steps
         if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
             _save_checkpoint(engine, state_dir, step + 1, training.keep_checkpoints, rank)
         if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
+            bar.close()
             if writer:
                 writer.close()
             return TrainResult(total_steps, start_step, log_path, None)
+    bar.close()
     if writer:
         writer.close()
     export_model(engine, tokenizer, model_out, rank, training.zero_stage, saved_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import train
 from spin_core.checkpoint import is_model_dir
@@ -13,7 +14,7 @@ from spin_core.rundir import RunDir
 from tasks.progress import logger
 
 
-@task(name="train-sft-baseline", cache_policy=None)
+@task(name="train-sft-baseline", cache_policy=NO_CACHE)
 def train_sft_baseline(config: SpinConfig, run_dir: str, iteration: int, previous: str) -> str:
     """prompts.parquet (real responses) + the previous baseline → iter_t/baseline/model."""
     run = RunDir(run_dir)

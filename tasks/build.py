@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import data, score
 from spin_core.checkpoint import load_policy
@@ -12,7 +13,7 @@ from spin_core.rundir import RunDir, write_json_atomic
 from tasks.progress import logger
 
 
-@task(name="build-training-set", cache_policy=None)
+@task(name="build-training-set", cache_policy=NO_CACHE)
 def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict:
     """generated.parquet of t, t-1, ... → iter_t/pairs.parquet; returns the counts."""
     run = RunDir(run_dir)
@@ -41,7 +42,7 @@ def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict
     return counts
 
 
-@task(name="score-with-opponent", cache_policy=None)
+@task(name="score-with-opponent", cache_policy=NO_CACHE)
 def score_with_opponent(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """pairs.parquet → train.parquet with opponent_real_logps and opponent_generated_logps."""
     run = RunDir(run_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import data, toy
 from spin_core.checkpoint import load_policy
@@ -16,7 +17,7 @@ from spin_core.rundir import RunDir, write_json_atomic
 from tasks.progress import logger
 
 
-@task(name="evaluate-model", cache_policy=None)
+@task(name="evaluate-model", cache_policy=NO_CACHE)
 def evaluate(
     config: SpinConfig,
     run_dir: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import generate
 from spin_core.checkpoint import load_tokenizer
@@ -13,7 +14,7 @@ from spin_core.rundir import RunDir
 from tasks.progress import Progress, logger
 
 
-@task(name="generate-responses", cache_policy=None)
+@task(name="generate-responses", cache_policy=NO_CACHE)
 def generate_responses(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """prompts.parquet + θt → generated/part-*.parquet → generated.parquet.
 

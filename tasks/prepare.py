@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import toy
 from spin_core.checkpoint import check_model_path
@@ -12,7 +13,7 @@ from spin_core.rundir import RunDir
 from tasks.progress import logger
 
 
-@task(name="build-embedded-default", cache_policy=None)
+@task(name="build-embedded-default", cache_policy=NO_CACHE)
 def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
     """Generate the toy data and train the weak SFT model θ0 (SPEC §3); skipped once built."""
     run = RunDir(run_dir)
@@ -29,7 +30,7 @@ def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
     return str(artifacts.model_dir)
 
 
-@task(name="check-inputs", cache_policy=None, retries=2, retry_delay_seconds=5)
+@task(name="check-inputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def check_inputs(config: SpinConfig, run_dir: str) -> str:
     """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
     run = RunDir(run_dir)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import report
 from spin_core.config import SpinConfig
 from tasks.progress import logger
 
 
-@task(name="write-report", cache_policy=None)
+@task(name="write-report", cache_policy=NO_CACHE)
 def write_report(config: SpinConfig, run_dir: str) -> str:
     path, metrics = report.write_report(run_dir)
     if len(metrics):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import data
 from spin_core.checkpoint import load_tokenizer
@@ -12,7 +13,7 @@ from spin_core.rundir import RunDir
 from tasks.progress import logger
 
 
-@task(name="sample-prompts", cache_policy=None, retries=2, retry_delay_seconds=5)
+@task(name="sample-prompts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def sample_prompts(config: SpinConfig, run_dir: str, iteration: int) -> str:
     """SFT data → iter_t/prompts.parquet (id, prompt, real); seeded, the same every iteration."""
     run = RunDir(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spin_core import train
 from spin_core.checkpoint import is_model_dir
@@ -11,7 +12,7 @@ from spin_core.rundir import RunDir
 from tasks.progress import Progress, logger
 
 
-@task(name="train-policy", cache_policy=None)
+@task(name="train-policy", cache_policy=NO_CACHE)
 def train_policy(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """train.parquet + θt → train_state/ (checkpoints, metrics.jsonl) → model/ (θ(t+1))."""
     run = RunDir(run_dir)
