@@ -40,14 +40,20 @@ def collect_metrics(run: RunDir) -> pd.DataFrame:
         rows.append({"iteration": 0, "model_name": "θ0", **json.loads(base.read_text())})
     t = 0
     while (path := run.iteration_metrics(t)).exists():
-        rows.append({"iteration": t + 1, "model_name": f"θ{t + 1}", **json.loads(path.read_text())})
+        row = {"iteration": t + 1, "model_name": f"θ{t + 1}", **json.loads(path.read_text())}
+        baseline = run.baseline(t) / "metrics.json"
+        if baseline.exists():
+            row |= {f"sft_{k}": v for k, v in json.loads(baseline.read_text()).items()}
+        rows.append(row)
         t += 1
     frame = pd.DataFrame(rows)
-    if "exact_match_by_group" in frame:
-        groups = pd.json_normalize(
-            frame.pop("exact_match_by_group").map(lambda d: d or {}).tolist()
-        )
-        frame = pd.concat([frame, groups.add_prefix("exact_match/")], axis=1)
+    for prefix in ("", "sft_"):
+        if f"{prefix}exact_match_by_group" in frame:
+            column = frame.pop(f"{prefix}exact_match_by_group")
+            groups = pd.json_normalize(
+                column.map(lambda d: d if isinstance(d, dict) else {}).tolist()
+            )
+            frame = pd.concat([frame, groups.add_prefix(f"{prefix}exact_match/")], axis=1)
     return frame
 
 

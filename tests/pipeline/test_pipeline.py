@@ -121,3 +121,21 @@ def test_rerun_skips_every_finished_step(finished_run):
     spin_pipeline(cfg, str(run.root))
     changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t and p != run.metrics]
     assert changed == []
+
+
+def test_sft_baseline_trains_the_same_steps_from_the_same_start(finished_run):
+    run, cfg, _ = finished_run
+    assert cfg.run.baseline == "sft"
+    metrics = pd.read_parquet(run.metrics)
+    for t in range(2):
+        spin_steps = pd.read_json(run.train_state(t) / "metrics.jsonl", lines=True)
+        sft_steps = pd.read_json(run.baseline(t) / "train_state" / "metrics.jsonl", lines=True)
+        assert (
+            len(sft_steps)
+            == len(spin_steps)
+            == json.loads(run.iteration_metrics(t).read_text())["train_steps"]
+        )
+        assert sft_steps["learning_rate"].max() == pytest.approx(spin_steps["learning_rate"].max())
+        AutoModelForCausalLM.from_pretrained(run.baseline(t) / "model")
+    assert metrics.loc[1:, "sft_exact_match"].between(0, 1).all()
+    assert "SFT baseline exact match" in run.report.read_text()

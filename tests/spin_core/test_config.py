@@ -145,3 +145,22 @@ def test_result_changing_differences_ignore_logging_fields():
     assert result_changing_differences(old, new) == []
     new.training.beta = 0.5
     assert result_changing_differences(old, new) == ["training.beta"]
+
+
+def test_shipped_configs_validate_and_the_paper_recipe_matches_the_paper():
+    demo = load_config("configs/demo.yaml")
+    assert demo.uses_toy() and demo.run.iterations >= 3 and demo.run.baseline == "sft"
+    paper = load_config("configs/zephyr-7b-ultrachat.yaml")
+    assert paper.model.name_or_path == "alignment-handbook/zephyr-7b-sft-full"
+    assert paper.data.dataset == "HuggingFaceH4/ultrachat_200k" and paper.data.num_prompts == 50_000
+    assert paper.training.beta == 0.1 and paper.training.optimizer == "rmsprop"
+    assert [schedule_at(paper.training.learning_rate, t) for t in range(4)] == [
+        5e-7,
+        5e-7,
+        1e-7,
+        1e-7,
+    ]
+    assert (paper.training.num_epochs, paper.training.global_batch_size) == (2, 64)
+    assert (paper.training.max_length, paper.training.max_prompt_length) == (1024, 512)
+    assert paper.training.zero_stage == 3 and paper.model.precision == "bf16"
+    assert paper.run.baseline == "none"
