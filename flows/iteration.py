@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.deployed import run_step
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
 from tasks.baseline import train_sft_baseline
@@ -16,22 +17,28 @@ from tasks.train import train_policy
 
 @flow(name="spin-iteration", flow_run_name="iteration-{iteration}", log_prints=True)
 def spin_iteration(
-    config: SpinConfig, run_dir: str, iteration: int, opponent: str, opponent_eval: str
+    config: SpinConfig,
+    run_dir: str,
+    iteration: int,
+    opponent: str,
+    opponent_eval: str,
+    lr_scale: float = 1.0,
 ) -> dict:
     """Train θ(t+1) against the opponent θt; returns the iteration's metrics.
 
     opponent_eval: the directory holding θt's held-out evaluation.
+    lr_scale: multiplies the learning rate (0.5 when retrying a collapsed iteration).
     """
     run = RunDir(run_dir)
     # 1. Sample the SFT prompts (the same fixed sample every iteration by default).
     sample_prompts(config, run_dir, iteration)
     # 2. The opponent θt writes y' for every prompt.
-    generate_responses(config, run_dir, iteration, opponent)
+    run_step(generate_responses, config, run_dir, iteration, opponent)
     # 3. D_t = {(x, y, y')} with `history` earlier iterations; θt scores it once.
     build_training_set(config, run_dir, iteration)
     score_with_opponent(config, run_dir, iteration, opponent)
     # 4. Train θ(t+1) from θt on the SPIN loss.
-    model = train_policy(config, run_dir, iteration, opponent)
+    model = run_step(train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale)
     # 5. θ(t+1) is checkpointed as an HF model directory; evaluate it against θt.
     metrics = evaluate(
         config, run_dir, model, str(run.iteration(iteration)), opponent_eval, iteration

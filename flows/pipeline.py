@@ -34,7 +34,23 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
         opponent, opponent_eval = run.base_model(config), str(run.base_eval())
         evaluate(config, str(run.root), opponent, opponent_eval)
         for iteration in range(config.run.iterations):
-            metrics = spin_iteration(config, str(run.root), iteration, opponent, opponent_eval)
+            args = (config, str(run.root), iteration, opponent, opponent_eval)
+            metrics = spin_iteration(*args, lr_scale=run.lr_scale(iteration))
+            if (
+                metrics.get("collapsed")
+                and config.run.on_collapse == "retry_half_lr"
+                and not run.retry(iteration).exists()
+            ):
+                log.warning(
+                    "iteration %d collapsed (held-out real log-likelihood %.4f vs opponent %.4f); "
+                    "retrying once at half the learning rate, the attempt kept in %s",
+                    iteration,
+                    metrics["real_loglik_per_token"],
+                    metrics["opponent_real_loglik_per_token"],
+                    run.collapsed_attempt(iteration),
+                )
+                run.archive_collapsed(iteration, lr_scale=0.5)
+                metrics = spin_iteration(*args, lr_scale=run.lr_scale(iteration))
             if metrics.get("collapsed") and not config.run.promote_collapsed:
                 log.warning(
                     "iteration %d collapsed: held-out real log-likelihood %.4f vs opponent %.4f "

@@ -155,6 +155,11 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = Field(True, description="recompute activations to save memory")
     zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage")
     save_steps: int = Field(50, ge=1, description="optimizer steps between DeepSpeed checkpoints")
+    eval_steps: int = Field(
+        0,
+        ge=0,
+        description="held-out health check every this many optimizer steps (0 = at the end only)",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="DeepSpeed checkpoints kept in train_state/")
     logprob_chunk_size: int = Field(
         1024, ge=1, description="response positions per chunk when computing log-probs"
@@ -206,6 +211,9 @@ class EvalConfig(_Section):
         None, ge=1, description="longest held-out generation; defaults to generation.max_new_tokens"
     )
     exact_match: bool = Field(True, description="score greedy held-out generations by exact match")
+    health_size: int = Field(
+        200, ge=1, description="held-out pairs scored by the in-training health check"
+    )
 
 
 class RunConfig(_Section):
@@ -222,8 +230,16 @@ class RunConfig(_Section):
     promote_collapsed: bool = Field(
         False, description="promote a model that failed the health check anyway"
     )
+    on_collapse: Literal["stop", "retry_half_lr"] = Field(
+        "stop",
+        description="after a collapsed iteration: stop, or retry it once at half the learning rate",
+    )
     sample_rows: int = Field(8, ge=0, le=100, description="sample generations shown in the report")
-    execution: Literal["local"] = Field("local", description="where heavy steps run")
+    execution: Literal["local", "deployments"] = Field(
+        "local",
+        description="where generation and training run: in this process, or on GPU workers "
+        "through the spin-generate / spin-train deployments",
+    )
     baseline: Literal["none", "sft"] = Field(
         "none",
         description="also train a continued-SFT baseline with SPIN's optimizer steps and learning rate",
@@ -391,6 +407,8 @@ RESULT_NEUTRAL_FIELDS = {
     ("run", "iterations"),
     ("run", "early_stop_margin"),
     ("training", "save_steps"),
+    ("training", "eval_steps"),
+    ("eval", "health_size"),
     ("training", "keep_checkpoints"),
     ("generation", "shard_size"),
     ("generation", "num_workers"),

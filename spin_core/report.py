@@ -29,6 +29,8 @@ COLUMNS = [
     ("train_loss", "train loss"),
     ("identical_fraction", "identical pairs"),
     ("train_pairs", "train pairs"),
+    ("unhealthy_checks", "unhealthy checks"),
+    ("lr_scale", "lr scale"),
 ]
 
 
@@ -210,6 +212,12 @@ def verdict(metrics: pd.DataFrame) -> list[str]:
             f"{bad['real_loglik_per_token']:.4f} fell below its opponent's "
             f"{bad['opponent_real_loglik_per_token']:.4f}; it was not promoted."
         )
+    if "lr_scale" in metrics:
+        for _, row in metrics[metrics["lr_scale"].fillna(1.0) < 1.0].iterrows():
+            lines.append(
+                f"{row['model_name']} is a retry at {row['lr_scale']:g}× the learning rate: the "
+                f"first attempt collapsed (kept in iter_{row['iteration'] - 1}/collapsed_attempt)."
+            )
     if "reward_accuracy" in metrics and metrics["reward_accuracy"].max() > 0.95:
         lines.append(
             "Reward accuracy near 1.0 is not a sign of health: it also happens when the model "

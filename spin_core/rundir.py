@@ -98,6 +98,29 @@ class RunDir:
     def baseline(self, t: int) -> Path:
         return self.iteration(t) / "baseline"
 
+    def retry(self, t: int) -> Path:
+        """Written when iteration t is retried at a lower learning rate after collapsing."""
+        return self.iteration(t) / "retry.json"
+
+    def collapsed_attempt(self, t: int) -> Path:
+        """Where the collapsed attempt's model, checkpoints and metrics are kept."""
+        return self.iteration(t) / "collapsed_attempt"
+
+    def lr_scale(self, t: int) -> float:
+        """1.0, or the learning-rate factor of a retry of iteration t."""
+        if not self.retry(t).exists():
+            return 1.0
+        return float(json.loads(self.retry(t).read_text())["lr_scale"])
+
+    def archive_collapsed(self, t: int, lr_scale: float) -> None:
+        """Move a collapsed attempt's outputs aside (nothing is deleted) and record the retry."""
+        aside = self.collapsed_attempt(t)
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in (self.model(t), self.train_state(t), self.eval(t), self.iteration_metrics(t)):
+            if path.exists():
+                os.replace(path, aside / path.name)
+        write_json_atomic({"lr_scale": lr_scale, "collapsed_attempt": str(aside)}, self.retry(t))
+
     # inputs, with the embedded default resolved
     def dataset(self, cfg: SpinConfig) -> str:
         return (

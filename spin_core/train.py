@@ -41,6 +41,23 @@ STEP_LOG = "metrics.jsonl"
 
 
 @dataclass
+class HealthProbe:
+    """The in-training health check (SPEC §1 "Health") on a held-out slice.
+
+    Every `every` optimizer steps the policy scores the real responses of
+    `examples`; when their mean per-token log-likelihood falls more than
+    `tolerance` below the opponent's (`opponent_loglik`), a warning is logged and
+    the step's record says `healthy: false`. Reward accuracy is never used here.
+    """
+
+    examples: Examples
+    opponent_loglik: float  # nats/token of the real responses under θt
+    tolerance: float
+    every: int
+    batch_tokens: int = 16_384
+
+
+@dataclass
 class TrainResult:
     steps: int  # optimizer steps of the iteration
     resumed_from: int  # step of the checkpoint resumed from (0 = fresh start)
@@ -221,6 +238,8 @@ def train_iteration(
     on_step: Callable[[dict], None] | None = None,
     stop_after_steps: int | None = None,
     num_steps: int | None = None,
+    health: HealthProbe | None = None,
+    lr_scale: float = 1.0,
 ) -> TrainResult:
     """Train one iteration from `init_model` (θt) on `train_path`; export θ(t+1) to `model_out`.
 
@@ -229,6 +248,9 @@ def train_iteration(
     `stop_after_steps` ends the call after that step's checkpoint, as a crash would.
     `num_steps` fixes the number of optimizer steps (the baseline matches SPIN's);
     by default it is num_epochs × ceil(pairs / global_batch_size).
+    `health` adds the held-out real log-likelihood to the step records every
+    `health.every` steps and warns when it falls below the opponent's.
+    `lr_scale` multiplies the iteration's learning rate (a retry after a collapse).
     """
     import deepspeed
     from transformers import get_scheduler
@@ -261,7 +283,7 @@ def train_iteration(
     if objective == "spin" and data.generated is None:
         raise ValueError(f"{train_path}: no generated column to train SPIN on")
 
-    lr = schedule_at(training.learning_rate, iteration)
+    lr = schedule_at(training.learning_rate, iteration) * lr_scale
     beta = schedule_at(training.beta, iteration)
     total_steps = num_steps or training.num_epochs * steps_per_epoch(
         len(data), training.global_batch_size
@@ -355,11 +377,13 @@ def train_iteration(
             "grad_norm": _float(engine.get_global_grad_norm()),
             "tokens_per_s": token_total / max(seconds, 1e-9),
         }
+        if health is not None and ((step + 1) % health.every == 0 or step + 1 == total_steps):
+            record |= _check_health(engine, health, pad_id, training.logprob_chunk_size, step + 1)
         if rank == 0:
             with log_path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
             for key, value in record.items():
-                if key not in ("iteration", "step") and value is not None:
+                if key not in ("iteration", "step", "healthy") and value is not None:
                     writer.add_scalar(f"train/{key}", value, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}")
@@ -378,6 +402,30 @@ def train_iteration(
         writer.close()
     export_model(engine, tokenizer, model_out, rank, training.zero_stage, saved_dtype)
     return TrainResult(total_steps, start_step, log_path, model_out)
+
+
+def _check_health(engine, health: HealthProbe, pad_id: int, chunk: int, step: int) -> dict:
+    """Held-out real log-likelihood per token now, and whether it is within tolerance."""
+    from spin_core.score import score_examples
+
+    engine.module.eval()
+    logps, counts = score_examples(
+        engine.module, health.examples, pad_id, batch_tokens=health.batch_tokens, chunk_size=chunk
+    )
+    engine.module.train()
+    loglik = float(logps.sum() / max(counts.sum(), 1))
+    healthy = loglik >= health.opponent_loglik - health.tolerance
+    if not healthy:
+        logger.warning(
+            "step %d: held-out real log-likelihood %.4f nats/token is %.4f below the opponent's "
+            "%.4f (collapse_tolerance %.2f): training may be collapsing",
+            step,
+            loglik,
+            health.opponent_loglik - loglik,
+            health.opponent_loglik,
+            health.tolerance,
+        )
+    return {"heldout_real_loglik": loglik, "healthy": healthy}
 
 
 def _float(value) -> float | None:

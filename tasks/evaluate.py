@@ -74,6 +74,10 @@ def _training_summary(run: RunDir, iteration: int) -> dict:
     summary["train_steps"] = int(steps["step"].max())
     for key in ("loss", "margin", "reward_accuracy"):
         summary[f"train_{key}"] = float(last_epoch[key].mean())
+    if "healthy" in steps:
+        checked = steps.dropna(subset=["healthy"])
+        summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
+    summary["lr_scale"] = run.lr_scale(iteration)
     return summary
 
 
