@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -55,23 +57,42 @@ def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[
 
 
 def _serve(config_path: str | None) -> int:
+    """Serve the flows as deployments, on PREFECT_API_URL or a local server started here."""
     from prefect import serve
 
+    from flows.deployed import prefect_api, spin_generate, spin_next_iteration, spin_train
     from flows.iteration import spin_iteration
     from flows.pipeline import spin_pipeline
     from spin_core.config import load_config
 
     config = load_config(config_path or DEMO_CONFIG)
-    pipeline = spin_pipeline.to_deployment(
-        name="spin-pipeline", parameters={"config": config.model_dump(mode="json")}
-    )
-    iteration = spin_iteration.to_deployment(name="spin-iteration")
-    serve(pipeline, iteration)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the API
+    with prefect_api():
+        pipeline = spin_pipeline.to_deployment(
+            name="spin-pipeline", parameters={"config": config.model_dump(mode="json")}
+        )
+        iteration = spin_iteration.to_deployment(name="spin-iteration")
+        # For run.execution=deployments: the heavy steps, run by this process's runner.
+        generate = spin_generate.to_deployment(name="spin-generate")
+        train = spin_train.to_deployment(name="spin-train")
+        next_iteration = spin_next_iteration.to_deployment(name="spin-next-iteration")
+        serve(pipeline, iteration, generate, train, next_iteration)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled deployment run, a scheduler's stop) as an exception, so every
+    cleanup runs: launched training ranks are stopped and the run-directory lock released."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from spin_core.errors import InputError
@@ -93,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"spin: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("spin: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - the CLI reports any run-time failure as exit 1
         cause = _input_error_in(exc)
         if cause is not None:

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from flows.iteration import spin_iteration
 from spin_core.config import SpinConfig
-from spin_core.rundir import RunDir, RunLock, check_or_save_config
+from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from tasks.evaluate import evaluate
 from tasks.prepare import build_embedded_default, check_inputs
 from tasks.report import write_report
@@ -27,10 +27,13 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
     log = get_run_logger()
     run = RunDir(run_dir or default_run_dir(config))
     with RunLock(run):
-        check_or_save_config(run, config)
+        check_config(run, config)
         if config.uses_toy():
             build_embedded_default(config, str(run.root))
+        # Data and model are checked before anything is written for the run, so a
+        # corrected rerun is not refused as a changed config.
         check_inputs(config, str(run.root))
+        save_config(run, config)
         opponent, opponent_eval = run.base_model(config), str(run.base_eval())
         evaluate(config, str(run.root), opponent, opponent_eval)
         for iteration in range(config.run.iterations):

@@ -36,6 +36,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def worker_device(worker: int) -> torch.device:
+    """The device of generation worker `worker`: one GPU each, round robin; else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", worker % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def _looks_local(name_or_path: str) -> bool:
     # Hub names are "name" or "org/name"; anything else is meant as a local path.
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -52,6 +59,29 @@ def check_model_path(name_or_path: str, field: str = "model.name_or_path") -> No
         return
     if _looks_local(name_or_path):
         raise InputError(f"{field}: model directory {name_or_path} does not exist")
+
+
+def check_causal_lm(name_or_path: str, *, trust_remote_code: bool = False) -> None:
+    """Refuse, before any heavy work, a model whose config has no causal-LM class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    check_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"model.name_or_path: cannot read the model config of {name_or_path}: {exc}".splitlines()[
+                0
+            ]
+        ) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(
+        config, "auto_map", {}
+    ).get("AutoModelForCausalLM"):
+        raise InputError(
+            f"model.name_or_path: {name_or_path} is a {config.model_type!r} model, not a causal "
+            "language model (expected a config that AutoModelForCausalLM can load)"
+        )
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
@@ -95,8 +125,11 @@ def load_model(
     return model
 
 
-def load_policy(path: str, model_cfg, *, for_training: bool = False):
-    """Model and tokenizer of `path` in the configured compute dtype, on this rank's device."""
+def load_policy(
+    path: str, model_cfg, *, for_training: bool = False, on_device: torch.device | None = None
+):
+    """Model and tokenizer of `path` in the configured compute dtype, on this rank's device
+    (or `on_device`, e.g. one generation worker's GPU)."""
     tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
     # Training keeps fp32 master weights; DeepSpeed casts to bf16 when enabled.
     dtype = torch.float32 if for_training else compute_dtype(model_cfg.precision)
@@ -107,7 +140,7 @@ def load_policy(path: str, model_cfg, *, for_training: bool = False):
         attn_implementation=model_cfg.attn_implementation,
     )
     if not for_training:
-        model.to(device()).eval()
+        model.to(on_device or device()).eval()
     return model, tokenizer
 
 

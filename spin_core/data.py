@@ -106,6 +106,19 @@ def read_parquet_checked(
         return None
 
 
+def parquet_rows(path: str | Path) -> int | None:
+    """Rows of a complete Parquet file (from its footer), or None if missing or truncated."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def parquet_complete(path: str | Path, expected_rows: int | None = None) -> bool:
+    rows = parquet_rows(path)
+    return rows is not None and (expected_rows is None or rows == expected_rows)
+
+
 def pair_id(prompt: str, response: str) -> str:
     """Stable id of a (prompt, response) pair: 16 hex digits of blake2b."""
     data = prompt.encode("utf-8") + b"\x00" + response.encode("utf-8")

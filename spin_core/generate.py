@@ -149,21 +149,37 @@ class HFBackend:
         return results
 
 
-def make_backend(model_path: str, cfg, tokenizer, *, max_new_tokens: int | None = None, model=None):
-    """The configured backend for the opponent at `model_path`."""
+def check_backend_available(cfg) -> None:
+    """ConfigError, naming the field, when the selected backend is not installed."""
+    import importlib.util
+
+    if cfg.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "generation.backend: 'vllm' needs the vllm package, which is not installed "
+            "(pip install 'spin[vllm]', on a GPU machine), or use backend 'hf'"
+        )
+
+
+def make_backend(
+    model_path: str,
+    cfg,
+    tokenizer,
+    *,
+    max_new_tokens: int | None = None,
+    model=None,
+    worker: int = 0,
+):
+    """The configured backend for the opponent at `model_path` (on worker `worker`'s device)."""
     decoding = Decoding.from_config(cfg.generation, tokenizer, max_new_tokens)
     if cfg.generation.backend == "vllm":
-        try:
-            from spin_core.vllm_backend import VLLMBackend
-        except ImportError as exc:
-            raise ConfigError(
-                f"generation.backend: 'vllm' needs the vllm package (pip install 'spin[vllm]'): {exc}"
-            ) from None
+        check_backend_available(cfg)
+        from spin_core.vllm_backend import VLLMBackend
+
         return VLLMBackend(model_path, tokenizer, decoding, cfg)
     if model is None:
-        from spin_core.checkpoint import load_policy
+        from spin_core.checkpoint import load_policy, worker_device
 
-        model, _ = load_policy(model_path, cfg.model)
+        model, _ = load_policy(model_path, cfg.model, on_device=worker_device(worker))
     return HFBackend(
         model,
         tokenizer,
@@ -176,6 +192,12 @@ def make_backend(model_path: str, cfg, tokenizer, *, max_new_tokens: int | None 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
     """Prompt ids as training will see them (left-truncated to max_prompt_length)."""
     return [truncate_prompt(encode_prompt(tokenizer, p), max_prompt_length)[0] for p in prompts]
+
+
+def worker_shards(num_rows: int, shard_size: int, num_workers: int, worker: int) -> list[int]:
+    """The shard indices of one generation worker (round robin, so every worker gets work)."""
+    total = (num_rows + shard_size - 1) // shard_size
+    return list(range(worker, total, num_workers))
 
 
 def shard_path(shards_dir: Path, index: int) -> Path:

@@ -233,8 +233,8 @@ class RunLock:
         self.release()
 
 
-def check_or_save_config(run: RunDir, cfg: SpinConfig) -> None:
-    """Save the run's config, or refuse a rerun whose config would change results."""
+def check_config(run: RunDir, cfg: SpinConfig) -> None:
+    """Refuse a rerun whose config would change the results of the run's finished steps."""
     if run.config.exists():
         try:
             old = validate_config(yaml.safe_load(run.config.read_text()) or {}, str(run.config))
@@ -246,7 +246,17 @@ def check_or_save_config(run: RunDir, cfg: SpinConfig) -> None:
                 f"{run.config}: this run was started with a different config "
                 f"({', '.join(differences)} differ); use a new --run-dir to start a new run"
             )
+
+
+def save_config(run: RunDir, cfg: SpinConfig) -> None:
+    """Write spin.yaml (the resolved config); on a rerun, the neutral fields are updated."""
     run.root.mkdir(parents=True, exist_ok=True)
     tmp = run.config.with_name(".spin.yaml.tmp")
     tmp.write_text(cfg.dump_yaml())
     os.replace(tmp, run.config)
+
+
+def check_or_save_config(run: RunDir, cfg: SpinConfig) -> None:
+    """Save the run's config, or refuse a rerun whose config would change results."""
+    check_config(run, cfg)
+    save_config(run, cfg)

@@ -57,6 +57,28 @@ class HealthProbe:
     batch_tokens: int = 16_384
 
 
+def health_probe(cfg: SpinConfig, opponent: str, opponent_eval: str | Path) -> HealthProbe:
+    """The first `eval.health_size` held-out pairs of θt's evaluation, with θt's log-likelihood."""
+    from spin_core.checkpoint import load_tokenizer
+
+    scored = pd.read_parquet(opponent_eval).head(cfg.eval.health_size)
+    tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
+    examples = tokenize_responses(
+        tokenizer,
+        scored["prompt"].tolist(),
+        scored["real"].tolist(),
+        max_length=cfg.training.max_length,
+        max_prompt_length=cfg.training.max_prompt_length,
+    )
+    return HealthProbe(
+        examples=examples,
+        opponent_loglik=float(scored["real_logps"].sum() / max(scored["real_tokens"].sum(), 1)),
+        tolerance=cfg.run.collapse_tolerance,
+        every=cfg.training.eval_steps,
+        batch_tokens=cfg.training.score_batch_tokens,
+    )
+
+
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps of the iteration
@@ -78,6 +100,7 @@ def init_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    launched = "MASTER_PORT" in os.environ
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", "0")
@@ -86,6 +109,10 @@ def init_distributed() -> None:
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), verbose=False
     )
+    if not launched:
+        # The one-rank group's store now holds this port; a process started from here
+        # (another `spin run`, a launcher) must not inherit it and try to bind it again.
+        del os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
 
 
 def seed_everything(seed: int) -> None:
@@ -265,7 +292,7 @@ def train_iteration(
 
     bf16 = compute_dtype(cfg.model.precision) == torch.bfloat16
     ds_config = deepspeed_config(training, bf16=bf16)
-    if training.zero_stage == 3 and world_size > 1:
+    if training.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # Kept alive so from_pretrained partitions weights across ranks as it loads.

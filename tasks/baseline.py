@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from spin_core import train
 from spin_core.checkpoint import is_model_dir
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
-from tasks.progress import logger
+from tasks.caching import step
+from tasks.progress import Progress, logger
+from tasks.train import run_training
 
 
-@task(name="train-sft-baseline", cache_policy=NO_CACHE)
+def _inputs(params: dict) -> list:
+    run, t = RunDir(params["run_dir"]), params["iteration"]
+    return [run.prompts(t), run.iteration_metrics(t), params["previous"]]
+
+
+def _done(params: dict) -> bool:
+    return is_model_dir(RunDir(params["run_dir"]).baseline(params["iteration"]) / "model")
+
+
+@step("train-sft-baseline", sections=("model", "training"), inputs=_inputs, done=_done)
 def train_sft_baseline(config: SpinConfig, run_dir: str, iteration: int, previous: str) -> str:
     """prompts.parquet (real responses) + the previous baseline → iter_t/baseline/model."""
     run = RunDir(run_dir)
@@ -23,12 +30,13 @@ def train_sft_baseline(config: SpinConfig, run_dir: str, iteration: int, previou
         logger().info("iteration %d: baseline model exists, skipped", iteration)
         return str(out)
     spin_steps = json.loads((run.iteration_metrics(iteration)).read_text())["train_steps"]
-    train.train_iteration(
+    run_training(
+        config,
+        Progress(f"baseline-iter-{iteration}", f"iteration {iteration}: SFT baseline steps"),
         init_model=previous,
         train_path=run.prompts(iteration),
         state_dir=run.baseline(iteration) / "train_state",
         model_out=out,
-        cfg=config,
         iteration=iteration,
         objective="sft",
         num_steps=spin_steps,

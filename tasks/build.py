@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from spin_core import data, score
 from spin_core.checkpoint import load_policy
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir, write_json_atomic
+from tasks.caching import step
 from tasks.progress import logger
 
 
-@task(name="build-training-set", cache_policy=NO_CACHE)
+def _sources(params: dict) -> list:
+    run, t = RunDir(params["run_dir"]), params["iteration"]
+    history = params["config"].data.history
+    return [run.generated(s) for s in range(max(0, t - history), t + 1)]
+
+
+def _pairs_done(params: dict) -> bool:
+    run, t = RunDir(params["run_dir"]), params["iteration"]
+    return data.parquet_complete(run.pairs(t)) and (run.iteration(t) / "pairs.json").exists()
+
+
+def _score_inputs(params: dict) -> list:
+    return [RunDir(params["run_dir"]).pairs(params["iteration"]), params["opponent"]]
+
+
+def _score_done(params: dict) -> bool:
+    run, t = RunDir(params["run_dir"]), params["iteration"]
+    return data.parquet_complete(run.train(t), data.parquet_rows(run.pairs(t)))
+
+
+@step("build-training-set", sections=("data",), inputs=_sources, done=_pairs_done)
 def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict:
     """generated.parquet of t, t-1, ... → iter_t/pairs.parquet; returns the counts."""
     run = RunDir(run_dir)
@@ -42,7 +61,12 @@ def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict
     return counts
 
 
-@task(name="score-with-opponent", cache_policy=NO_CACHE)
+@step(
+    "score-with-opponent",
+    sections=("model", "training"),
+    inputs=_score_inputs,
+    done=_score_done,
+)
 def score_with_opponent(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """pairs.parquet → train.parquet with opponent_real_logps and opponent_generated_logps."""
     run = RunDir(run_dir)

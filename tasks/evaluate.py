@@ -6,18 +6,38 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from spin_core import data, toy
 from spin_core.checkpoint import load_policy
 from spin_core.config import SpinConfig, schedule_at
 from spin_core.evaluate import evaluate_model
 from spin_core.rundir import RunDir, write_json_atomic
+from tasks.caching import step
 from tasks.progress import logger
 
 
-@task(name="evaluate-model", cache_policy=NO_CACHE)
+def _inputs(params: dict) -> list:
+    run = RunDir(params["run_dir"])
+    files = [run.heldout, params["model"]]
+    if params.get("opponent_dir"):
+        files.append(Path(params["opponent_dir"]) / "eval.parquet")
+    if params.get("iteration") is not None:
+        t = params["iteration"]
+        files += [run.iteration(t) / "pairs.json", run.train_state(t) / "metrics.jsonl"]
+    return files
+
+
+def _done(params: dict) -> bool:
+    out = Path(params["out_dir"])
+    return (out / "metrics.json").exists() and data.parquet_complete(out / "eval.parquet")
+
+
+@step(
+    "evaluate-model",
+    sections=("eval", "generation", "model", "training", "run"),
+    inputs=_inputs,
+    done=_done,
+)
 def evaluate(
     config: SpinConfig,
     run_dir: str,

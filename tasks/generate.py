@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import pandas as pd
-from prefect import task
+from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from spin_core import generate
+from spin_core import data, generate
 from spin_core.checkpoint import load_tokenizer
 from spin_core.config import SpinConfig
 from spin_core.data import read_parquet_checked
 from spin_core.rundir import RunDir
+from tasks.caching import step
 from tasks.progress import Progress, logger
 
 
-@task(name="generate-responses", cache_policy=NO_CACHE)
+def _inputs(params: dict) -> list:
+    return [RunDir(params["run_dir"]).prompts(params["iteration"]), params["opponent"]]
+
+
+def _done(params: dict) -> bool:
+    run, t = RunDir(params["run_dir"]), params["iteration"]
+    return data.parquet_complete(run.generated(t), data.parquet_rows(run.prompts(t)))
+
+
+@step(
+    "generate-responses",
+    sections=("generation", "model", "training"),
+    inputs=_inputs,
+    done=_done,
+)
 def generate_responses(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """prompts.parquet + θt → generated/part-*.parquet → generated.parquet.
 
@@ -26,22 +41,19 @@ def generate_responses(config: SpinConfig, run_dir: str, iteration: int, opponen
     if read_parquet_checked(out, expected_rows=len(prompts)) is not None:
         logger().info("iteration %d: %s exists, skipped", iteration, out.name)
         return str(out)
-    tokenizer = load_tokenizer(opponent, trust_remote_code=config.model.trust_remote_code)
-    backend = generate.make_backend(opponent, config, tokenizer)
-    prompt_ids = generate.encode_prompts(
-        tokenizer, prompts["prompt"].tolist(), config.training.max_prompt_length
-    )
-    progress = Progress(f"generate-iter-{iteration}", f"iteration {iteration}: shards generated")
-    generate.generate_shards(
-        backend,
-        prompts,
-        prompt_ids,
-        run.generated_shards(iteration),
-        shard_size=config.generation.shard_size,
-        opponent=opponent,
-        decoding=generate.Decoding.from_config(config.generation, tokenizer),
-        on_shard=progress.update,
-    )
+    workers = config.generation.num_workers
+    if workers == 1:
+        generate_worker_shards(config, run_dir, iteration, opponent, 0)
+    else:
+        # One task per worker (one GPU each); each writes its own shards.
+        futures = generate_worker_shards.map(
+            unmapped(config),
+            unmapped(run_dir),
+            unmapped(iteration),
+            unmapped(opponent),
+            range(workers),
+        )
+        futures.result()  # raises the first worker failure
     generate.merge_shards(
         run.generated_shards(iteration), len(prompts), config.generation.shard_size, out
     )
@@ -53,3 +65,39 @@ def generate_responses(config: SpinConfig, run_dir: str, iteration: int, opponen
         100 * (finished == "stop").mean(),
     )
     return str(out)
+
+
+@task(name="generate-shards", cache_policy=NO_CACHE)
+def generate_worker_shards(
+    config: SpinConfig, run_dir: str, iteration: int, opponent: str, worker: int
+) -> int:
+    """Worker `worker`'s share of the shards (every `num_workers`-th), on its own device.
+
+    Shards already complete on disk are kept; returns the number of shards it owns.
+    """
+    run = RunDir(run_dir)
+    prompts = pd.read_parquet(run.prompts(iteration))
+    shard_size = config.generation.shard_size
+    mine = generate.worker_shards(len(prompts), shard_size, config.generation.num_workers, worker)
+    tokenizer = load_tokenizer(opponent, trust_remote_code=config.model.trust_remote_code)
+    backend = generate.make_backend(opponent, config, tokenizer, worker=worker)
+    prompt_ids = generate.encode_prompts(
+        tokenizer, prompts["prompt"].tolist(), config.training.max_prompt_length
+    )
+    progress = Progress(
+        f"generate-iter-{iteration}-worker-{worker}",
+        f"iteration {iteration}, generation worker {worker}: shards",
+    )
+    generate.generate_shards(
+        backend,
+        prompts,
+        prompt_ids,
+        run.generated_shards(iteration),
+        shard_size=shard_size,
+        opponent=opponent,
+        decoding=generate.Decoding.from_config(config.generation, tokenizer),
+        shard_indices=mine,
+        show_progress=config.generation.num_workers == 1,
+        on_shard=progress.update,
+    )
+    return len(mine)

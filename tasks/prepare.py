@@ -5,11 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from spin_core import toy
-from spin_core.checkpoint import check_model_path
+from spin_core import generate, toy
+from spin_core.checkpoint import check_causal_lm
 from spin_core.config import SpinConfig
 from spin_core.data import load_sft_data, read_parquet_checked, sample_prompts, write_parquet_atomic
 from spin_core.rundir import RunDir
+from tasks.caching import transient_only
 from tasks.progress import logger
 
 
@@ -30,11 +31,19 @@ def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
     return str(artifacts.model_dir)
 
 
-@task(name="check-inputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="check-inputs",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
 def check_inputs(config: SpinConfig, run_dir: str) -> str:
     """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
     run = RunDir(run_dir)
-    check_model_path(run.base_model(config))
+    check_causal_lm(run.base_model(config), trust_remote_code=config.model.trust_remote_code)
+    if config.run.execution == "local":  # with deployments, the GPU workers have the backend
+        generate.check_backend_available(config)
     train_pairs, heldout, stats = load_sft_data(run.data_config(config))
     # Raises, naming data.num_prompts, when the data holds fewer usable rows.
     sample_prompts(train_pairs, config.data.num_prompts, seed=config.data.seed)

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from pathlib import Path
 
 from spin_core import data
 from spin_core.checkpoint import load_tokenizer
 from spin_core.config import SpinConfig
 from spin_core.prompts import drop_overlong_prompts
 from spin_core.rundir import RunDir
+from tasks.caching import step, transient_only
 from tasks.progress import logger
 
 
-@task(name="sample-prompts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def _inputs(params: dict) -> list:
+    run = RunDir(params["run_dir"])
+    dataset = run.dataset(params["config"])
+    return [dataset] if Path(dataset).exists() else []
+
+
+def _done(params: dict) -> bool:
+    return data.parquet_complete(RunDir(params["run_dir"]).prompts(params["iteration"]))
+
+
+@step(
+    "sample-prompts",
+    sections=("data", "model", "toy", "training"),
+    inputs=_inputs,
+    done=_done,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
 def sample_prompts(config: SpinConfig, run_dir: str, iteration: int) -> str:
     """SFT data → iter_t/prompts.parquet (id, prompt, real); seeded, the same every iteration."""
     run = RunDir(run_dir)

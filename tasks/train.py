@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from spin_core import train
-from spin_core.checkpoint import is_model_dir, load_tokenizer
+from spin_core import launch, train
+from spin_core.checkpoint import is_model_dir
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
+from tasks.caching import step
 from tasks.progress import Progress, logger
 
 
-@task(name="train-policy", cache_policy=NO_CACHE)
+def _inputs(params: dict) -> list:
+    return [RunDir(params["run_dir"]).train(params["iteration"]), params["opponent"]]
+
+
+def _done(params: dict) -> bool:
+    return is_model_dir(RunDir(params["run_dir"]).model(params["iteration"]))
+
+
+@step("train-policy", sections=("model", "training"), inputs=_inputs, done=_done)
 def train_policy(
     config: SpinConfig,
     run_dir: str,
@@ -35,8 +40,31 @@ def train_policy(
     if is_model_dir(out):
         logger().info("iteration %d: model/ exists, skipped", iteration)
         return str(out)
-    log = logger()
     progress = Progress(f"train-iter-{iteration}", f"iteration {iteration}: optimizer steps")
+    run_training(
+        config,
+        progress,
+        init_model=opponent,
+        train_path=run.train(iteration),
+        state_dir=run.train_state(iteration),
+        model_out=out,
+        iteration=iteration,
+        opponent_eval=opponent_eval,
+        lr_scale=lr_scale,
+    )
+    return str(out)
+
+
+def run_training(config: SpinConfig, progress: Progress, *, opponent_eval=None, **kwargs) -> None:
+    """`train_iteration` in this process, or on `num_processes` ranks launched as a group.
+
+    kwargs: train_iteration's arguments other than cfg, on_step and health.
+    opponent_eval: θt's evaluation directory, for the health check during training.
+    """
+    log = logger()
+    iteration = kwargs["iteration"]
+    eval_file = str(Path(opponent_eval) / "eval.parquet") if opponent_eval else None
+    use_health = bool(config.training.eval_steps and eval_file)
 
     def on_step(record: dict) -> None:
         progress.update(record["step"], record["total_steps"])
@@ -60,43 +88,19 @@ def train_policy(
                 "healthy" if record["healthy"] else "BELOW the opponent's by more than tolerance",
             )
 
-    result = train.train_iteration(
-        init_model=opponent,
-        train_path=run.train(iteration),
-        state_dir=run.train_state(iteration),
-        model_out=out,
-        cfg=config,
-        iteration=iteration,
-        on_step=on_step,
-        health=_health_probe(config, run, opponent, opponent_eval),
-        lr_scale=lr_scale,
-    )
+    training = config.training
+    if training.num_processes > 1 or training.hostfile:
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+        args |= {"config": config.model_dump(mode="json"), "opponent_eval": eval_file}
+        log.info(
+            "iteration %d: launching %d training ranks (ZeRO-%d)",
+            iteration,
+            training.num_processes,
+            training.zero_stage,
+        )
+        launch.launch_training(args, training, on_step=on_step, on_log=log.info)
+        return
+    health = train.health_probe(config, kwargs["init_model"], eval_file) if use_health else None
+    result = train.train_iteration(cfg=config, on_step=on_step, health=health, **kwargs)
     if result.resumed_from:
         log.info("iteration %d: resumed training from step %d", iteration, result.resumed_from)
-    return str(out)
-
-
-def _health_probe(
-    config: SpinConfig, run: RunDir, opponent: str, opponent_eval: str | None
-) -> train.HealthProbe | None:
-    """The first `eval.health_size` held-out pairs, with θt's log-likelihood on them."""
-    if not config.training.eval_steps or opponent_eval is None:
-        return None
-    from spin_core.score import tokenize_responses
-
-    scored = pd.read_parquet(Path(opponent_eval) / "eval.parquet").head(config.eval.health_size)
-    tokenizer = load_tokenizer(opponent, trust_remote_code=config.model.trust_remote_code)
-    examples = tokenize_responses(
-        tokenizer,
-        scored["prompt"].tolist(),
-        scored["real"].tolist(),
-        max_length=config.training.max_length,
-        max_prompt_length=config.training.max_prompt_length,
-    )
-    return train.HealthProbe(
-        examples=examples,
-        opponent_loglik=float(scored["real_logps"].sum() / max(scored["real_tokens"].sum(), 1)),
-        tolerance=config.run.collapse_tolerance,
-        every=config.training.eval_steps,
-        batch_tokens=config.training.score_batch_tokens,
-    )

@@ -26,6 +26,7 @@ def _collapsing_run(toy_build, run_dir, extra: list[str]):
             "training.global_batch_size=16",
             "training.micro_batch_size=16",
             "training.learning_rate=1e-3",  # 100× the toy default
+            "training.optimizer=rmsprop",  # the paper's optimizer
             "training.warmup_ratio=0",
             "generation.max_new_tokens=16",
             *extra,

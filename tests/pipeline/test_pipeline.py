@@ -35,6 +35,10 @@ def finished_run(harness, toy_build, tmp_path_factory):
             "training.learning_rate=5e-5",
             "generation.shard_size=24",
             "generation.max_new_tokens=24",
+            # The paper's data recipe (the demo samples fresh prompts and negatives instead).
+            "data.history=1",
+            "data.resample_each_iteration=false",
+            "generation.do_sample=false",
         ],
     )
     run_dir = tmp_path_factory.mktemp("run") / "tiny"

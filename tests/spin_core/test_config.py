@@ -125,6 +125,7 @@ def test_deepspeed_passthrough_is_merged_over_generated():
         None,
         [
             "training.zero_stage=3",
+            "training.num_processes=8",
             "training.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}}, gradient_clipping: 0.5}",
         ],
     )
@@ -134,7 +135,7 @@ def test_deepspeed_passthrough_is_merged_over_generated():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
     assert ds["train_batch_size"] == 64
-    assert ds["gradient_accumulation_steps"] == 64 // 8
+    assert ds["gradient_accumulation_steps"] == 1  # 8 ranks × 8 pairs
 
 
 def test_result_changing_differences_ignore_logging_fields():
@@ -164,3 +165,13 @@ def test_shipped_configs_validate_and_the_paper_recipe_matches_the_paper():
     assert (paper.training.max_length, paper.training.max_prompt_length) == (1024, 512)
     assert paper.training.zero_stage == 3 and paper.model.precision == "bf16"
     assert paper.run.baseline == "none"
+
+
+def test_zero_stage_defaults_to_what_the_ranks_can_use():
+    assert SpinConfig().training.zero_stage == 0  # one rank: nothing to shard
+    paper = load_config(None, ["training.num_processes=8"])  # 8 × 8 = 64: no accumulation
+    assert paper.training.zero_stage == 3
+    # 2 ranks accumulating 4 micro-batches: ZeRO-2 (ZeRO-3 with accumulation is refused)
+    assert load_config(None, ["training.num_processes=2"]).training.zero_stage == 2
+    with pytest.raises(ConfigError, match="zero_stage 3 needs"):
+        load_config(None, ["training.num_processes=2", "training.zero_stage=3"])

@@ -1,6 +1,7 @@
 """Training: the loss falls, resume reproduces the losses, the export loads."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from spin_core.checkpoint import load_policy
 from spin_core.generate import Decoding, HFBackend, encode_prompts
 from spin_core.score import score_with_opponent
-from spin_core.train import complete_checkpoints, step_indices, train_iteration
+from spin_core.train import COMPLETE_MARKER, complete_checkpoints, step_indices, train_iteration
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,13 @@ def test_interrupted_then_resumed_run_reproduces_losses(toy_build, train_parquet
     )
     assert stopped.model_dir is None and not (tmp_path / "mb").exists()
     assert [s for s, _ in complete_checkpoints(tmp_path / "b")] == [6, 7]  # keep_checkpoints=2
-    # A checkpoint directory without its completion marker (a crash mid-save) is ignored.
-    (tmp_path / "b" / "step_000008").mkdir()
+    # A checkpoint without its completion marker (a crash mid-save: files copied, one of
+    # them cut short) is ignored.
+    half = tmp_path / "b" / "step_000008"
+    shutil.copytree(tmp_path / "b" / "step_000007", half)
+    (half / COMPLETE_MARKER).unlink()
+    biggest = max(half.rglob("*.pt"), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
     resumed = train_iteration(state_dir=tmp_path / "b", model_out=tmp_path / "mb", **kwargs)
     assert resumed.resumed_from == 7
 
@@ -135,3 +141,75 @@ def test_data_order_is_a_seeded_permutation_with_wraparound():
     assert len(epoch) == 12 and set(epoch) == set(range(10))
     assert step_indices(10, 0, 4, seed=3) == steps[0]
     assert step_indices(10, 3, 4, seed=3) != steps[0]  # the next epoch is reshuffled
+
+
+def _launch(cfg, train_parquet, state_dir, model_out):
+    from spin_core.launch import launch_training
+
+    steps: list[dict] = []
+    args = {
+        "config": cfg.model_dump(mode="json"),
+        "init_model": cfg.model.name_or_path,
+        "train_path": str(train_parquet),
+        "state_dir": str(state_dir),
+        "model_out": str(model_out),
+        "iteration": 0,
+    }
+    launch_training(args, cfg.training, on_step=steps.append)
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(
+    zero_stage, toy_build, train_parquet, tmp_path
+):
+    common = ["training.num_epochs=1"]
+    one = train_iteration(
+        init_model=str(toy_build.model_dir),
+        train_path=train_parquet,
+        state_dir=tmp_path / "one",
+        model_out=tmp_path / "m1",
+        # 1 rank, 2 micro-batches of 4 per step (ZeRO-2: ZeRO-3 refuses accumulation)
+        cfg=_config(toy_build, *common, "training.zero_stage=2"),
+        iteration=0,
+    )
+    two_cfg = _config(
+        toy_build, *common, "training.num_processes=2", f"training.zero_stage={zero_stage}"
+    )  # 2 ranks × 1 micro-batch of 4
+    streamed = _launch(two_cfg, train_parquet, tmp_path / "two", tmp_path / "m2")
+
+    a, b = _log(one.log_path), _log(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in streamed] == [r["step"] for r in b] == [r["step"] for r in a]
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["margin"] == pytest.approx(x["margin"], abs=1e-5)
+    # ZeRO-3 shards are gathered into one ordinary safetensors directory.
+    assert sorted(p.name for p in (tmp_path / "m2").glob("*.safetensors")) == ["model.safetensors"]
+    sa = AutoModelForCausalLM.from_pretrained(tmp_path / "m1").state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(tmp_path / "m2").state_dict()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_launch_with_its_error(toy_build, tmp_path):
+    from spin_core.launch import LaunchError
+
+    cfg = _config(toy_build, "training.num_processes=2", "training.zero_stage=2")
+    with pytest.raises(LaunchError, match="no-such.parquet"):
+        _launch(cfg, tmp_path / "no-such.parquet", tmp_path / "state", tmp_path / "model")
+
+
+def test_zero3_with_gradient_accumulation_is_refused_naming_the_fields():
+    from spin_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="zero_stage 3 needs global_batch_size"):
+        load_config(
+            "configs/demo.yaml",
+            [
+                "training.zero_stage=3",
+                "training.global_batch_size=8",
+                "training.micro_batch_size=4",
+            ],
+        )

@@ -1,0 +1,35 @@
+"""One training rank: `python -m spin_core.train_entry ARGS.json` (started by spin_core.launch).
+
+ARGS.json holds the keyword arguments of `train_iteration` with the config as a
+plain dict. Rank 0 prints every step record on a line of its own, prefixed with
+`SPIN_STEP `, for the launching task to log and report as progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from spin_core.config import SpinConfig
+from spin_core.launch import STEP_PREFIX
+from spin_core.train import health_probe, train_iteration
+
+
+def main(args_file: str) -> None:
+    args = json.loads(open(args_file).read())
+    cfg = SpinConfig.model_validate(args.pop("config"))
+    opponent_eval = args.pop("opponent_eval", None)
+    health = None
+    if cfg.training.eval_steps and opponent_eval:
+        health = health_probe(cfg, args["init_model"], opponent_eval)
+
+    def on_step(record: dict) -> None:
+        print(STEP_PREFIX + json.dumps(record), flush=True)
+
+    train_iteration(cfg=cfg, on_step=on_step, health=health, **args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(sys.argv[1])

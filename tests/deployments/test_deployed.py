@@ -1,0 +1,80 @@
+"""flows/deployed.py and deployments/prefect.yaml without a server: fast checks."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import yaml
+
+from flows.deployed import (
+    REMOTE_STEPS,
+    next_iteration_config,
+    spin_generate,
+    spin_next_iteration,
+    spin_train,
+)
+from spin_core.config import load_config
+from spin_core.errors import InputError
+from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
+from tasks.generate import generate_responses
+from tasks.train import train_policy
+from tests.deployments.conftest import ROOT, scaling_out_commands
+
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+
+
+def _parameters(fn) -> list[tuple[str, object]]:
+    fn = getattr(fn, "fn", fn)
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_deployed_flows_take_exactly_the_parameters_of_their_steps():
+    # run_step binds the step's arguments by the step's signature and sends them as they are.
+    assert _parameters(spin_generate) == _parameters(generate_responses)
+    assert _parameters(spin_train) == _parameters(train_policy)
+
+
+def test_prefect_yaml_puts_the_heavy_steps_on_the_gpu_pool():
+    deployments = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
+    assert pools == {
+        "spin-pipeline": "cpu",
+        "spin-next-iteration": "cpu",
+        "spin-generate": "gpu",
+        "spin-train": "gpu",
+    }
+    flows = {"spin-generate": spin_generate, "spin-train": spin_train}
+    for remote in REMOTE_STEPS.values():
+        flow_name, deployment = remote.deployment.split("/")
+        assert flows[deployment].name == flow_name
+        assert deployments[deployment]["entrypoint"].endswith(flows[deployment].fn.__name__)
+    config = deployments["spin-pipeline"]["parameters"]["config"]
+    assert config["run"]["execution"] == "deployments"
+    load_config(None, [f"run.{k}={v}" for k, v in config["run"].items()])  # a valid partial config
+    assert deployments["spin-next-iteration"]["entrypoint"].endswith(
+        spin_next_iteration.fn.__name__
+    )
+    (schedule,) = deployments["spin-next-iteration"]["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["active"] is False
+
+
+def test_readme_gives_each_gpu_worker_one_heavy_step_at_a_time():
+    commands = scaling_out_commands()
+    assert "prefect deploy --all --prefect-file deployments/prefect.yaml" in commands
+    assert "prefect worker start --pool gpu --limit 1" in commands
+
+
+def test_next_iteration_asks_for_one_more_than_finished(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(InputError, match="not a run directory"):
+        next_iteration_config(run, max_iterations=3)
+    config = load_config("configs/demo.yaml", ["training.beta=0.3", "run.iterations=1"])
+    check_or_save_config(run, config)
+    assert next_iteration_config(run, max_iterations=3).run.iterations == 1
+    write_json_atomic({"margin": 0.1}, run.iteration_metrics(0))
+    following = next_iteration_config(run, max_iterations=3)
+    assert following.run.iterations == 2 and following.training.beta == 0.3
+    write_json_atomic({"margin": 0.1}, run.iteration_metrics(1))
+    write_json_atomic({"margin": 0.1}, run.iteration_metrics(2))
+    assert next_iteration_config(run, max_iterations=3) is None

@@ -1,0 +1,79 @@
+"""`spin serve` alone: starts a local Prefect server, serves the flows, stops both on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spin_core.config import load_config
+from tests.deployments.conftest import ROOT, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(600)]
+
+SERVED = {"spin-pipeline", "spin-iteration", "spin-generate", "spin-train", "spin-next-iteration"}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_spin_serve_starts_a_server_and_serves_the_flows(tmp_path):
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--config", "configs/demo.yaml"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    started, stopped = [], False
+    try:
+        deadline = time.monotonic() + 240
+        deployments: dict = {}
+        while set(deployments) != SERVED:
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            started = sorted(set(started) | set(_children(serve.pid)))
+            time.sleep(1)
+            try:
+                found = httpx.post(f"{api_url}/deployments/filter", json={}, timeout=10)
+            except httpx.HTTPError:
+                continue
+            if found.status_code == 200:
+                deployments = {d["name"]: d for d in found.json()}
+        demo = load_config("configs/demo.yaml").model_dump(mode="json")
+        assert deployments["spin-pipeline"]["parameters"]["config"] == demo
+        assert f"Prefect UI at http://127.0.0.1:{port}" in log.read_text()
+
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=120) == 0, log.read_text()[-3000:]
+        with pytest.raises(httpx.HTTPError):  # the server it started is stopped with it
+            httpx.get(f"{api_url}/health", timeout=5)
+        stopped = True
+    finally:
+        if not stopped:  # a failed test: `spin serve` and the server it started, by pid
+            for pid in [serve.pid, *started]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        serve.wait()

@@ -1,0 +1,57 @@
+"""generation.num_workers: one mapped Prefect task per worker, merged in id order."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from spin_core.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+@flow
+def _generate(config, run_dir: str, opponent: str) -> str:
+    from tasks.generate import generate_responses
+
+    return generate_responses(config, run_dir, 0, opponent)
+
+
+def test_two_workers_write_the_same_generations_as_one(toy_config, toy_build, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    heldout = pd.read_parquet(toy_build.eval_path).head(40)
+    prompts = pd.DataFrame(
+        {
+            "id": [f"q{i:03d}" for i in range(len(heldout))],
+            "prompt": heldout["messages"].map(lambda m: m[0]["content"]),
+            "real": heldout["messages"].map(lambda m: m[1]["content"]),
+        }
+    )
+    outputs = {}
+    with prefect_test_harness():
+        for workers in (1, 2):
+            run = RunDir(tmp_path / f"w{workers}")
+            run.iteration(0).mkdir(parents=True)
+            prompts.to_parquet(run.prompts(0))
+            config = toy_config.model_copy(deep=True)
+            config.generation.num_workers = workers
+            config.generation.shard_size = 8
+            config.generation.do_sample = False  # greedy: identical whatever the split
+            outputs[workers] = pd.read_parquet(
+                _generate(config, str(run.root), str(toy_build.model_dir))
+            )
+        with get_client(sync_client=True) as client:
+            shard_tasks = client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-shards"))
+            )
+    # 1 task for the single worker run + 2 mapped tasks for the two-worker run.
+    assert len(shard_tasks) == 3
+    assert sorted(p.name for p in (tmp_path / "w2" / "iter_0" / "generated").iterdir()) == [
+        f"part-{k:05d}.parquet" for k in range(5)
+    ]
+    pd.testing.assert_frame_equal(outputs[2], outputs[1])
+    assert outputs[2]["id"].tolist() == prompts["id"].tolist()
