@@ -25,9 +25,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
-from spin_core.checkpoint import is_model_dir
 from spin_core.config import SpinConfig, validate_config
-from spin_core.data import read_parquet_checked
 from spin_core.errors import InputError
 from spin_core.rundir import RunDir
 from tasks.generate import generate_responses
@@ -63,24 +61,12 @@ def spin_train(
 class _Remote:
     deployment: str  # "flow name/deployment name", as in deployments/prefect.yaml
     output: Callable[[RunDir, int], Path]  # the path the step returns
-    done: Callable[[RunDir, int], bool]  # its output exists and is complete
-
-
-def _generated_done(run: RunDir, t: int) -> bool:
-    prompts = read_parquet_checked(run.prompts(t))
-    return prompts is not None and (
-        read_parquet_checked(run.generated(t), expected_rows=len(prompts)) is not None
-    )
-
-
-def _model_done(run: RunDir, t: int) -> bool:
-    return is_model_dir(run.model(t))
 
 
 # The steps that run on GPU workers with run.execution=deployments.
 REMOTE_STEPS = {
-    generate_responses: _Remote("spin-generate/spin-generate", RunDir.generated, _generated_done),
-    train_policy: _Remote("spin-train/spin-train", RunDir.model, _model_done),
+    generate_responses: _Remote("spin-generate/spin-generate", RunDir.generated),
+    train_policy: _Remote("spin-train/spin-train", RunDir.model),
 }
 
 
@@ -95,11 +81,11 @@ def run_step(step, config: SpinConfig, run_dir: str, iteration: int, *args):
         return step(config, run_dir, iteration, *args)
     run, log = RunDir(run_dir), get_run_logger()
     output = str(remote.output(run, iteration))
-    if remote.done(run, iteration):
-        log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
-        return output
     signature = inspect.signature(getattr(step, "fn", step))  # a Prefect task or a function
     parameters = signature.bind(config, run_dir, iteration, *args).arguments
+    if step.done(parameters):  # the step's own completeness check (tasks.caching.step)
+        log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
+        return output
     parameters["config"] = config.model_dump(mode="json")
     log.info("iteration %d: dispatching %s", iteration, remote.deployment)
     flow_run = run_deployment(

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 PAIR_COLUMNS = ["id", "prompt", "real"]
 TRAINING_COLUMNS = ["id", "prompt", "real", "generated", "source_iteration"]
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+PARQUET_BATCH_ROWS = 8192  # rows decoded at once: bounds memory to a batch of chats
 
 # Independent random streams per use of `data.seed`, so the held-out split and
 # the prompt sample are not correlated draws.
@@ -174,32 +176,42 @@ def load_pairs(
             f"(got {prompt_column!r} and {response_column!r})"
         )
     columns = [prompt_column, response_column] if prompt_column else [messages_column]
-    prompts, reals = [], []
-    for where, table in _read_source(source, split, columns):
-        if prompt_column:
-            prompt = _string_column(table, prompt_column, where)
-            real = _string_column(table, response_column, where)
-        else:
-            prompt, real = _first_exchange(table.column(messages_column), messages_column, where)
-        prompts.append(prompt)
-        reals.append(real)
-    prompt = pa.chunked_array(
-        [c for a in prompts for c in a.chunks], type=pa.large_string()
-    ).combine_chunks()
-    real = pa.chunked_array(
-        [c for a in reals for c in a.chunks], type=pa.large_string()
-    ).combine_chunks()
-    rows_read = len(prompt)
+    prompts: list[str] = []
+    reals: list[str] = []
+    rows_read = 0
+    for where, batches in _read_source(source, split, columns):
+        # One batch of chats at a time, keeping only the first exchange as Python strings,
+        # so the chats' full text (GBs for UltraChat) is never in memory at once.
+        for table in batches:
+            if prompt_column:
+                prompt = _string_column(table, prompt_column, where)
+                real = _string_column(table, response_column, where)
+            else:
+                prompt, real = _first_exchange(
+                    table.column(messages_column), messages_column, where
+                )
+            rows_read += len(prompt)
+            usable = pc.and_(_non_blank(prompt), _non_blank(real))
+            prompts += prompt.filter(usable).to_pylist()
+            reals += real.filter(usable).to_pylist()
+    dropped_empty = rows_read - len(prompts)
+    pa.default_memory_pool().release_unused()  # the decoded chats' buffers
 
-    usable = pc.and_(_non_blank(prompt), _non_blank(real))
-    prompt, real = prompt.filter(usable), real.filter(usable)
-    dropped_empty = rows_read - len(prompt)
-
-    ids = [pair_id(p, r) for p, r in zip(prompt.to_pylist(), real.to_pylist(), strict=True)]
-    pairs = pa.table({"id": pa.array(ids, pa.large_string()), "prompt": prompt, "real": real})
-    pairs = pairs.to_pandas()
+    # Object columns, not pandas 3's Arrow-backed strings: the row filters that follow
+    # (held-out split, overlap, sample) then copy pointers, not every prompt and response.
+    pairs = pd.DataFrame(
+        {
+            "id": pd.Series(
+                [pair_id(p, r) for p, r in zip(prompts, reals, strict=True)], dtype=object
+            ),
+            "prompt": pd.Series(prompts, dtype=object),
+            "real": pd.Series(reals, dtype=object),
+        }
+    )
+    del prompts, reals
     duplicated = pairs["id"].duplicated(keep="first")
-    pairs = pairs[~duplicated].reset_index(drop=True)
+    if duplicated.any():
+        pairs = pairs[~duplicated].reset_index(drop=True)
     stats = LoadStats(
         source=str(source),
         rows=len(pairs),
@@ -228,8 +240,10 @@ def load_pairs(
     return pairs, stats
 
 
-def _read_source(source: str, split: str, columns: list[str]) -> list[tuple[str, pa.Table]]:
-    """(name, table) per file of `source`, each table holding `columns`."""
+def _read_source(
+    source: str, split: str, columns: list[str]
+) -> list[tuple[str, Iterable[pa.Table]]]:
+    """(name, tables) per file of `source`: its rows in batches, each holding `columns`."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
@@ -243,25 +257,32 @@ def _read_source(source: str, split: str, columns: list[str]) -> list[tuple[str,
         return [(str(path), _read_file(path, columns))]
     if path.suffix in DATA_SUFFIXES or source.startswith(("/", ".", "~")):
         raise InputError(f"{source}: file not found")
-    return [(source, _read_hub(source, split, columns))]
+    return [(source, [_read_hub(source, split, columns)])]
 
 
-def _read_file(path: Path, columns: list[str]) -> pa.Table:
+def _read_file(path: Path, columns: list[str]) -> Iterable[pa.Table]:
     if path.suffix == ".parquet":
         try:
-            names = pq.read_schema(path).names
+            # Without pre-buffering: it would hold every row group's compressed bytes at once.
+            parquet = pq.ParquetFile(path, pre_buffer=False)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
-        _check_columns(path, names, columns)
-        try:
-            return pq.read_table(path, columns=columns)
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        _check_columns(path, parquet.schema_arrow.names, columns)
+        return _parquet_batches(path, parquet, columns)
     if path.suffix in (".jsonl", ".json"):
         table = _read_json(path)
         _check_columns(path, table.column_names, columns)
-        return table.select(columns)
+        return [table.select(columns)]
     raise InputError(f"{path}: unsupported file type; expected one of {', '.join(DATA_SUFFIXES)}")
+
+
+def _parquet_batches(path: Path, parquet: pq.ParquetFile, columns: list[str]) -> Iterator[pa.Table]:
+    """`columns` of a Parquet file, PARQUET_BATCH_ROWS rows at a time."""
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            yield pa.Table.from_batches([batch])
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
 
 
 def _read_json(path: Path) -> pa.Table:
@@ -346,8 +367,8 @@ def _first_exchange(
         flat = pc.list_flatten(chats)  # (messages,), skipping null chats
         lengths = pc.fill_null(pc.list_value_length(chats), 0).to_numpy()
         chat_of = np.repeat(np.arange(len(chats)), lengths)  # (messages,) -> chat index
-        role = pc.struct_field(flat, "role").cast(pa.large_string())
-        content = pc.struct_field(flat, "content").cast(pa.large_string())
+        role = pc.struct_field(flat, "role")
+        content = pc.struct_field(flat, "content")  # cast after the take: 2 of ~7 messages
         position = np.arange(len(flat))
 
         is_user = pc.fill_null(pc.equal(role, "user"), False).to_numpy(zero_copy_only=False)
@@ -360,8 +381,12 @@ def _first_exchange(
         answer = is_assistant & after_user
         first_answer = _first_per_chat(position[answer], chat_of[answer], len(chats))
 
-        prompts.append(content.take(pa.array(first_user, mask=first_user < 0)))
-        reals.append(content.take(pa.array(first_answer, mask=first_answer < 0)))
+        prompts.append(
+            content.take(pa.array(first_user, mask=first_user < 0)).cast(pa.large_string())
+        )
+        reals.append(
+            content.take(pa.array(first_answer, mask=first_answer < 0)).cast(pa.large_string())
+        )
     return (
         pa.chunked_array(prompts, type=pa.large_string()),
         pa.chunked_array(reals, type=pa.large_string()),
@@ -432,9 +457,11 @@ def load_sft_data(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         train, heldout = split_heldout(
             pairs, eval_size=cfg.eval_size, seed=cfg.seed, source=cfg.dataset
         )
+    del pairs  # the split holds a copy; the full frame can go
 
     overlap = train["prompt"].isin(set(heldout["prompt"]))
-    train = train[~overlap].reset_index(drop=True)
+    if overlap.any():
+        train = train[~overlap].reset_index(drop=True)
     if train.empty:
         raise InputError(
             f"{cfg.dataset}: every prompt also occurs in the held-out data "

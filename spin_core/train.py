@@ -325,6 +325,10 @@ def train_iteration(
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if world_size == 1 and training.zero_stage == 0:
+        # Alone, DeepSpeed would still flatten every gradient into a bucket, all-reduce it
+        # with itself and copy it back: a gradient-sized buffer and ~15% of each step.
+        engine.enable_backward_allreduce = False
 
     start_step = 0
     checkpoints = complete_checkpoints(state_dir)

@@ -202,6 +202,7 @@ def step(
             return configured(**params)
 
         run_step.task = prefect_task
+        run_step.done = done  # outputs complete on disk, from the call's parameters
         return run_step
 
     return decorate

@@ -1,0 +1,237 @@
+"""What every benchmark shares: the cached toy θ0, thread settings, peak memory, JSON output.
+
+Every benchmark prints exactly one JSON line on stdout (its figures, the ratio or
+the target it is held to, the machine, the date and the command) and appends the
+same line to `benchmarks/.cache/results.jsonl`, from which `benchmarks.report`
+writes the table in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(__file__).resolve().parent / ".cache"
+RESULTS = CACHE / "results.jsonl"
+
+# No telemetry, no hub lookups: the benchmarks run offline like `spin demo`.
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # DeepSpeed compiles its CPU communication op on first use (~25-80 s). A private build
+    # directory keeps other environments on this machine, which build it with other flags
+    # into the shared ~/.cache, from forcing a rebuild in the middle of a measurement.
+    "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --quick and --threads."""
+    args = argparse.ArgumentParser(description=description)
+    args.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    args.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, the same for both sides of a comparison (default: 1; "
+        "see docs/PERFORMANCE.md for why not 2 on a shared 2-core machine)",
+    )
+    return args
+
+
+def setup(threads: int) -> None:
+    """Quiet logging and a fixed torch thread count."""
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("transformers", "deepspeed", "DeepSpeed", "prefect", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+
+
+def toy():
+    """The embedded default's θ0 and data, built once into benchmarks/.cache/toy (~25 s)."""
+    from spin_core.toy import build_toy
+
+    return build_toy(CACHE / "toy")
+
+
+def toy_prompts(n: int) -> list[str]:
+    """The first `n` prompts of the toy training data."""
+    import pandas as pd
+
+    frame = pd.read_parquet(toy().train_path, columns=["messages"])
+    if n > len(frame):
+        raise ValueError(f"asked for {n} toy prompts, the toy data has {len(frame)}")
+    return [messages[0]["content"] for messages in frame["messages"][:n]]
+
+
+# The benchmarks' own config: configs/demo.yaml as of the issue (greedy y', history 1,
+# RMSprop), written out so that tuning the demo does not move the measurements.
+BENCH_CONFIG = {
+    "run": {"name": "bench", "iterations": 3, "collapse_tolerance": 0.5, "baseline": "none"},
+    "data": {"num_prompts": 1500, "eval_size": 500, "history": 1, "seed": 42},
+    "model": {"precision": "fp32"},
+    "generation": {
+        "do_sample": False,
+        "max_new_tokens": 32,
+        "batch_tokens": 16384,
+        "max_batch_size": 256,
+        "shard_size": 500,
+    },
+    "training": {
+        "beta": 0.1,
+        "learning_rate": 1.0e-5,
+        "optimizer": "rmsprop",
+        "num_epochs": 2,
+        "global_batch_size": 32,
+        "micro_batch_size": 32,
+        "max_length": 128,
+        "max_prompt_length": 64,
+        "gradient_checkpointing": False,
+        "zero_stage": 0,
+        "save_steps": 20,
+        "eval_steps": 0,
+        "score_batch_tokens": 16384,
+        "logprob_chunk_size": 1024,
+    },
+}
+
+
+def toy_config(overrides: list[str] | None = None):
+    """BENCH_CONFIG pointed at the cached toy, with `key.sub=value` overrides applied."""
+    from spin_core.config import apply_overrides, validate_config
+
+    artifacts = toy()
+    raw = apply_overrides(
+        BENCH_CONFIG,
+        [
+            f"data.dataset={artifacts.train_path}",
+            f"data.eval_dataset={artifacts.eval_path}",
+            f"model.name_or_path={artifacts.model_dir}",
+            *(overrides or []),
+        ],
+    )
+    return validate_config(raw, source="benchmarks/_common.py BENCH_CONFIG")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Timer:
+    """Wall and CPU seconds of a `with` block: `with Timer() as t: ...; t.wall, t.cpu`."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = 0.0, 0.0
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def load_average() -> float:
+    """1-minute load average: other work on the machine skews every wall time."""
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> str:
+    """CPU model, usable cores, memory, and torch version in one line."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB{gpu}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def command() -> str:
+    """The command line that reproduces this run (as a module, from the repository root)."""
+    module = sys.modules["__main__"].__spec__
+    name = module.name if module else sys.argv[0]
+    return " ".join(["python -m", name, *sys.argv[1:]])
+
+
+def emit(benchmark: str, figures: dict, *, target: str, met: bool | None, quick: bool) -> dict:
+    """Print the benchmark's JSON line and append it to the results file."""
+    record = {
+        "benchmark": benchmark,
+        **figures,
+        "target": target,
+        "target_met": met,
+        "quick": quick,
+        # Which spin_core ran: the working tree, or e.g. one with a PROPOSED_*.diff applied.
+        "code": os.environ.get("SPIN_BENCH_CODE", "working tree"),
+        "load_avg_1min": load_average(),
+        "machine": machine(),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command(),
+    }
+    line = json.dumps(record, default=float)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as results:
+        results.write(line + "\n")
+    print(line, flush=True)
+    return record
+
+
+def warm_up_deepspeed() -> None:
+    """Build (once) and load DeepSpeed's CPU op in a throwaway process, outside any timing."""
+    code = "from spin_core.train import init_distributed; init_distributed()"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+
+
+def run_json(module: str, *args: str, timeout: float = 1800) -> dict:
+    """Run `python -m module args` in a fresh process; its last stdout line, parsed as JSON.
+
+    A fresh process per measured side keeps peak RSS and allocator state of one
+    side from leaking into the other.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-8000:])
+        raise RuntimeError(f"python -m {module} {' '.join(args)} exited {done.returncode}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise RuntimeError(f"python -m {module} {' '.join(args)} printed no JSON line")
+    return json.loads(lines[-1])

@@ -1,0 +1,137 @@
+"""Scaling: generation and training time at 1×, 2× and 4× the number of prompts.
+
+One SPIN iteration's heavy steps on the toy θ0, as the pipeline runs them:
+generate (`generate_shards`), build D_t (`build_training_set`, identical pairs
+dropped), score it with the opponent (`score_with_opponent`), train one epoch
+(`train_iteration`). Each step's time should grow linearly with the prompts:
+a growth exponent (log2 of the time ratio per doubling) near 1, none clearly
+above it. Fixed costs (loading the model, starting DeepSpeed) make small sizes
+look sublinear.
+
+    python -m benchmarks.bench_scaling     # 512, 1024, 2048 prompts
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+from benchmarks import _common
+
+SCALES = (1, 2, 4)
+BASE, QUICK_BASE = 512, 64
+STEPS = ("generate", "build", "score", "train")
+MAX_EXPONENT = 1.15  # above this a step grows faster than linearly (with noise margin)
+
+
+def one_iteration(num_prompts: int, out_dir: Path) -> dict:
+    """Seconds of each heavy step of one iteration on `num_prompts` toy prompts."""
+    import pandas as pd
+
+    from spin_core import data, generate, score
+    from spin_core.checkpoint import load_policy, load_tokenizer
+    from spin_core.train import train_iteration
+
+    cfg = _common.toy_config(
+        [
+            "training.num_epochs=1",
+            "training.save_steps=100000",
+            f"generation.shard_size={max(num_prompts // 4, 1)}",
+        ]
+    )
+    opponent = str(cfg.model.name_or_path)
+    pairs, _ = data.load_pairs(str(_common.toy().train_path))
+    prompts = data.sample_prompts(pairs, num_prompts, seed=cfg.data.seed)
+    seconds = {}
+    with _common.Timer() as timer:
+        tokenizer = load_tokenizer(opponent)
+        backend = generate.make_backend(opponent, cfg, tokenizer)
+        prompt_ids = generate.encode_prompts(
+            tokenizer, prompts["prompt"].tolist(), cfg.training.max_prompt_length
+        )
+        generate.generate_shards(
+            backend,
+            prompts,
+            prompt_ids,
+            out_dir / "generated",
+            shard_size=cfg.generation.shard_size,
+            opponent=opponent,
+            decoding=generate.Decoding.from_config(cfg.generation, tokenizer),
+            show_progress=False,
+        )
+        generate.merge_shards(
+            out_dir / "generated",
+            num_prompts,
+            cfg.generation.shard_size,
+            out_dir / "generated.parquet",
+        )
+    seconds["generate"] = timer.wall
+    with _common.Timer() as timer:
+        training_set, stats = data.build_training_set(
+            {0: pd.read_parquet(out_dir / "generated.parquet")}
+        )
+        data.write_parquet_atomic(training_set, out_dir / "pairs.parquet")
+    seconds["build"] = timer.wall
+    with _common.Timer() as timer:
+        model, tokenizer = load_policy(opponent, cfg.model)
+        scored, _ = score.score_with_opponent(model, tokenizer, training_set, cfg.training)
+        data.write_parquet_atomic(scored, out_dir / "train.parquet")
+    seconds["score"] = timer.wall
+    with _common.Timer() as timer:
+        result = train_iteration(
+            init_model=opponent,
+            train_path=out_dir / "train.parquet",
+            state_dir=out_dir / "train_state",
+            model_out=out_dir / "model",
+            cfg=cfg,
+            iteration=0,
+        )
+    seconds["train"] = timer.wall
+    return {"pairs": stats.rows, "steps": result.steps, "seconds": seconds}
+
+
+def main() -> None:
+    args = _common.parser(__doc__.splitlines()[0])
+    args.add_argument("--repeats", type=int, default=2, help="runs per scale (fastest kept)")
+    args = args.parse_args()
+    _common.setup(args.threads)
+    base = QUICK_BASE if args.quick else BASE
+    runs: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(dir=_common.CACHE) as tmp:
+        one_iteration(16, Path(tmp) / "warmup")  # one-off costs (imports, DeepSpeed ops) first
+        for repeat in range(1 if args.quick else args.repeats):
+            for n in SCALES:
+                run = one_iteration(base * n, Path(tmp) / f"x{n}-{repeat}")
+                # Fastest of the repeats, step by step: other work on the machine only adds.
+                if n in runs:
+                    for step, seconds in run["seconds"].items():
+                        runs[n]["seconds"][step] = min(runs[n]["seconds"][step], seconds)
+                else:
+                    runs[n] = run
+
+    figures: dict = {"prompts": [base * n for n in SCALES]}
+    figures["pairs"] = [runs[n]["pairs"] for n in SCALES]
+    figures["train_steps"] = [runs[n]["steps"] for n in SCALES]
+    exponents = {}
+    for step in STEPS:
+        times = [runs[n]["seconds"][step] for n in SCALES]
+        figures[f"{step}_s"] = [round(t, 3) for t in times]
+        # log2 of the time ratio per doubling, over 1× → 4× (1 = linear).
+        exponents[step] = round(math.log2(times[-1] / times[0]) / math.log2(SCALES[-1]), 2)
+    total = [sum(runs[n]["seconds"].values()) for n in SCALES]
+    figures["total_s"] = [round(t, 2) for t in total]
+    exponents["total"] = round(math.log2(total[-1] / total[0]) / math.log2(SCALES[-1]), 2)
+    figures["growth_exponents"] = exponents
+    figures["threads"] = args.threads
+    _common.emit(
+        "scaling",
+        figures,
+        target=f"linear: every step's growth exponent <= {MAX_EXPONENT}",
+        met=all(e <= MAX_EXPONENT for e in exponents.values()),
+        quick=args.quick,
+    )
+
+
+if __name__ == "__main__":
+    main()

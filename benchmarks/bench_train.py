@@ -1,0 +1,417 @@
+"""Training: spin's trainer versus TRL's DPOTrainer on the same model, data, batch and steps.
+
+spin: the opponent's log-probs are computed once (`spin_core.score`, timed and
+counted against spin), then `spin_core.train.train_iteration` trains on them with
+no second model in memory. TRL: `DPOTrainer` with `loss_type=["sigmoid"]` and the
+reference model evaluated online at every step, as the official SPIN trainer
+(a fork of TRL's DPO trainer) does. Both start from the same weights, use the same
+optimizer (RMSprop), learning-rate schedule, β, clipping and fp32, and go over the
+same (prompt, real, generated) pairs in the same number of optimizer steps; the
+pairs are θ0's own greedy generations against the toy data, identical ones dropped.
+Each side runs in its own process, so its peak RSS is its own.
+
+Two models: the toy θ0 (0.86M parameters, where fixed costs dominate) and a
+wider Llama with the same tokenizer (~57M parameters, where weights, gradients,
+optimizer state and the reference copy dominate memory).
+
+    python -m benchmarks.bench_train     # targets: ≥ 1.3× TRL's tokens/s, ≤ 0.6× its peak memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import math
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import _common
+
+TARGET_SPEED = 1.3
+TARGET_MEMORY = 0.6
+LOSS_TOLERANCE = 1e-4
+LEARNING_RATE = 1e-5
+BETA = 0.1
+SEED = 42
+
+# name -> (pairs, batch, epochs, wider architecture or None for the toy θ0 itself)
+SETUPS = {
+    "toy": (1024, 32, 2, None),
+    "wide": (48, 8, 1, {"hidden_size": 768, "num_layers": 8, "num_heads": 12}),
+}
+QUICK_SETUPS = {
+    "toy": (128, 32, 1, None),
+    "wide": (16, 8, 1, {"hidden_size": 256, "num_layers": 4, "num_heads": 4}),
+}
+
+
+# ------------------------------------------------------------------- inputs
+
+
+def prepare_pairs(num_pairs: int) -> Path:
+    """`num_pairs` (prompt, real, generated) pairs: θ0's greedy answers, identical ones dropped."""
+
+    from spin_core import data, generate
+    from spin_core.checkpoint import load_policy
+
+    path = _common.CACHE / "train" / f"pairs-{num_pairs}.parquet"
+    if path.exists():
+        return path
+    cfg = _common.toy_config()
+    pairs, _ = data.load_pairs(str(_common.toy().train_path))
+    # About 40% of θ0's answers equal the real ones and are dropped; draw enough prompts.
+    sample = data.sample_prompts(pairs, min(len(pairs), num_pairs * 2 + 64), seed=SEED)
+    model, tokenizer = load_policy(str(cfg.model.name_or_path), cfg.model)
+    backend = generate.make_backend(str(cfg.model.name_or_path), cfg, tokenizer, model=model)
+    prompt_ids = generate.encode_prompts(
+        tokenizer, sample["prompt"].tolist(), cfg.training.max_prompt_length
+    )
+    generated = sample.assign(generated=[g.text for g in backend.generate(prompt_ids)])
+    training_set, _ = data.build_training_set({0: generated})
+    if len(training_set) < num_pairs:
+        raise RuntimeError(f"only {len(training_set)} non-identical pairs, need {num_pairs}")
+    return data.write_parquet_atomic(training_set.head(num_pairs), path)
+
+
+def prepare_model(name: str, architecture: dict | None) -> Path:
+    """The toy θ0, or a wider Llama with its tokenizer (randomly initialised, seeded)."""
+    from spin_core import toy
+    from spin_core.checkpoint import load_tokenizer, save_model_dir
+
+    theta0 = _common.toy().model_dir
+    if architecture is None:
+        return theta0
+    path = _common.CACHE / "train" / f"model-{name}-{architecture['hidden_size']}"
+    if (path / "config.json").exists():
+        return path
+    tokenizer = load_tokenizer(str(theta0))
+    width = architecture["hidden_size"]
+    model = toy.build_model(tokenizer, intermediate_size=8 * width // 3, seed=SEED, **architecture)
+    return save_model_dir(model, tokenizer, path)
+
+
+def count_tokens(pairs_path: Path, model_dir: Path, max_length: int, max_prompt_length: int) -> int:
+    """Non-padding tokens of one epoch: prompt + real and prompt + generated of every pair."""
+    import pandas as pd
+
+    from spin_core.checkpoint import load_tokenizer
+    from spin_core.score import tokenize_responses
+
+    frame = pd.read_parquet(pairs_path)
+    tokenizer = load_tokenizer(str(model_dir))
+    total = 0
+    for column in ("real", "generated"):
+        examples = tokenize_responses(
+            tokenizer,
+            frame["prompt"].tolist(),
+            frame[column].tolist(),
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
+        total += sum(examples.lengths())
+    return total
+
+
+def spin_config(model_dir: Path, batch: int, epochs: int):
+    """The benchmark config (RMSprop, fp32, ZeRO 0, max_length 128) at this batch size."""
+    return _common.toy_config(
+        [
+            f"model.name_or_path={model_dir}",
+            f"training.global_batch_size={batch}",
+            f"training.micro_batch_size={batch}",
+            f"training.num_epochs={epochs}",
+            f"training.learning_rate={LEARNING_RATE}",
+            f"training.beta={BETA}",
+            f"training.seed={SEED}",
+            "training.save_steps=100000",  # one DeepSpeed checkpoint, at the end
+        ]
+    )
+
+
+# ---------------------------------------------------------------- one side
+
+
+def peak_memory() -> dict:
+    import torch
+
+    figures = {"peak_rss_mib": round(_common.peak_rss_mib(), 1)}
+    if torch.cuda.is_available():
+        figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return figures
+
+
+def run_spin(args, out_dir: Path) -> dict:
+    """Score the pairs with the opponent once, then train on them: spin_core as the pipeline calls it."""
+    import deepspeed  # noqa: F401 - imported by train_iteration; counted before the baseline RSS
+    import pandas as pd
+
+    from spin_core import data, score
+    from spin_core.checkpoint import load_policy
+    from spin_core.train import train_iteration
+
+    cfg = spin_config(args.model_dir, args.batch, args.epochs)
+    rss_before = _common.current_rss_mib()
+    step_ends, losses = [], []
+
+    def on_step(record: dict) -> None:
+        step_ends.append(time.perf_counter())
+        losses.append(record["loss"])
+
+    started = time.perf_counter()
+    with _common.Timer() as scoring:
+        opponent, tokenizer = load_policy(str(args.model_dir), cfg.model)
+        scored, _ = score.score_with_opponent(
+            opponent, tokenizer, pd.read_parquet(args.pairs), cfg.training
+        )
+        data.write_parquet_atomic(scored, out_dir / "train.parquet")
+        del opponent
+    train_started = time.perf_counter()
+    with _common.Timer() as training:
+        train_iteration(
+            init_model=str(args.model_dir),
+            train_path=out_dir / "train.parquet",
+            state_dir=out_dir / "train_state",
+            model_out=out_dir / "model",
+            cfg=cfg,
+            iteration=0,
+            on_step=on_step,
+        )
+    return {
+        "seconds": time.perf_counter() - started,
+        "score_seconds": scoring.wall,
+        "train_seconds": training.wall,
+        "step_seconds": _durations(train_started, step_ends),
+        "losses": losses,
+        "rss_before_mib": round(rss_before, 1),
+        **peak_memory(),
+    }
+
+
+def run_trl(args, out_dir: Path) -> dict:
+    """TRL's DPOTrainer, sigmoid loss, reference model evaluated online at every step."""
+    import pandas as pd
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = spin_config(args.model_dir, args.batch, args.epochs)
+    pairs = pd.read_parquet(args.pairs)
+    rss_before = _common.current_rss_mib()
+    step_ends: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            step_ends.append(time.perf_counter())
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model_dir))
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p in pairs["prompt"]],
+            "chosen": [[{"role": "assistant", "content": r}] for r in pairs["real"]],
+            "rejected": [[{"role": "assistant", "content": g}] for g in pairs["generated"]],
+        }
+    )
+    config = DPOConfig(
+        output_dir=str(out_dir / "trl"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        num_train_epochs=args.epochs,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.training.warmup_ratio,  # a float < 1 is a ratio, rounded up like spin's
+        optim="rmsprop",
+        weight_decay=cfg.training.weight_decay,
+        max_grad_norm=cfg.training.max_grad_norm,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=False,
+        max_length=cfg.training.max_length,
+        bf16=False,
+        gradient_checkpointing=cfg.training.gradient_checkpointing,
+        logging_steps=1,
+        # One full checkpoint (model, optimizer, scheduler, RNG) after the last step, as spin saves.
+        save_strategy="steps",
+        save_steps=args.steps,
+        report_to="none",
+        seed=SEED,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepTimes()],
+    )
+    train_started = time.perf_counter()
+    trainer.train()
+    trainer.save_model(str(out_dir / "model"))
+    seconds, train_seconds = time.perf_counter() - started, time.perf_counter() - train_started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokenized = _same_tokens_as_spin(trainer.train_dataset, pairs, args, cfg)
+    return {
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "step_seconds": _durations(train_started, step_ends),
+        "losses": losses,
+        "tokens_checked": tokenized,
+        "rss_before_mib": round(rss_before, 1),
+        **peak_memory(),
+    }
+
+
+def _same_tokens_as_spin(dataset, pairs, args, cfg) -> int:
+    """Assert TRL tokenized every pair exactly as spin does; returns the pairs checked."""
+    from spin_core.checkpoint import load_tokenizer
+    from spin_core.score import tokenize_responses
+
+    tokenizer = load_tokenizer(str(args.model_dir))
+    kwargs = {
+        "max_length": cfg.training.max_length,
+        "max_prompt_length": cfg.training.max_prompt_length,
+    }
+    prompts = pairs["prompt"].tolist()
+    real = tokenize_responses(tokenizer, prompts, pairs["real"].tolist(), **kwargs)
+    generated = tokenize_responses(tokenizer, prompts, pairs["generated"].tolist(), **kwargs)
+    for i, row in enumerate(dataset):
+        assert row["prompt_ids"] + row["chosen_ids"] == real.input_ids[i], f"pair {i}: real"
+        assert row["prompt_ids"] + row["rejected_ids"] == generated.input_ids[i], f"pair {i}"
+    return len(dataset)
+
+
+def _durations(started: float, ends: list[float]) -> list[float]:
+    return [round(b - a, 4) for a, b in zip([started, *ends], ends, strict=False)]
+
+
+def run_side(args) -> None:
+    _common.setup(args.threads)
+    run = run_spin if args.side == "spin" else run_trl
+    with tempfile.TemporaryDirectory(dir=_common.CACHE) as tmp:
+        if args.profile:
+            profile = cProfile.Profile()
+            result = profile.runcall(run, args, Path(tmp))
+            name = f"profile-train-{args.model_dir.name}-{args.side}.txt"
+            with (_common.CACHE / name).open("w") as out:
+                pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(60)
+        else:
+            result = run(args, Path(tmp))
+    print(json.dumps({"side": args.side, **result}), flush=True)
+
+
+# ------------------------------------------------------------- comparison
+
+
+def compare(name: str, setup: tuple, args) -> None:
+    num_pairs, batch, epochs, architecture = setup
+    pairs = prepare_pairs(num_pairs)
+    model_dir = prepare_model(name, architecture)
+    cfg = spin_config(model_dir, batch, epochs)
+    tokens = epochs * count_tokens(
+        pairs, model_dir, cfg.training.max_length, cfg.training.max_prompt_length
+    )
+    steps = epochs * math.ceil(num_pairs / batch)
+    common = ["--profile"] if args.profile else []
+    common += [
+        f"--pairs={pairs}",
+        f"--model-dir={model_dir}",
+        f"--batch={batch}",
+        f"--epochs={epochs}",
+        f"--steps={steps}",
+        f"--threads={args.threads}",
+    ]
+    spin = _common.run_json("benchmarks.bench_train", "--side=spin", *common)
+    trl = _common.run_json("benchmarks.bench_train", "--side=trl", *common)
+    assert len(spin["losses"]) == len(trl["losses"]) == steps, (
+        f"steps: spin {len(spin['losses'])}, TRL {len(trl['losses'])}, expected {steps}"
+    )
+    first_gap = abs(spin["losses"][0] - trl["losses"][0])
+    assert first_gap <= LOSS_TOLERANCE, (
+        f"first-step losses differ by {first_gap:.2e}: spin {spin['losses'][0]}, "
+        f"TRL {trl['losses'][0]}"
+    )
+
+    def steady(side: dict) -> float:
+        # Steps after the first (one-off costs) at the mean tokens per step.
+        return (tokens / steps) / statistics.mean(side["step_seconds"][1:] or side["step_seconds"])
+
+    speed = trl["seconds"] / spin["seconds"]
+    memory_key = "peak_cuda_mib" if "peak_cuda_mib" in spin else "peak_rss_mib"
+    memory = spin[memory_key] / trl[memory_key]
+    parameters = _parameters(model_dir)
+    _common.emit(
+        "train" if name == "toy" else f"train_{name}",
+        {
+            "model": f"{name} Llama, {parameters / 1e6:.2f}M parameters",
+            "pairs": num_pairs,
+            "batch": batch,
+            "steps": steps,
+            "tokens": tokens,
+            "first_loss_spin": round(spin["losses"][0], 6),
+            "first_loss_trl": round(trl["losses"][0], 6),
+            "spin_s": round(spin["seconds"], 2),
+            "spin_score_s": round(spin["score_seconds"], 2),
+            "trl_s": round(trl["seconds"], 2),
+            "spin_tokens_per_s": round(tokens / spin["seconds"], 1),
+            "trl_tokens_per_s": round(tokens / trl["seconds"], 1),
+            "speed_ratio": round(speed, 2),
+            "spin_step_tokens_per_s": round(steady(spin), 1),
+            "trl_step_tokens_per_s": round(steady(trl), 1),
+            "step_speed_ratio": round(steady(spin) / steady(trl), 2),
+            "memory": memory_key,
+            "spin_rss_before_mib": spin["rss_before_mib"],
+            "trl_rss_before_mib": trl["rss_before_mib"],
+            "spin_peak_mib": spin[memory_key],
+            "trl_peak_mib": trl[memory_key],
+            "memory_ratio": round(memory, 3),
+            "threads": args.threads,
+        },
+        target=f"tokens/s >= {TARGET_SPEED}x TRL and peak memory <= {TARGET_MEMORY}x TRL",
+        met=speed >= TARGET_SPEED and memory <= TARGET_MEMORY,
+        quick=args.quick,
+    )
+
+
+def _parameters(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return total
+
+
+def main() -> None:
+    args = _common.parser(__doc__.splitlines()[0])
+    args.add_argument("--side", choices=["spin", "trl"], help=argparse.SUPPRESS)
+    args.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
+    args.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    args.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args.add_argument(
+        "--profile", action="store_true", help="write a cProfile summary of each side to .cache/"
+    )
+    args.add_argument("--only", choices=sorted(SETUPS), help="run one model setup")
+    args = args.parse_args()
+    if args.side:
+        run_side(args)
+        return
+    _common.setup(args.threads)
+    _common.warm_up_deepspeed()
+    for name, setup in (QUICK_SETUPS if args.quick else SETUPS).items():
+        if args.only in (None, name):
+            compare(name, setup, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Write the results table of docs/PERFORMANCE.md from benchmarks/.cache/results.jsonl.
+
+The newest full (not --quick) result of each benchmark and code variant becomes one
+row with its machine, date and command; the text around the table is left alone.
+
+    python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from benchmarks import _common
+
+DOC = _common.ROOT / "docs" / "PERFORMANCE.md"
+START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
+ORDER = ["generate", "train", "train_wide", "overhead", "data", "scaling"]
+
+
+def summary(r: dict) -> tuple[str, str]:
+    """(measured figures, the ratio or result the target is about) of one record."""
+    name = r["benchmark"]
+    if name == "generate":
+        return (
+            f"{r['prompts']} prompts, {r['generated_tokens']} tokens: per-prompt loop "
+            f"{r['per_prompt_s']} s ({r['per_prompt_tokens_per_s']} tok/s), spin {r['spin_s']} s "
+            f"({r['spin_tokens_per_s']} tok/s); outputs identical",
+            f"{r['speedup']}× faster",
+        )
+    if name.startswith("train"):
+        return (
+            f"{r['model']}, {r['steps']} steps × {r['batch']} pairs, {r['tokens']} tokens: "
+            f"spin {r['spin_s']} s incl. {r['spin_score_s']} s scoring "
+            f"({r['spin_tokens_per_s']} tok/s), TRL {r['trl_s']} s ({r['trl_tokens_per_s']} tok/s); "
+            f"per step {r['spin_step_tokens_per_s']} vs {r['trl_step_tokens_per_s']} tok/s; "
+            f"peak RSS {r['spin_peak_mib']:.0f} vs {r['trl_peak_mib']:.0f} MiB; first-step loss "
+            f"{r['first_loss_spin']} vs {r['first_loss_trl']}",
+            f"{r['speed_ratio']}× tokens/s end to end ({r['step_speed_ratio']}× per step), "
+            f"{r['memory_ratio']}× memory",
+        )
+    if name == "overhead":
+        return (
+            f"{r['config']}: plain loop {r['plain_s']} s, Prefect {r['prefect_s']} s "
+            f"(+{r['overhead_s']} s, ephemeral server), Prefect on a running server "
+            f"{r['prefect_server_s']} s (+{r['server_overhead_s']} s); median of {r['rounds']}",
+            f"{r['ratio']}× ({r['server_ratio']}× on a running server)",
+        )
+    if name == "data":
+        return (
+            f"{r['rows']} chats, {r['text_mib']:.0f} MiB of text: load+clean {r['load_clean_s']} s "
+            f"(peak {r['load_clean_peak_rss_mib']:.0f} MiB), sample {r['sample_s']} s, build "
+            f"{r['build_s']} s → {r['training_pairs']} pairs; CPU {r['cpu_seconds']:.1f} s",
+            f"{r['seconds']:.1f} s, {r['peak_rss_mib']:.0f} MiB peak RSS",
+        )
+    if name == "scaling":
+        steps = ", ".join(
+            f"{step} {' / '.join(str(t) for t in r[f'{step}_s'])} s"
+            for step in ("generate", "build", "score", "train")
+        )
+        return (
+            f"prompts {' / '.join(map(str, r['prompts']))}: {steps}",
+            "growth exponents " + ", ".join(f"{k} {v}" for k, v in r["growth_exponents"].items()),
+        )
+    return json.dumps(r), ""
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| benchmark | spin_core | measured | result | target | met | machine | date | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        figures, result = summary(r)
+        met = {True: "yes", False: "**no**", None: "n/a"}[r["target_met"]]
+        lines.append(
+            f"| {r['benchmark']} | {r.get('code', 'working tree')} | {figures} | {result} | "
+            f"{r['target']} | {met} | {r['machine']}; load {r['load_avg_1min']} | "
+            f"{r['date']} | `{r['command']}` |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if not _common.RESULTS.exists():
+        sys.exit(f"{_common.RESULTS}: no results yet; run `make bench` first")
+    latest: dict[tuple[str, str], dict] = {}
+    for line in _common.RESULTS.read_text().splitlines():
+        record = json.loads(line)
+        if not record["quick"]:
+            latest[(record["benchmark"], record.get("code", "working tree"))] = record
+    records = sorted(
+        latest.values(),
+        key=lambda r: (
+            ORDER.index(r["benchmark"]) if r["benchmark"] in ORDER else 99,
+            r.get("code", "working tree") != "working tree",
+        ),
+    )
+    doc = DOC.read_text()
+    head, rest = doc.split(START, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{START}\n{table(records)}\n{END}{tail}")
+    print(f"{DOC}: {len(records)} rows")
+
+
+if __name__ == "__main__":
+    main()
