@@ -13,8 +13,9 @@ complete model directory); if they are missing or truncated the step runs again
 (`refresh_cache`) and overwrites the stale cache entry.
 
 Every executed step appends to `steps.jsonl` in the run directory (started,
-finished or failed, with pid and time); a cached step writes nothing there, so
-the journal shows exactly what each run executed.
+finished or failed, with pid and time; "reused" when its outputs were complete but
+the cache record was lost, e.g. to a crash right after the step); a cached step
+writes nothing there, so the journal shows exactly what each run executed.
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ def step(
         def body(*args, **kwargs):
             params = signature.bind(*args, **kwargs).arguments
             iteration = params.get("iteration")
+            if done(params):
+                # Complete outputs without a cache record (a crash between the two): the
+                # body returns them without recomputing.
+                journal(params["run_dir"], name, iteration, "reused")
+                return fn(*args, **kwargs)
             journal(params["run_dir"], name, iteration, "started")
             try:
                 result = fn(*args, **kwargs)
