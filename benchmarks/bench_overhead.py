@@ -53,7 +53,7 @@ def plain_loop(cfg, run_dir: str) -> Path:
     import pandas as pd
 
     from spin_core import data, generate, report, score, toy, train
-    from spin_core.checkpoint import check_model_path, load_policy, load_tokenizer
+    from spin_core.checkpoint import check_model_path, load_policy
     from spin_core.config import schedule_at
     from spin_core.evaluate import evaluate_model
     from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
@@ -99,20 +99,8 @@ def plain_loop(cfg, run_dir: str) -> Path:
         prompts = data.sample_prompts(pairs, cfg.data.num_prompts, seed=cfg.data.seed)
         data.write_parquet_atomic(prompts[["id", "prompt", "real"]], run.prompts(t))
         # 2. generate
-        tokenizer = load_tokenizer(opponent)
-        backend = generate.make_backend(opponent, cfg, tokenizer)
-        prompt_ids = generate.encode_prompts(
-            tokenizer, prompts["prompt"].tolist(), cfg.training.max_prompt_length
-        )
-        generate.generate_shards(
-            backend,
-            prompts,
-            prompt_ids,
-            run.generated_shards(t),
-            shard_size=cfg.generation.shard_size,
-            opponent=opponent,
-            decoding=generate.Decoding.from_config(cfg.generation, tokenizer),
-            show_progress=False,
+        generate.generate_from_model(
+            opponent, cfg, prompts, run.generated_shards(t), show_progress=False
         )
         generate.merge_shards(
             run.generated_shards(t), len(prompts), cfg.generation.shard_size, run.generated(t)

@@ -30,7 +30,7 @@ def one_iteration(num_prompts: int, out_dir: Path) -> dict:
     import pandas as pd
 
     from spin_core import data, generate, score
-    from spin_core.checkpoint import load_policy, load_tokenizer
+    from spin_core.checkpoint import load_policy
     from spin_core.train import train_iteration
 
     cfg = _common.toy_config(
@@ -45,20 +45,8 @@ def one_iteration(num_prompts: int, out_dir: Path) -> dict:
     prompts = data.sample_prompts(pairs, num_prompts, seed=cfg.data.seed)
     seconds = {}
     with _common.Timer() as timer:
-        tokenizer = load_tokenizer(opponent)
-        backend = generate.make_backend(opponent, cfg, tokenizer)
-        prompt_ids = generate.encode_prompts(
-            tokenizer, prompts["prompt"].tolist(), cfg.training.max_prompt_length
-        )
-        generate.generate_shards(
-            backend,
-            prompts,
-            prompt_ids,
-            out_dir / "generated",
-            shard_size=cfg.generation.shard_size,
-            opponent=opponent,
-            decoding=generate.Decoding.from_config(cfg.generation, tokenizer),
-            show_progress=False,
+        generate.generate_from_model(
+            opponent, cfg, prompts, out_dir / "generated", show_progress=False
         )
         generate.merge_shards(
             out_dir / "generated",

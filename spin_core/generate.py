@@ -320,6 +320,40 @@ def generate_shards(
     return paths
 
 
+def generate_from_model(
+    opponent: str,
+    cfg,
+    prompts: pd.DataFrame,
+    shards_dir: str | Path,
+    *,
+    worker: int = 0,
+    shard_indices: Sequence[int] | None = None,
+    show_progress: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """The whole generation step for `prompts` with the model at `opponent`: load it on
+    worker `worker`'s device, encode the prompts as training will, write the shards."""
+    from spin_core.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
+    backend = make_backend(opponent, cfg, tokenizer, worker=worker)
+    prompt_ids = encode_prompts(
+        tokenizer, prompts["prompt"].tolist(), cfg.training.max_prompt_length
+    )
+    return generate_shards(
+        backend,
+        prompts,
+        prompt_ids,
+        shards_dir,
+        shard_size=cfg.generation.shard_size,
+        opponent=opponent,
+        decoding=Decoding.from_config(cfg.generation, tokenizer),
+        shard_indices=shard_indices,
+        show_progress=show_progress,
+        on_shard=on_shard,
+    )
+
+
 def merge_shards(
     shards_dir: str | Path, num_rows: int, shard_size: int, out_path: str | Path
 ) -> Path:

@@ -7,7 +7,6 @@ from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from spin_core import data, generate
-from spin_core.checkpoint import load_tokenizer
 from spin_core.config import SpinConfig
 from spin_core.data import read_parquet_checked
 from spin_core.rundir import RunDir
@@ -79,23 +78,16 @@ def generate_worker_shards(
     prompts = pd.read_parquet(run.prompts(iteration))
     shard_size = config.generation.shard_size
     mine = generate.worker_shards(len(prompts), shard_size, config.generation.num_workers, worker)
-    tokenizer = load_tokenizer(opponent, trust_remote_code=config.model.trust_remote_code)
-    backend = generate.make_backend(opponent, config, tokenizer, worker=worker)
-    prompt_ids = generate.encode_prompts(
-        tokenizer, prompts["prompt"].tolist(), config.training.max_prompt_length
-    )
     progress = Progress(
         f"generate-iter-{iteration}-worker-{worker}",
         f"iteration {iteration}, generation worker {worker}: shards",
     )
-    generate.generate_shards(
-        backend,
+    generate.generate_from_model(
+        opponent,
+        config,
         prompts,
-        prompt_ids,
         run.generated_shards(iteration),
-        shard_size=shard_size,
-        opponent=opponent,
-        decoding=generate.Decoding.from_config(config.generation, tokenizer),
+        worker=worker,
         shard_indices=mine,
         show_progress=config.generation.num_workers == 1,
         on_shard=progress.update,
