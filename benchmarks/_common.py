@@ -120,9 +120,7 @@ def toy_config(overrides: list[str] | None = None):
     raw = apply_overrides(
         BENCH_CONFIG,
         [
-            f"data.dataset={artifacts.train_path}",
-            f"data.eval_dataset={artifacts.eval_path}",
-            f"model.name_or_path={artifacts.model_dir}",
+            *artifacts.config_overrides(),
             *(overrides or []),
         ],
     )

@@ -315,6 +315,14 @@ class ToyArtifacts:
     eval_path: Path
     model_dir: Path
 
+    def config_overrides(self) -> list[str]:
+        """`--set` overrides that point a config at this build's data and θ0."""
+        return [
+            f"data.dataset={self.train_path}",
+            f"data.eval_dataset={self.eval_path}",
+            f"model.name_or_path={self.model_dir}",
+        ]
+
 
 def _artifacts(out_dir: Path) -> ToyArtifacts:
     data_dir = out_dir / "data"

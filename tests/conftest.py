@@ -35,9 +35,7 @@ def toy_config(toy_build):
     return load_config(
         "configs/demo.yaml",
         [
-            f"data.dataset={toy_build.train_path}",
-            f"data.eval_dataset={toy_build.eval_path}",
-            f"model.name_or_path={toy_build.model_dir}",
+            *toy_build.config_overrides(),
             "data.num_prompts=64",
             "data.eval_size=40",
             "training.global_batch_size=8",

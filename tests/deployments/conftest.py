@@ -168,9 +168,7 @@ def toy_overrides(toy_build):
 
     def overrides(name: str) -> list[str]:
         return [
-            f"data.dataset={toy_build.train_path}",
-            f"data.eval_dataset={toy_build.eval_path}",
-            f"model.name_or_path={toy_build.model_dir}",
+            *toy_build.config_overrides(),
             f"run.name={name}",
             "run.iterations=1",
             "run.baseline=none",

@@ -16,9 +16,7 @@ def _collapsing_run(toy_build, run_dir, extra: list[str]):
     cfg = load_config(
         "configs/demo.yaml",
         [
-            f"data.dataset={toy_build.train_path}",
-            f"data.eval_dataset={toy_build.eval_path}",
-            f"model.name_or_path={toy_build.model_dir}",
+            *toy_build.config_overrides(),
             "data.num_prompts=48",
             "data.eval_size=24",
             "run.iterations=2",

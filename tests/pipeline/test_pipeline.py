@@ -24,9 +24,7 @@ def finished_run(harness, toy_build, tmp_path_factory):
     cfg = load_config(
         "configs/demo.yaml",
         [
-            f"data.dataset={toy_build.train_path}",
-            f"data.eval_dataset={toy_build.eval_path}",
-            f"model.name_or_path={toy_build.model_dir}",
+            *toy_build.config_overrides(),
             "data.num_prompts=64",
             "data.eval_size=40",
             "run.iterations=2",

@@ -50,9 +50,7 @@ def prefect_console_to_this_test():
 @pytest.fixture
 def base(toy_build) -> list[str]:
     return [
-        f"data.dataset={toy_build.train_path}",
-        f"data.eval_dataset={toy_build.eval_path}",
-        f"model.name_or_path={toy_build.model_dir}",
+        *toy_build.config_overrides(),
         "data.num_prompts=32",
         "data.eval_size=16",
         "training.global_batch_size=8",

@@ -24,9 +24,7 @@ def test_sigterm_stops_every_training_rank(toy_build, tmp_path):
     command = [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml"]
     command += ["--run-dir", str(run_dir)]
     for item in [
-        f"data.dataset={toy_build.train_path}",
-        f"data.eval_dataset={toy_build.eval_path}",
-        f"model.name_or_path={toy_build.model_dir}",
+        *toy_build.config_overrides(),
         "data.num_prompts=64",
         "data.eval_size=16",
         "run.iterations=1",

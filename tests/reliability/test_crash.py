@@ -27,9 +27,7 @@ pytestmark = pytest.mark.slow
 
 def overrides(toy_build) -> list[str]:
     return [
-        f"data.dataset={toy_build.train_path}",
-        f"data.eval_dataset={toy_build.eval_path}",
-        f"model.name_or_path={toy_build.model_dir}",
+        *toy_build.config_overrides(),
         "data.num_prompts=64",
         "data.eval_size=24",
         "run.iterations=2",
