@@ -30,7 +30,6 @@ from pathlib import Path
 
 STEP_PREFIX = "SPIN_STEP "  # rank 0 prints each step record after this prefix
 
-_live_groups: set[int] = set()
 # "[rank1]: FileNotFoundError: ..." or "ValueError: ...", not the launcher's own summary.
 _EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(?!torch\.distributed)[\w.]*(Error|Exception): ")
 
@@ -39,7 +38,8 @@ class LaunchError(RuntimeError):
     """The training ranks failed."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -73,7 +73,7 @@ def launcher_command(training, args_file: Path) -> list[str]:
             "--num_gpus",
             str(per_node),
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "--module",
             *module[1:],
         ]
@@ -86,7 +86,7 @@ def launcher_command(training, args_file: Path) -> list[str]:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         *module,
     ]
 
@@ -96,7 +96,6 @@ def terminate_group(pgid: int, grace: float = 10.0) -> None:
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        _live_groups.discard(pgid)
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
@@ -110,13 +109,6 @@ def terminate_group(pgid: int, grace: float = 10.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _live_groups.discard(pgid)
-
-
-def terminate_all() -> None:
-    """Stop every process group this process launched (used on SIGTERM and at exit)."""
-    for pgid in list(_live_groups):
-        terminate_group(pgid)
 
 
 def run_group(
@@ -140,7 +132,6 @@ def run_group(
         env=env,
         start_new_session=True,
     )
-    _live_groups.add(proc.pid)
     last = collections.deque(maxlen=tail)
     first_error = None  # the first exception a rank printed: the root cause, usually
     try:

@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from spin_core.checkpoint import compute_dtype, device, load_policy, save_model_dir
 from spin_core.config import SpinConfig, deepspeed_config, schedule_at
+from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_loss
 from spin_core.score import Examples, tokenize_responses
@@ -87,12 +87,6 @@ class TrainResult:
     model_dir: Path | None  # None when stopped early by `stop_after_steps`
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed() -> None:
     """Join the launcher's process group, or make a one-rank group in-process."""
     import deepspeed
@@ -102,7 +96,7 @@ def init_distributed() -> None:
         return
     launched = "MASTER_PORT" in os.environ
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
