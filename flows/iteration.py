@@ -8,7 +8,7 @@ from flows.deployed import run_step
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
 from tasks.baseline import train_sft_baseline
-from tasks.build import build_training_set, score_with_opponent
+from tasks.build import build_training_set
 from tasks.evaluate import evaluate
 from tasks.generate import generate_responses
 from tasks.sample import sample_prompts
@@ -34,10 +34,10 @@ def spin_iteration(
     sample_prompts(config, run_dir, iteration)
     # 2. The opponent θt writes y' for every prompt.
     run_step(generate_responses, config, run_dir, iteration, opponent)
-    # 3. D_t = {(x, y, y')} with `history` earlier iterations; θt scores it once.
+    # 3. D_t = {(x, y, y')} with `history` earlier iterations.
     build_training_set(config, run_dir, iteration)
-    score_with_opponent(config, run_dir, iteration, opponent)
-    # 4. Train θ(t+1) from θt on the SPIN loss.
+    # 4. Train θ(t+1) from θt on the SPIN loss; θt's log-probs of D_t are scored once,
+    #    by the training ranks before their first step (θ(t+1) starts as θt).
     model = run_step(train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale)
     # 5. θ(t+1) is checkpointed as an HF model directory; evaluate it against θt.
     metrics = evaluate(

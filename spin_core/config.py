@@ -62,7 +62,12 @@ class DataConfig(_Section):
     eval_size: int = Field(500, ge=1, le=100_000, description="held-out pairs used for evaluation")
     messages_column: str = Field(
         "messages",
-        description="chat-format column: first user turn = prompt, first assistant turn = real",
+        description="chat-format column of {role, content} messages (UltraChat style)",
+    )
+    prompt_turns: Literal["first", "all"] = Field(
+        "first",
+        description="chats: 'first' = the first user turn and its answer (the paper); 'all' = "
+        "every turn before the last assistant message is the prompt, that message is y",
     )
     prompt_column: str | None = Field(
         None, description="prompt column (set with response_column instead of a messages column)"
@@ -163,7 +168,7 @@ class TrainingConfig(_Section):
         None,
         ge=0,
         le=3,
-        description="DeepSpeed ZeRO stage; unset: 3 on several ranks, 2 if they accumulate, 0 on one",
+        description="DeepSpeed ZeRO stage; unset: 3 on several ranks, 0 on one",
     )
     save_steps: int = Field(50, ge=1, description="optimizer steps between DeepSpeed checkpoints")
     eval_steps: int = Field(
@@ -224,20 +229,7 @@ class TrainingConfig(_Section):
                 f"{accumulation} × {self.num_processes} = {per_step * accumulation})"
             )
         if self.zero_stage is None:
-            if self.num_processes == 1:
-                self.zero_stage = 0  # nothing to shard
-            else:
-                self.zero_stage = 3 if self.accumulation_steps() == 1 else 2
-        if self.zero_stage == 3 and self.accumulation_steps() > 1:
-            # Measured here (DeepSpeed 0.19, CPU): ZeRO-3 with gradient accumulation gave
-            # different updates from ZeRO-0/2 with the same global batch. Refused rather
-            # than trained wrong; tests/spin_core/test_train.py compares the stages.
-            raise ValueError(
-                f"zero_stage 3 needs global_batch_size ({self.global_batch_size}) = "
-                f"micro_batch_size × num_processes ({self.micro_batch_size} × "
-                f"{self.num_processes}), i.e. no gradient accumulation; raise micro_batch_size "
-                "or num_processes, or use zero_stage 2"
-            )
+            self.zero_stage = 0 if self.num_processes == 1 else 3  # one rank: nothing to shard
         return self
 
 

@@ -34,7 +34,20 @@ from spin_core.errors import InputError
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["id", "prompt", "real"]
-TRAINING_COLUMNS = ["id", "prompt", "real", "generated", "source_iteration"]
+# `context` (JSON of the turns before the last user turn) only with data.prompt_turns: all.
+OPTIONAL_COLUMNS = ["context"]
+# prompts.parquet: the pairs with the token ids every later step uses (spin_core.prompts).
+SAMPLE_COLUMNS = [*PAIR_COLUMNS, *OPTIONAL_COLUMNS, "prompt_ids", "real_ids"]
+TRAINING_COLUMNS = [
+    "id",
+    "prompt",
+    "real",
+    "generated",
+    "prompt_ids",
+    "real_ids",
+    "generated_ids",
+    "source_iteration",
+]
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 PARQUET_BATCH_ROWS = 8192  # rows decoded at once: bounds memory to a batch of chats
 
@@ -154,6 +167,7 @@ def load_pairs(
     messages_column: str = "messages",
     prompt_column: str | None = None,
     response_column: str | None = None,
+    prompt_turns: str = "first",
 ) -> tuple[pd.DataFrame, LoadStats]:
     """(prompt, real) pairs of a dataset, in source order, with columns id, prompt, real.
 
@@ -163,7 +177,10 @@ def load_pairs(
 
     With `prompt_column` and `response_column` those two columns are used;
     otherwise `messages_column` holds chats in UltraChat format: the first user
-    message is the prompt, the first assistant message after it the real response.
+    message is the prompt, the first assistant message after it the real response
+    (`prompt_turns="first"`, the paper's choice), or (`prompt_turns="all"`) the last
+    assistant message is the real response, the user turn before it the prompt, and
+    every earlier turn goes, as JSON, into a `context` column.
     Pairs with an empty (or whitespace-only) prompt or response, or without a
     user turn answered by an assistant turn, are dropped and counted; so are exact
     duplicate pairs (same id). Raises `InputError` naming the file and what was
@@ -178,6 +195,7 @@ def load_pairs(
     columns = [prompt_column, response_column] if prompt_column else [messages_column]
     prompts: list[str] = []
     reals: list[str] = []
+    contexts: list[str] = []
     rows_read = 0
     for where, batches in _read_source(source, split, columns):
         # One batch of chats at a time, keeping only the first exchange as Python strings,
@@ -186,6 +204,10 @@ def load_pairs(
             if prompt_column:
                 prompt = _string_column(table, prompt_column, where)
                 real = _string_column(table, response_column, where)
+            elif prompt_turns == "all":
+                prompt, real, context = _last_exchange(
+                    table.column(messages_column), messages_column, where
+                )
             else:
                 prompt, real = _first_exchange(
                     table.column(messages_column), messages_column, where
@@ -194,21 +216,26 @@ def load_pairs(
             usable = pc.and_(_non_blank(prompt), _non_blank(real))
             prompts += prompt.filter(usable).to_pylist()
             reals += real.filter(usable).to_pylist()
+            if prompt_turns == "all" and not prompt_column:
+                contexts += context.filter(usable).to_pylist()
     dropped_empty = rows_read - len(prompts)
     pa.default_memory_pool().release_unused()  # the decoded chats' buffers
 
     # Object columns, not pandas 3's Arrow-backed strings: the row filters that follow
     # (held-out split, overlap, sample) then copy pointers, not every prompt and response.
+    keyed = [c + p for c, p in zip(contexts, prompts, strict=True)] if contexts else prompts
     pairs = pd.DataFrame(
         {
             "id": pd.Series(
-                [pair_id(p, r) for p, r in zip(prompts, reals, strict=True)], dtype=object
+                [pair_id(p, r) for p, r in zip(keyed, reals, strict=True)], dtype=object
             ),
             "prompt": pd.Series(prompts, dtype=object),
             "real": pd.Series(reals, dtype=object),
         }
     )
-    del prompts, reals
+    if contexts:
+        pairs["context"] = pd.Series(contexts, dtype=object)
+    del prompts, reals, contexts, keyed
     duplicated = pairs["id"].duplicated(keep="first")
     if duplicated.any():
         pairs = pairs[~duplicated].reset_index(drop=True)
@@ -393,6 +420,35 @@ def _first_exchange(
     )
 
 
+def _last_exchange(
+    messages: pa.ChunkedArray, name: str, where: str
+) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Per chat: the last assistant message, the user turn before it, the turns before that.
+
+    Earlier turns come back as a JSON list of {role, content}; a chat without a
+    user turn answered by an assistant turn gives nulls (dropped and counted).
+    """
+    import json
+
+    kind = messages.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        raise InputError(f"{where}: column '{name}' must hold lists of {{role, content}} messages")
+    prompts, reals, contexts = [], [], []
+    for chat in messages.to_pylist():
+        turns = [m for m in chat or [] if isinstance(m, dict) and m.get("content") is not None]
+        last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=-1)
+        user = max((i for i in range(last) if turns[i].get("role") == "user"), default=-1)
+        if user < 0:
+            prompts.append(None), reals.append(None), contexts.append(None)
+            continue
+        earlier = [{"role": m["role"], "content": m["content"]} for m in turns[:user]]
+        prompts.append(turns[user]["content"])
+        reals.append(turns[last]["content"])
+        contexts.append(json.dumps(earlier, ensure_ascii=False))
+    text = pa.large_string()
+    return pa.array(prompts, text), pa.array(reals, text), pa.array(contexts, text)
+
+
 def _first_per_chat(position: np.ndarray, chat: np.ndarray, num_chats: int) -> np.ndarray:
     """Per chat, the first of the (chat-sorted) `position`s, or -1 when it has none."""
     first = np.full(num_chats, -1, dtype=np.int64)
@@ -442,6 +498,7 @@ def load_sft_data(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         messages_column=cfg.messages_column,
         prompt_column=cfg.prompt_column,
         response_column=cfg.response_column,
+        prompt_turns=cfg.prompt_turns,
     )
     pairs, load_stats = load_pairs(cfg.dataset, split=cfg.split, **columns)
     stats: dict = {"dataset": load_stats.as_dict()}
@@ -504,7 +561,8 @@ def sample_prompts(
         )
     key = [_SAMPLE_STREAM, seed, iteration] if resample else [_SAMPLE_STREAM, seed]
     chosen = np.random.default_rng(key).permutation(len(pairs))[:num_prompts]
-    return pairs.iloc[chosen][PAIR_COLUMNS].reset_index(drop=True)
+    columns = [c for c in [*PAIR_COLUMNS, *OPTIONAL_COLUMNS] if c in pairs]
+    return pairs.iloc[chosen][columns].reset_index(drop=True)
 
 
 # ------------------------------------------------------------- SPIN step 3
@@ -531,10 +589,10 @@ def build_training_set(
     """D_t: the (prompt, real, generated) pairs of the current iteration and its history.
 
     `generated` maps iteration -> that iteration's generated.parquet frame; the
-    largest key is the current iteration. Output columns: id, prompt, real,
-    generated, source_iteration. With `drop_identical`, pairs whose generated
-    response equals the real one are dropped and counted: their SPIN margin is 0
-    by construction, so they add no gradient, only cost.
+    largest key is the current iteration. Output columns: `TRAINING_COLUMNS`. With
+    `drop_identical`, pairs whose generated token ids equal the real ones are
+    dropped and counted: their SPIN margin is 0 by construction, so they add no
+    gradient, only cost.
     """
     if not generated:
         raise ValueError("build_training_set needs at least one iteration's generations")
@@ -550,7 +608,14 @@ def build_training_set(
                 f"(found: {', '.join(map(str, frame.columns))})"
             )
         frame = frame[TRAINING_COLUMNS[:-1]].assign(source_iteration=iteration)
-        identical = (frame["generated"] == frame["real"]).to_numpy(dtype=bool, na_value=False)
+        # Decided on tokens: what training would score, not the decoded text.
+        identical = np.array(
+            [
+                len(g) == len(r) and bool(np.all(np.asarray(g) == np.asarray(r)))
+                for g, r in zip(frame["generated_ids"], frame["real_ids"], strict=True)
+            ],
+            dtype=bool,
+        )
         if iteration == current:
             identical_current, rows_current = int(identical.sum()), len(frame)
         if drop_identical:

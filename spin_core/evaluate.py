@@ -15,8 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from spin_core.generate import Decoding, HFBackend, encode_prompts
-from spin_core.score import score_columns
+from spin_core.generate import Decoding, HFBackend
+from spin_core.prompts import encode_pairs
+from spin_core.score import examples_from_ids, score_named
 
 
 def evaluate_model(
@@ -30,11 +31,12 @@ def evaluate_model(
     group_of: Callable[[str], str] | None = None,
     show_progress: bool = False,
 ) -> tuple[pd.DataFrame, dict]:
-    """Evaluate `model` on `heldout` (id, prompt, real).
+    """Evaluate `model` on `heldout` (id, prompt, real[, context]).
 
     opponent_eval: the opponent's own evaluation frame (same ids), whose
-    `generated`, `real_logps` and `generated_logps` give the held-out pairs and
-    the opponent's log-probs. group_of: maps a prompt to a group (e.g. the toy
+    `generated_ids`, `real_logps` and `generated_logps` give the held-out pairs
+    and the opponent's log-probs; pairs whose y' equals y token for token are
+    ties, reported apart (`ties`) and left out of reward accuracy and margin. group_of: maps a prompt to a group (e.g. the toy
     task) for a per-group exact-match breakdown.
     Returns (per-example frame, metrics dict).
     """
@@ -51,24 +53,31 @@ def evaluate_model(
         batch_tokens=cfg.generation.batch_tokens,
         max_batch_size=cfg.generation.max_batch_size,
     )
-    prompt_ids = encode_prompts(tokenizer, heldout["prompt"].tolist(), training.max_prompt_length)
+    prompt_ids, real_ids = encode_pairs(tokenizer, heldout, training.max_prompt_length)
     generated = backend.generate(prompt_ids)
-    frame = heldout[["id", "prompt", "real"]].reset_index(drop=True).copy()
+    columns = [c for c in ("id", "prompt", "context", "real") if c in heldout]
+    frame = heldout[columns].reset_index(drop=True).copy()
     frame["generated"] = [g.text for g in generated]
+    frame["generated_ids"] = [np.asarray(g.token_ids, dtype=np.int32) for g in generated]
+    frame["finish_reason"] = [g.finish_reason for g in generated]
     frame["exact_match"] = frame["generated"].str.strip() == frame["real"].str.strip()
 
-    columns = ["real", "generated"]
+    limits = {"max_length": training.max_length, "max_prompt_length": training.max_prompt_length}
+    examples = {
+        "real": examples_from_ids(prompt_ids, real_ids, **limits),
+        "generated": examples_from_ids(prompt_ids, [g.token_ids for g in generated], **limits),
+    }
     if opponent_eval is not None:
         opponent = opponent_eval.set_index("id").loc[frame["id"]].reset_index()
+        opponent_ids = [list(ids) for ids in opponent["generated_ids"]]
         frame["opponent_generated"] = opponent["generated"].to_numpy()
-        columns.append("opponent_generated")
-    logps, counts, _ = score_columns(
+        # y' = y token for token: the margin is 0 whatever the model, so it is a tie.
+        frame["tie"] = [g == r for g, r in zip(opponent_ids, real_ids, strict=True)]
+        examples["opponent_generated"] = examples_from_ids(prompt_ids, opponent_ids, **limits)
+    logps, counts = score_named(
         model,
-        tokenizer,
-        frame,
-        columns,
-        max_length=training.max_length,
-        max_prompt_length=training.max_prompt_length,
+        examples,
+        tokenizer.pad_token_id,
         batch_tokens=training.score_batch_tokens,
         chunk_size=training.logprob_chunk_size,
         show_progress=show_progress,
@@ -98,11 +107,15 @@ def evaluate_model(
         )
         margin = real_reward - generated_reward
         frame["margin"] = margin
+        differ = ~frame["tie"].to_numpy(dtype=bool)
         metrics |= {
             "real_reward": float(np.mean(real_reward)),
             "generated_reward": float(np.mean(generated_reward)),
-            "margin": float(np.mean(margin)),
-            "reward_accuracy": float(np.mean(margin > 0)),
+            # Over the pairs that differ: a tie's margin is 0 by construction, neither won
+            # nor lost, and counting it as a failure would understate the accuracy.
+            "margin": float(np.mean(margin[differ])) if differ.any() else 0.0,
+            "reward_accuracy": float(np.mean(margin[differ] > 0)) if differ.any() else None,
+            "ties": float(np.mean(~differ)),
             "opponent_real_loglik_per_token": float(
                 opponent["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
             ),

@@ -1,10 +1,14 @@
 """The opponent writes responses: batched generation into resumable Parquet shards.
 
-Prompts are encoded by `spin_core.prompts` exactly as training encodes them,
-sorted by length, and batched by a token budget with left padding. Output goes
-to `part-00000.parquet`, ... of `shard_size` rows each; a finished shard is
-kept across crashes and a truncated one is redone. A backend only maps prompt
-token ids to responses, so vLLM can stand in for Hugging Face `generate`.
+Prompts are the token ids `spin_core.prompts` made at sampling time (the ones
+training scores), sorted by length, and batched by a token budget with left
+padding. Each response keeps the exact ids the opponent produced
+(`generated_ids`, ending with EOS only when it stopped there), so training never
+scores a re-encoding of the decoded text; the text is for display and the
+report. Output goes to `part-00000.parquet`, ... of `shard_size` rows each; a
+finished shard is kept across crashes and a truncated one is redone. A backend
+only maps prompt token ids to responses, so vLLM can stand in for Hugging Face
+`generate`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 
 from spin_core.config import ConfigError, GenerationConfig
-from spin_core.data import read_parquet_checked, write_parquet_atomic
-from spin_core.prompts import encode_prompt, template_name, truncate_prompt
+from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
+from spin_core.prompts import template_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +61,39 @@ class Decoding:
 
 @dataclass
 class Generated:
-    text: str
+    text: str  # decoded for display; never re-encoded
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
-    num_tokens: int  # generated tokens, EOS included
+    token_ids: list[int]  # as generated; EOS last only when finish_reason is "stop"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def from_ids(cls, new_ids: Sequence[int], tokenizer) -> Generated:
+        """A response from the new ids of one row: cut after the first EOS, if any."""
+        eos = tokenizer.eos_token_id
+        new_ids = list(new_ids)
+        if eos in new_ids:
+            new_ids, reason = new_ids[: new_ids.index(eos) + 1], "stop"
+        else:
+            reason = "length"
+        text_ids = new_ids[:-1] if reason == "stop" else new_ids
+        text = tokenizer.decode(text_ids, skip_special_tokens=True)
+        return cls(text=text, finish_reason=reason, token_ids=new_ids)
 
 
 class GenerationBackend(Protocol):
     """Maps prompt token ids to responses; must keep the order of its input."""
 
     def generate(
-        self, prompt_ids: Sequence[list[int]], progress: Callable[[int], None] | None = None
-    ) -> list[Generated]: ...
+        self,
+        prompt_ids: Sequence[list[int]],
+        progress: Callable[[int], None] | None = None,
+        first_row: int = 0,
+    ) -> list[Generated]:
+        """Responses in input order; `first_row` is the run-wide index of the first prompt
+        (a backend that seeds each request uses it so that no two prompts share a seed)."""
 
 
 def token_budget_batches(
@@ -111,7 +138,10 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Sequence[list[int]], progress: Callable[[int], None] | None = None
+        self,
+        prompt_ids: Sequence[list[int]],
+        progress: Callable[[int], None] | None = None,
+        first_row: int = 0,
     ):
         results: list[Generated | None] = [None] * len(prompt_ids)
         batches = token_budget_batches(
@@ -122,6 +152,7 @@ class HFBackend:
         )
         device = next(self.model.parameters()).device
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        # Sampling draws from torch's global generator, seeded per shard by generate_shards.
         for batch in batches:
             rows = [prompt_ids[i] for i in batch]
             longest = max(len(r) for r in rows)
@@ -146,14 +177,7 @@ class HFBackend:
                     eos_token_id=eos,
                 )
             for j, index in enumerate(batch):
-                new = new_ids[j]
-                if eos in new:
-                    new, reason = new[: new.index(eos) + 1], "stop"
-                else:
-                    reason = "length"
-                text_ids = new[:-1] if reason == "stop" else new
-                text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                results[index] = Generated(text=text, finish_reason=reason, num_tokens=len(new))
+                results[index] = Generated.from_ids(new_ids[j], self.tokenizer)
             if progress is not None:
                 progress(len(batch))
         return results
@@ -251,11 +275,6 @@ def make_backend(
     )
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
-    """Prompt ids as training will see them (left-truncated to max_prompt_length)."""
-    return [truncate_prompt(encode_prompt(tokenizer, p), max_prompt_length)[0] for p in prompts]
-
-
 def worker_shards(num_rows: int, shard_size: int, num_workers: int, worker: int) -> list[int]:
     """The shard indices of one generation worker (round robin, so every worker gets work)."""
     total = (num_rows + shard_size - 1) // shard_size
@@ -281,7 +300,7 @@ def generate_shards(
 ) -> list[Path]:
     """Generate every missing or truncated shard of `prompts`; returns all shard paths.
 
-    prompts: id, prompt, real (in sample order). Shard k holds rows
+    prompts: prompts.parquet rows (id, prompt, real, prompt_ids, real_ids; in sample order). Shard k holds rows
     [k·shard_size, (k+1)·shard_size). `shard_indices` restricts the work to some
     shards (one worker's share); `on_shard(done, total)` reports progress.
     """
@@ -301,12 +320,13 @@ def generate_shards(
         ids = list(prompt_ids[k * shard_size : (k + 1) * shard_size])
         # Seeded per shard so a redone shard samples what the lost one would have.
         torch.manual_seed(decoding.seed + k)
-        generated = backend.generate(ids, progress=bar.update)
+        generated = backend.generate(ids, progress=bar.update, first_row=k * shard_size)
         shard = (
-            rows[["id", "prompt", "real"]]
+            rows[[c for c in SAMPLE_COLUMNS if c in rows]]
             .reset_index(drop=True)
             .assign(
                 generated=[g.text for g in generated],
+                generated_ids=[np.asarray(g.token_ids, dtype=np.int32) for g in generated],
                 finish_reason=[g.finish_reason for g in generated],
                 generated_tokens=[g.num_tokens for g in generated],
                 opponent=opponent,
@@ -332,18 +352,15 @@ def generate_from_model(
     on_shard: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """The whole generation step for `prompts` with the model at `opponent`: load it on
-    worker `worker`'s device, encode the prompts as training will, write the shards."""
+    worker `worker`'s device and answer the prompts' stored token ids, shard by shard."""
     from spin_core.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
     backend = make_backend(opponent, cfg, tokenizer, worker=worker)
-    prompt_ids = encode_prompts(
-        tokenizer, prompts["prompt"].tolist(), cfg.training.max_prompt_length
-    )
     return generate_shards(
         backend,
         prompts,
-        prompt_ids,
+        [list(ids) for ids in prompts["prompt_ids"]],
         shards_dir,
         shard_size=cfg.generation.shard_size,
         opponent=opponent,

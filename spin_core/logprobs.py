@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from spin_core.errors import InputError
 from spin_core.prompts import IGNORE_INDEX
 
 
@@ -34,8 +35,11 @@ def pad_batch(
 def _split_model(model):
     """(backbone, lm_head) when the logits are a plain linear map of the hidden states."""
     config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None
+    # Architectures whose logits are not head(hidden): soft-capping (Gemma 2), a logit scale
+    # (Cohere), Granite's divisor. Anything else is caught by `check_logprob_path`.
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return None
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     backbone = get_decoder() if get_decoder is not None else None
@@ -94,3 +98,41 @@ def sequence_logps(
     logps = logps.index_add(0, rows, token_logps)
     counts = valid.sum(-1)
     return logps, counts
+
+
+@torch.no_grad()
+def check_logprob_path(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    logps: torch.Tensor,
+) -> None:
+    """Refuse a model whose chunked log-probs differ from a plain full-logits forward.
+
+    `sequence_logps` calls the backbone and the LM head separately; an
+    architecture that transforms logits in its own forward (a scale, a cap, a
+    bias added outside the head) would otherwise get silently wrong log-probs.
+    `logps`: what `sequence_logps` gave for this batch. Tolerance: 1e-3 relative
+    in fp32, 2e-2 in 16-bit precision.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = (
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        .logits[:, :-1]
+        .float()
+    )  # (batch, seq-1, vocab)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    token = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    reference = (token * valid).sum(-1)  # (batch,)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    error = (logps.float() - reference).abs().max().item()
+    if error > tolerance * max(1.0, reference.abs().max().item()):
+        config = getattr(model, "config", None)
+        architecture = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
+        raise InputError(
+            f"model.name_or_path: the fast log-prob path disagrees with the model's own forward "
+            f"for {architecture} (max difference {error:.3g} nats): its logits are not a plain "
+            "linear map of the hidden states; this architecture is not supported yet"
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +16,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display on workers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
+from spin_core import significance as sig  # noqa: E402
 from spin_core.data import write_parquet_atomic  # noqa: E402
 from spin_core.rundir import RunDir  # noqa: E402
 
@@ -68,6 +72,168 @@ def step_logs(run: RunDir) -> pd.DataFrame:
             frames.append(pd.read_json(log, lines=True))
         t += 1
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+@dataclass(frozen=True)
+class EvaluatedModel:
+    """A model with held-out metrics: its metrics.parquet row (iteration), column prefix,
+    name in the report, and per-prompt evaluation file."""
+
+    iteration: int
+    prefix: str  # "" for θ0 and the SPIN models, "sft_" for the continued-SFT baselines
+    name: str
+    eval_path: Path
+
+
+def baseline_name(iteration: int) -> str:
+    """The continued-SFT baseline trained for the same optimizer steps as θ<iteration>."""
+    return f"SFT baseline {iteration}"
+
+
+def evaluated_models(run: RunDir) -> list[EvaluatedModel]:
+    """θ0, then per iteration t: θ(t+1) and the SFT baseline trained for the same steps."""
+    models = []
+    if (run.base_eval() / "metrics.json").exists():
+        models.append(EvaluatedModel(0, "", "θ0", run.base_eval() / "eval.parquet"))
+    t = 0
+    while run.iteration_metrics(t).exists():
+        models.append(EvaluatedModel(t + 1, "", f"θ{t + 1}", run.eval(t)))
+        if (run.baseline(t) / "metrics.json").exists():
+            baseline_eval = run.baseline(t) / "eval.parquet"
+            models.append(EvaluatedModel(t + 1, "sft_", baseline_name(t + 1), baseline_eval))
+        t += 1
+    return models
+
+
+# metrics.parquet column stem of each compared metric
+COLUMN_STEMS = {sig.EXACT_MATCH: "exact_match", sig.REAL_LOGLIK: "real_loglik"}
+METRIC_LABELS = {sig.EXACT_MATCH: "exact match", sig.REAL_LOGLIK: "real log-lik/token"}
+THETA0, SFT = "theta0", "sft"  # column suffixes: _vs_theta0, _vs_sft
+
+
+@dataclass
+class Significance:
+    """Paired comparisons of a run's models, recomputed from their eval.parquet files."""
+
+    comparisons: list[sig.Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # comparisons not made, and why
+    rows: dict[int, dict] = field(default_factory=dict)  # iteration → metrics.parquet columns
+    n_resamples: int = 10_000
+
+    def find(self, model: str, reference: str, metric: str) -> sig.Comparison | None:
+        key = (model, reference, metric)
+        return next((c for c in self.comparisons if (c.model, c.reference, c.metric) == key), None)
+
+    def columns(self) -> pd.DataFrame:
+        return pd.DataFrame([{"iteration": t, **row} for t, row in sorted(self.rows.items())])
+
+
+def _read_eval(model: EvaluatedModel) -> pd.DataFrame | str:
+    """The columns of eval.parquet that comparisons need, or why it cannot be read."""
+    if not model.eval_path.exists():
+        return f"no per-prompt evaluation {model.eval_path.name} for {model.name}"
+    try:
+        names = pq.read_schema(model.eval_path).names
+        return pd.read_parquet(model.eval_path, columns=[c for c in sig.EVAL_COLUMNS if c in names])
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return f"{model.eval_path} is unreadable ({str(exc).splitlines()[0]})"
+
+
+def significance(run: RunDir, *, n_resamples: int = 10_000, seed: int = 0) -> Significance:
+    """Every model vs θ0, each SPIN θt vs the SFT baseline of the same iteration, and each
+    model's own 95% exact-match interval (percentile bootstrap of the mean).
+
+    Columns per metrics.parquet row, for stem exact_match / real_loglik:
+    {prefix}{stem}_delta_vs_theta0, _ci_low_vs_theta0, _ci_high_vs_theta0 (+ _p_ for exact
+    match), the same with _vs_sft for θt − SFT baseline, and {prefix}exact_match_ci_low/high.
+    Models without a readable, pairable eval.parquet are skipped with a note.
+    """
+    result = Significance(n_resamples=n_resamples)
+    resampling = {"n_resamples": n_resamples, "seed": seed}
+    models = evaluated_models(run)
+    frames = {m.name: _read_eval(m) for m in models}
+    for model in models:
+        frame = frames[model.name]
+        if isinstance(frame, pd.DataFrame) and "exact_match" in frame and len(frame):
+            _, low, high = sig.bootstrap_mean_ci(frame["exact_match"].astype(bool), **resampling)
+            result.rows.setdefault(model.iteration, {}).update(
+                {
+                    f"{model.prefix}exact_match_ci_low": low,
+                    f"{model.prefix}exact_match_ci_high": high,
+                }
+            )
+
+    def compare(model: EvaluatedModel, reference: EvaluatedModel, against: str) -> None:
+        name = f"{model.name} vs {reference.name}"
+        for frame in (frames[reference.name], frames[model.name]):
+            if isinstance(frame, str):
+                result.notes.append(f"{name}: not compared ({frame})")
+                return
+        try:
+            comparisons = sig.compare_models(
+                frames[reference.name],
+                frames[model.name],
+                base_name=reference.name,
+                other_name=model.name,
+                **resampling,
+            )
+        except ValueError as exc:
+            result.notes.append(f"{name}: not compared ({exc})")
+            return
+        result.comparisons += comparisons
+        row = result.rows.setdefault(model.iteration, {})
+        for c in comparisons:
+            stem = model.prefix + COLUMN_STEMS[c.metric]
+            row |= {
+                f"{stem}_delta_vs_{against}": c.delta,
+                f"{stem}_ci_low_vs_{against}": c.low,
+                f"{stem}_ci_high_vs_{against}": c.high,
+            }
+            if c.p_value is not None:
+                row[f"{stem}_p_vs_{against}"] = c.p_value
+
+    if not models or models[0].name != "θ0":
+        return result
+    theta0 = models[0]
+    spin = {m.iteration: m for m in models[1:] if not m.prefix}
+    for model in models[1:]:
+        compare(model, theta0, THETA0)
+        if model.prefix == "sft_" and model.iteration in spin:
+            compare(spin[model.iteration], model, SFT)
+    return result
+
+
+def with_significance(metrics: pd.DataFrame, result: Significance) -> pd.DataFrame:
+    """metrics with the significance columns of each row's models (NaN where not compared)."""
+    columns = result.columns()
+    if not len(metrics) or not len(columns):
+        return metrics
+    return metrics.merge(columns, on="iteration", how="left")
+
+
+def significance_section(result: Significance) -> list[str]:
+    """The report's Significance section: one verdict line per comparison and metric."""
+    lines = ["## Significance", ""]
+    if not result.comparisons and not result.notes:
+        return lines + ["No per-prompt evaluations (eval.parquet) to compare.", ""]
+    n = {c.n for c in result.comparisons}
+    prompts = f"the same {n.pop()} held-out prompts" if len(n) == 1 else "the same held-out prompts"
+    lines += [
+        "Each model against θ0, and each SPIN model θt against the continued-SFT baseline "
+        f"trained for the same optimizer steps (SFT baseline t), paired over {prompts}. "
+        f"Δ = model − reference; the 95% CI is a percentile bootstrap over prompts "
+        f"({result.n_resamples:,} resamples); McNemar's exact test counts the prompts "
+        "where only one of the two models is right. A difference is significant when the "
+        "CI excludes 0 and, for exact match, also p < 0.05. Exact match in percentage "
+        "points; real log-lik/token = Σ real log-probs / Σ real tokens, in nats.",
+        "",
+    ]
+    lines += [
+        f"- {c.name}, {METRIC_LABELS[c.metric]}: {sig.verdict(c, unit=sig.UNITS[c.metric])}"
+        for c in result.comparisons
+    ]
+    lines += [f"- {note}" for note in result.notes]
+    return lines + [""]
 
 
 def _fmt(value) -> str:
@@ -144,10 +310,9 @@ def plot_metrics(metrics: pd.DataFrame, steps: pd.DataFrame, out_dir: Path) -> l
     if keys and len(metrics):
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
         for ax, key in zip(axes if len(keys) > 1 else [axes], keys, strict=True):
-            ax.plot(metrics["iteration"], metrics[key], marker="o", label="SPIN")
+            _plot_line(ax, metrics, key, "", marker="o", label="SPIN")
             if f"sft_{key}" in metrics:
-                baseline = metrics[f"sft_{key}"].fillna(metrics[key])  # θ0 starts both lines
-                ax.plot(metrics["iteration"], baseline, marker="s", label="continued SFT")
+                _plot_line(ax, metrics, key, "sft_", dodge=0.06, marker="s", label="continued SFT")
                 ax.legend()
             ax.set_title(dict(COLUMNS)[key])
             ax.set_xlabel("model θt")
@@ -170,6 +335,24 @@ def plot_metrics(metrics: pd.DataFrame, steps: pd.DataFrame, out_dir: Path) -> l
     return paths
 
 
+def _plot_line(
+    ax, metrics: pd.DataFrame, key: str, prefix: str, dodge: float = 0.0, **style
+) -> None:
+    """One model series; with error bars where {prefix}{key}_ci_low/high exist (exact match),
+    shifted right by `dodge` so that two series' bars at one iteration do not overlap."""
+    x = metrics["iteration"]
+    y = metrics[f"{prefix}{key}"].fillna(metrics[key])  # θ0 starts both lines
+    low, high = f"{prefix}{key}_ci_low", f"{prefix}{key}_ci_high"
+    if low not in metrics or high not in metrics:
+        ax.plot(x, y, **style)
+        return
+    # θ0's own interval stands in for the baseline's missing θ0 row, like its value
+    lows = metrics[low].fillna(metrics.get(f"{key}_ci_low", metrics[low]))
+    highs = metrics[high].fillna(metrics.get(f"{key}_ci_high", metrics[high]))
+    yerr = [(y - lows).clip(lower=0).fillna(0), (highs - y).clip(lower=0).fillna(0)]
+    ax.errorbar(x + dodge, y, yerr=yerr, capsize=3, **style)
+
+
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -178,33 +361,39 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def verdict(metrics: pd.DataFrame) -> list[str]:
-    """Plain statements of what the numbers show, whatever they are."""
+def _tested(comparison: sig.Comparison | None) -> str:
+    if comparison is None:
+        return "; not tested for significance (no paired per-prompt evaluations)."
+    return f": {sig.verdict(comparison, unit=sig.UNITS[comparison.metric])}."
+
+
+def verdict(metrics: pd.DataFrame, tests: Significance | None = None) -> list[str]:
+    """Plain statements of what the numbers show, whatever they are.
+
+    A change is called higher or lower only when it is significant (see `significance`).
+    """
+    tests = tests or Significance()
     lines = []
     if len(metrics) < 2:
         return ["No SPIN iteration has finished yet."]
     first, last = metrics.iloc[0], metrics.iloc[-1]
-    change = last["exact_match"] - first["exact_match"]
-    word = "raised" if change > 0.005 else "lowered" if change < -0.005 else "did not change"
+    name = last["model_name"]
     lines.append(
-        f"SPIN {word} held-out exact match from {first['exact_match']:.3f} (θ0) to "
-        f"{last['exact_match']:.3f} ({last['model_name']})."
+        f"Held-out exact match went from {first['exact_match']:.3f} (θ0) to "
+        f"{last['exact_match']:.3f} ({name})" + _tested(tests.find(name, "θ0", sig.EXACT_MATCH))
     )
     lines.append(
         f"Real-response log-likelihood went from {first['real_loglik_per_token']:.4f} to "
-        f"{last['real_loglik_per_token']:.4f} nats/token."
+        f"{last['real_loglik_per_token']:.4f} nats/token"
+        + _tested(tests.find(name, "θ0", sig.REAL_LOGLIK))
     )
     if "sft_exact_match" in metrics and pd.notna(last.get("sft_exact_match")):
-        gap = last["exact_match"] - last["sft_exact_match"]
-        if gap > 0.005:
-            lines.append(
-                f"SPIN beat the continued-SFT baseline with the same steps by {gap:.3f} exact match."
-            )
-        else:
-            lines.append(
-                f"Continued SFT with the same optimizer steps and learning rate reached "
-                f"{last['sft_exact_match']:.3f} exact match: SPIN did not beat it here."
-            )
+        baseline = baseline_name(int(last["iteration"]))
+        lines.append(
+            f"{name} vs continued SFT with the same optimizer steps and learning rate "
+            f"(exact match {last['exact_match']:.3f} vs {last['sft_exact_match']:.3f})"
+            + _tested(tests.find(name, baseline, sig.EXACT_MATCH))
+        )
     if "collapsed" in metrics and metrics["collapsed"].fillna(False).astype(bool).any():
         bad = metrics[metrics["collapsed"].fillna(False).astype(bool)].iloc[0]
         lines.append(
@@ -229,14 +418,17 @@ def verdict(metrics: pd.DataFrame) -> list[str]:
 def write_report(run_dir: str | Path) -> tuple[Path, pd.DataFrame]:
     """Write metrics.parquet, plots/*.png and report.md; returns (report path, metrics)."""
     run = RunDir(run_dir)
-    metrics = collect_metrics(run)
+    tests = significance(run)
+    metrics = with_significance(collect_metrics(run), tests)
     if len(metrics):
         write_parquet_atomic(metrics, run.metrics)
     plots = plot_metrics(metrics, step_logs(run), run.plots)
     parts = [f"# SPIN report: {run.root.name}", ""]
-    parts += ["## Verdict", ""] + [f"- {line}" for line in verdict(metrics)] + [""]
+    parts += ["## Verdict", ""] + [f"- {line}" for line in verdict(metrics, tests)] + [""]
     if len(metrics):
         parts += ["## Held-out metrics per model", "", metrics_table(metrics), ""]
+    if len(metrics) > 1:
+        parts += significance_section(tests)
     groups = group_table(metrics) if len(metrics) else None
     if groups:
         parts += ["## Exact match per task", "", groups, ""]

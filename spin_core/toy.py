@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss
-from spin_core.prompts import build_example, encode_prompt, encode_response
+from spin_core.prompts import build_example, encode_conversations, prompt_messages
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +257,12 @@ def sft_warmup(
             f"need equally many prompts and responses, got {len(prompts)} and {len(responses)}"
         )
     examples = []
-    for prompt, response in zip(prompts, responses, strict=True):
+    prompt_ids, response_ids = encode_conversations(
+        tokenizer, [prompt_messages(p) for p in prompts], responses
+    )
+    for prompt, response in zip(prompt_ids, response_ids, strict=True):
         input_ids, labels, _ = build_example(
-            encode_prompt(tokenizer, prompt),
-            encode_response(tokenizer, response),
-            max_length=max_length,
-            max_prompt_length=max_length // 2,
+            prompt, response, max_length=max_length, max_prompt_length=max_length // 2
         )
         examples.append((input_ids, labels))
 

@@ -28,11 +28,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from spin_core.checkpoint import compute_dtype, device, load_policy, save_model_dir
-from spin_core.config import SpinConfig, deepspeed_config, schedule_at
+from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
+from spin_core.data import read_parquet_checked, write_parquet_atomic
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_loss
-from spin_core.score import Examples, tokenize_responses
+from spin_core.score import Examples, frame_examples, score_with_opponent, tokenize_responses
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def health_probe(cfg: SpinConfig, opponent: str, opponent_eval: str | Path) -> H
         scored["real"].tolist(),
         max_length=cfg.training.max_length,
         max_prompt_length=cfg.training.max_prompt_length,
+        contexts=scored["context"].tolist() if "context" in scored else None,
     )
     return HealthProbe(
         examples=examples,
@@ -171,22 +173,13 @@ def complete_checkpoints(state_dir: Path) -> list[tuple[int, Path]]:
 
 
 class PairData:
-    """Tokenized training pairs with the opponent's log-probs."""
+    """Training pairs as token ids (never re-encoded) with the opponent's log-probs."""
 
-    def __init__(self, frame: pd.DataFrame, tokenizer, training_cfg):
-        kwargs = {
-            "max_length": training_cfg.max_length,
-            "max_prompt_length": training_cfg.max_prompt_length,
-        }
-        prompts = frame["prompt"].tolist()
-        self.real: Examples = tokenize_responses(
-            tokenizer, prompts, frame["real"].tolist(), **kwargs
-        )
+    def __init__(self, frame: pd.DataFrame, training: TrainingConfig):
+        self.real: Examples = frame_examples(frame, "real_ids", training)
         self.generated: Examples | None = None
-        if "generated" in frame:
-            self.generated = tokenize_responses(
-                tokenizer, prompts, frame["generated"].tolist(), **kwargs
-            )
+        if "generated_ids" in frame:
+            self.generated = frame_examples(frame, "generated_ids", training)
         self.opponent_real = torch.tensor(
             frame.get("opponent_real_logps", pd.Series(dtype=float)).to_numpy()
         )
@@ -206,7 +199,44 @@ class PairData:
         return len(self.real.input_ids)
 
 
-def _policy_logps(model, data: PairData, batch: list[int], pad_id: int, chunk: int, objective: str):
+class SequenceLogps(torch.nn.Module):
+    """The policy as the DeepSpeed engine runs it: forward gives summed response log-probs.
+
+    The training loop calls `engine(...)`, never `engine.module(...)`: the engine's
+    own forward is what advances ZeRO-3's micro-step counter (without it each
+    micro-batch's gradient overwrites the previous one under accumulation) and
+    registers the bf16 optimizer's backward hooks.
+    """
+
+    def __init__(self, policy, chunk_size: int):
+        super().__init__()
+        self.policy = policy
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, labels):  # each (batch, seq)
+        return sequence_logps(
+            self.policy, input_ids, attention_mask, labels, chunk_size=self.chunk_size
+        )
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off, as the opponent's log-probs were computed without it.
+
+    With dropout the policy's log-probs at step 1 would be noisy copies of the
+    opponent's and the first loss would not be ln 2 (the official SPIN code and
+    TRL do the same). Attention dropout is a float read in forward, not a module.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for name, value in vars(model.config).items():
+        if "dropout" in name and isinstance(value, float):
+            setattr(model.config, name, 0.0)
+
+
+def _policy_logps(engine, data: PairData, batch: list[int], pad_id: int, objective: str):
     """Summed log-probs of the batch's real (and generated) responses in one forward pass."""
     ids = [data.real.input_ids[i] for i in batch]
     labels = [data.real.labels[i] for i in batch]
@@ -215,9 +245,7 @@ def _policy_logps(model, data: PairData, batch: list[int], pad_id: int, chunk: i
         labels += [data.generated.labels[i] for i in batch]
     input_ids, mask, targets = pad_batch(ids, labels, pad_id)  # (2·micro, seq)
     dev = device()
-    logps, counts = sequence_logps(
-        model, input_ids.to(dev), mask.to(dev), targets.to(dev), chunk_size=chunk
-    )
+    logps, counts = engine(input_ids.to(dev), mask.to(dev), targets.to(dev))
     return logps, counts, int(mask.sum())
 
 
@@ -261,6 +289,7 @@ def train_iteration(
     num_steps: int | None = None,
     health: HealthProbe | None = None,
     lr_scale: float = 1.0,
+    scored_path: str | Path | None = None,
 ) -> TrainResult:
     """Train one iteration from `init_model` (θt) on `train_path`; export θ(t+1) to `model_out`.
 
@@ -272,6 +301,9 @@ def train_iteration(
     `health` adds the held-out real log-likelihood to the step records every
     `health.every` steps and warns when it falls below the opponent's.
     `lr_scale` multiplies the iteration's learning rate (a retry after a collapse).
+    When `train_path` has no opponent log-probs yet (the pairs of step 3), the
+    engine scores them before its first step, every rank a share, and rank 0
+    writes the scored set to `scored_path` (train.parquet), which a rerun reuses.
     """
     import deepspeed
     from transformers import get_scheduler
@@ -297,17 +329,18 @@ def train_iteration(
         AutoConfig.from_pretrained(init_model, trust_remote_code=cfg.model.trust_remote_code)
     )
     model, tokenizer = load_policy(init_model, cfg.model, for_training=True)
+    disable_dropout(model)
     if training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    data = PairData(pd.read_parquet(train_path), tokenizer, training)
-    if objective == "spin" and data.generated is None:
-        raise ValueError(f"{train_path}: no generated column to train SPIN on")
+    frame = pd.read_parquet(train_path)
+    if objective == "spin" and "generated_ids" not in frame:
+        raise ValueError(f"{train_path}: no generated_ids column to train SPIN on")
 
     lr = schedule_at(training.learning_rate, iteration) * lr_scale
     beta = schedule_at(training.beta, iteration)
     total_steps = num_steps or training.num_epochs * steps_per_epoch(
-        len(data), training.global_batch_size
+        len(frame), training.global_batch_size
     )
     optimizer = _build_optimizer(model, training, lr)
     scheduler = get_scheduler(
@@ -317,12 +350,21 @@ def train_iteration(
         num_training_steps=total_steps,
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=SequenceLogps(model, training.logprob_chunk_size),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
     )
     if world_size == 1 and training.zero_stage == 0:
         # Alone, DeepSpeed would still flatten every gradient into a bucket, all-reduce it
         # with itself and copy it back: a gradient-sized buffer and ~15% of each step.
         engine.enable_backward_allreduce = False
+
+    pad_id = tokenizer.pad_token_id
+    if objective == "spin" and "opponent_real_logps" not in frame:
+        # Before any checkpoint is loaded: the engine's weights are still θt's.
+        frame = _score_opponent(engine, frame, training, pad_id, scored_path, world_size)
+    data = PairData(frame, training)
 
     start_step = 0
     checkpoints = complete_checkpoints(state_dir)
@@ -335,7 +377,6 @@ def train_iteration(
         _truncate_log(log_path, start_step)
     writer = _tensorboard(state_dir) if rank == 0 else None
 
-    pad_id = tokenizer.pad_token_id
     engine.train()
     bar = tqdm(
         total=total_steps,
@@ -355,9 +396,7 @@ def train_iteration(
         for batch in micro_batches(
             indices, data.lengths, training.micro_batch_size, rank, world_size
         ):
-            logps, counts, batch_tokens = _policy_logps(
-                engine.module, data, batch, pad_id, training.logprob_chunk_size, objective
-            )
+            logps, counts, batch_tokens = _policy_logps(engine, data, batch, pad_id, objective)
             tokens += batch_tokens
             n = len(batch)
             if objective == "spin":
@@ -429,15 +468,66 @@ def train_iteration(
     return TrainResult(total_steps, start_step, log_path, model_out)
 
 
+def _score_opponent(
+    engine,
+    frame: pd.DataFrame,
+    training: TrainingConfig,
+    pad_id: int,
+    out: str | Path | None,
+    world_size: int,
+) -> pd.DataFrame:
+    """The training set with θt's log-probs, scored by the engine before its first step.
+
+    θ(t+1) starts as θt, so the engine about to train is the opponent: no second
+    load of the model, ZeRO-3 sharded like training, every rank a share of the
+    batches. A complete `out` from an earlier attempt is reused.
+    """
+    if out is not None:
+        done = read_parquet_checked(out, expected_rows=len(frame))
+        if done is not None:
+            return done
+    policy = engine.module.policy
+    policy.eval()  # dropout is off anyway; eval() also stops gradient checkpointing's work
+    with torch.no_grad():
+        scored, truncation = score_with_opponent(
+            policy,
+            pad_id,
+            frame,
+            training,
+            show_progress=dist.get_rank() == 0,
+            world_size=world_size,
+        )
+    policy.train()
+    logger.info(
+        "scored %d pairs with the opponent on %d rank(s) (%d prompts, %d responses truncated)",
+        len(scored),
+        world_size,
+        truncation.prompts,
+        truncation.responses,
+    )
+    if out is not None and dist.get_rank() == 0:
+        write_parquet_atomic(scored, out)
+    if world_size > 1:
+        dist.barrier()
+    return scored
+
+
 def _check_health(engine, health: HealthProbe, pad_id: int, chunk: int, step: int) -> dict:
     """Held-out real log-likelihood per token now, and whether it is within tolerance."""
     from spin_core.score import score_examples
 
-    engine.module.eval()
+    policy = engine.module.policy
+    policy.eval()
     logps, counts = score_examples(
-        engine.module, health.examples, pad_id, batch_tokens=health.batch_tokens, chunk_size=chunk
+        policy,
+        health.examples,
+        pad_id,
+        batch_tokens=health.batch_tokens,
+        chunk_size=chunk,
+        check=False,
+        world_size=dist.get_world_size(),
     )
-    engine.module.train()
+    policy.train()
     loglik = float(logps.sum() / max(counts.sum(), 1))
     healthy = loglik >= health.opponent_loglik - health.tolerance
     if not healthy:
@@ -489,7 +579,7 @@ def export_model(
     engine, tokenizer, out_dir: Path, rank: int, zero_stage: int, dtype: torch.dtype
 ) -> None:
     """Write the trained weights as one HF directory (ZeRO-3 shards gathered first)."""
-    module = engine.module
+    module = engine.module.policy
     if zero_stage == 3:
         import deepspeed
 

@@ -2,10 +2,10 @@
 
 The same interface as `HFBackend`: it takes the prompt token ids that
 `spin_core.prompts.encode_prompt` made (so the prompt the opponent answers is the
-token sequence training scores), and returns text, finish reason and token count
-per row, in input order. Only responses come from vLLM: the log-probabilities
-used for training are always recomputed by `spin_core.score` with the training
-forward pass, never taken from vLLM.
+token sequence training scores), and returns text, finish reason and the exact
+token ids per row, in input order. Only responses come from vLLM: the
+log-probabilities used for training are always recomputed by `spin_core.score`
+with the training forward pass, never taken from vLLM.
 """
 
 from __future__ import annotations
@@ -33,34 +33,47 @@ class VLLMBackend:
             seed=decoding.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        self.params = vllm.SamplingParams(
+
+    def _params(self, seed: int | None):
+        decoding = self.decoding
+        return self.vllm.SamplingParams(
             temperature=decoding.temperature if decoding.do_sample else 0.0,
             top_p=decoding.top_p if decoding.do_sample else 1.0,
             max_tokens=decoding.max_new_tokens,
-            seed=decoding.seed if decoding.do_sample else None,
-            stop_token_ids=[tokenizer.eos_token_id],
+            seed=seed,
+            stop_token_ids=[self.tokenizer.eos_token_id],
             skip_special_tokens=True,
         )
 
     def generate(
-        self, prompt_ids: Sequence[list[int]], progress: Callable[[int], None] | None = None
+        self,
+        prompt_ids: Sequence[list[int]],
+        progress: Callable[[int], None] | None = None,
+        first_row: int = 0,
     ) -> list[Generated]:
         prompts = [self.vllm.TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        results = []
-        for output in outputs:  # vLLM returns outputs in input order
-            completion = output.outputs[0]
-            stopped = completion.finish_reason == "stop"
-            token_ids = list(completion.token_ids)
-            text_ids = [t for t in token_ids if t != self.tokenizer.eos_token_id]
-            results.append(
-                Generated(
-                    text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                    finish_reason="stop" if stopped else "length",
-                    # EOS counted, as HFBackend counts it (vLLM omits the stop token).
-                    num_tokens=len(text_ids) + (1 if stopped else 0),
-                )
-            )
+        # One seed per request (seed + run-wide row index): one shared seed would make
+        # every prompt draw from the same random stream, correlating the negatives.
+        params = [
+            self._params(self.decoding.seed + first_row + i if self.decoding.do_sample else None)
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = [generated_from_vllm(o.outputs[0], self.tokenizer) for o in outputs]
         if progress is not None:
             progress(len(prompt_ids))
         return results
+
+
+def generated_from_vllm(completion, tokenizer) -> Generated:
+    """A vLLM completion as a `Generated`: its token ids as produced, EOS last when it stopped.
+
+    vLLM may leave the stop token out of `token_ids`; it is put back for a
+    completion that stopped, since training scores log p(EOS | response) exactly
+    when the opponent generated it, and never for one cut at max_tokens.
+    """
+    eos = tokenizer.eos_token_id
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "stop":
+        ids = ids[: ids.index(eos) + 1] if eos in ids else [*ids, eos]
+    return Generated.from_ids(ids, tokenizer)

@@ -1,11 +1,10 @@
-"""Step 3: the training set D_t = current generations + `history` earlier ones, scored by θt."""
+"""Step 3: the training set D_t = current generations + `history` earlier ones."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from spin_core import data, score
-from spin_core.checkpoint import load_policy
+from spin_core import data
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir, write_json_atomic
 from tasks.caching import step
@@ -21,15 +20,6 @@ def _sources(params: dict) -> list:
 def _pairs_done(params: dict) -> bool:
     run, t = RunDir(params["run_dir"]), params["iteration"]
     return data.parquet_complete(run.pairs(t)) and (run.iteration(t) / "pairs.json").exists()
-
-
-def _score_inputs(params: dict) -> list:
-    return [RunDir(params["run_dir"]).pairs(params["iteration"]), params["opponent"]]
-
-
-def _score_done(params: dict) -> bool:
-    run, t = RunDir(params["run_dir"]), params["iteration"]
-    return data.parquet_complete(run.train(t), data.parquet_rows(run.pairs(t)))
 
 
 @step("build-training-set", sections=("data",), inputs=_sources, done=_pairs_done)
@@ -59,30 +49,3 @@ def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict
         100 * stats.identical_fraction,
     )
     return counts
-
-
-@step(
-    "score-with-opponent",
-    sections=("model", "training"),
-    inputs=_score_inputs,
-    done=_score_done,
-)
-def score_with_opponent(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
-    """pairs.parquet → train.parquet with opponent_real_logps and opponent_generated_logps."""
-    run = RunDir(run_dir)
-    out = run.train(iteration)
-    pairs = pd.read_parquet(run.pairs(iteration))
-    if data.read_parquet_checked(out, expected_rows=len(pairs)) is not None:
-        logger().info("iteration %d: train.parquet exists, skipped", iteration)
-        return str(out)
-    model, tokenizer = load_policy(opponent, config.model)
-    scored, truncation = score.score_with_opponent(model, tokenizer, pairs, config.training)
-    logger().info(
-        "iteration %d: scored %d pairs with θ%d (%d prompts, %d responses truncated)",
-        iteration,
-        len(scored),
-        iteration,
-        truncation.prompts,
-        truncation.responses,
-    )
-    return str(data.write_parquet_atomic(scored, out))

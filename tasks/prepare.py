@@ -8,7 +8,14 @@ from prefect.cache_policies import NO_CACHE
 from spin_core import generate, toy
 from spin_core.checkpoint import check_causal_lm
 from spin_core.config import SpinConfig
-from spin_core.data import load_sft_data, read_parquet_checked, sample_prompts, write_parquet_atomic
+from spin_core.data import (
+    OPTIONAL_COLUMNS,
+    PAIR_COLUMNS,
+    load_sft_data,
+    read_parquet_checked,
+    sample_prompts,
+    write_parquet_atomic,
+)
 from spin_core.rundir import RunDir
 from tasks.caching import transient_only
 from tasks.progress import logger
@@ -51,5 +58,6 @@ def check_inputs(config: SpinConfig, run_dir: str) -> str:
         "data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats
     )
     if read_parquet_checked(run.heldout) is None:
-        write_parquet_atomic(heldout[["id", "prompt", "real"]], run.heldout)
+        columns = [c for c in [*PAIR_COLUMNS, *OPTIONAL_COLUMNS] if c in heldout]
+        write_parquet_atomic(heldout[columns], run.heldout)
     return str(run.heldout)

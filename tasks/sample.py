@@ -7,7 +7,7 @@ from pathlib import Path
 from spin_core import data
 from spin_core.checkpoint import load_tokenizer
 from spin_core.config import SpinConfig
-from spin_core.prompts import drop_overlong_prompts
+from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.rundir import RunDir
 from tasks.caching import step, transient_only
 from tasks.progress import logger
@@ -33,17 +33,18 @@ def _done(params: dict) -> bool:
     retry_condition_fn=transient_only,
 )
 def sample_prompts(config: SpinConfig, run_dir: str, iteration: int) -> str:
-    """SFT data → iter_t/prompts.parquet (id, prompt, real); seeded, the same every iteration."""
+    """SFT data → iter_t/prompts.parquet (id, prompt, real, prompt_ids, real_ids); seeded,
+    the same every iteration."""
     run = RunDir(run_dir)
     out = run.prompts(iteration)
     if data.read_parquet_checked(out) is not None:
         logger().info("iteration %d: %s exists, skipped", iteration, out.name)
         return str(out)
     train_pairs, _, stats = data.load_sft_data(run.data_config(config))
+    tokenizer = load_tokenizer(
+        run.base_model(config), trust_remote_code=config.model.trust_remote_code
+    )
     if config.data.overlong_prompts == "drop":
-        tokenizer = load_tokenizer(
-            run.base_model(config), trust_remote_code=config.model.trust_remote_code
-        )
         train_pairs, dropped = drop_overlong_prompts(
             train_pairs, tokenizer, config.training.max_prompt_length
         )
@@ -60,4 +61,7 @@ def sample_prompts(config: SpinConfig, run_dir: str, iteration: int) -> str:
     logger().info(
         "iteration %d: sampled %d of %d pairs (%s)", iteration, len(sample), len(train_pairs), stats
     )
-    return str(data.write_parquet_atomic(sample[["id", "prompt", "real"]], out))
+    # Tokenized once, here, as the SFT trainer tokenized the chat; later steps use these ids.
+    prompt_ids, real_ids = encode_pairs(tokenizer, sample, config.training.max_prompt_length)
+    sample = sample.assign(prompt_ids=prompt_ids, real_ids=real_ids)
+    return str(data.write_parquet_atomic(sample, out))

@@ -13,7 +13,7 @@ from tasks.progress import Progress, logger
 
 
 def _inputs(params: dict) -> list:
-    return [RunDir(params["run_dir"]).train(params["iteration"]), params["opponent"]]
+    return [RunDir(params["run_dir"]).pairs(params["iteration"]), params["opponent"]]
 
 
 def _done(params: dict) -> bool:
@@ -29,7 +29,8 @@ def train_policy(
     opponent_eval: str | None = None,
     lr_scale: float = 1.0,
 ) -> str:
-    """train.parquet + θt → train_state/ (checkpoints, metrics.jsonl) → model/ (θ(t+1)).
+    """pairs.parquet + θt → train.parquet (θt's log-probs, scored by the training ranks
+    before their first step) → train_state/ (checkpoints, metrics.jsonl) → model/ (θ(t+1)).
 
     opponent_eval: the directory of θt's held-out evaluation; with
     `training.eval_steps` set, the held-out real log-likelihood is checked against
@@ -45,7 +46,8 @@ def train_policy(
         config,
         progress,
         init_model=opponent,
-        train_path=run.train(iteration),
+        train_path=run.pairs(iteration),
+        scored_path=run.train(iteration),
         state_dir=run.train_state(iteration),
         model_out=out,
         iteration=iteration,

@@ -27,6 +27,17 @@ def toy_build(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def mistral_build(tmp_path_factory):
+    """Mistral-7B's real tokenizer (zephyr's template), a tiny MistralForCausalLM and chat data.
+
+    See tests/realtok.py; needs the `test` extra's mistral-common, sentencepiece, protobuf.
+    """
+    from tests.realtok import build_realtok
+
+    return build_realtok(tmp_path_factory.mktemp("realtok"), seed=0)
+
+
 @pytest.fixture
 def toy_config(toy_build):
     """A small config on the session's toy model and data."""

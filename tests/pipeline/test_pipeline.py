@@ -54,13 +54,17 @@ def test_run_directory_matches_the_spec(finished_run):
         for path in (run.prompts(t), run.generated(t), run.train(t), run.iteration_metrics(t)):
             assert path.exists(), path
         assert (run.train_state(t) / "metrics.jsonl").exists()
-    assert list(pd.read_parquet(run.prompts(0)).columns) == ["id", "prompt", "real"]
+    prompts = pd.read_parquet(run.prompts(0))
+    assert list(prompts.columns) == ["id", "prompt", "real", "prompt_ids", "real_ids"]
     generated = pd.read_parquet(run.generated(0))
     assert {
         "id",
         "prompt",
         "real",
+        "prompt_ids",
+        "real_ids",
         "generated",
+        "generated_ids",
         "finish_reason",
         "generated_tokens",
         "opponent",

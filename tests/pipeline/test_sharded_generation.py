@@ -7,6 +7,8 @@ import pytest
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
+from spin_core.checkpoint import load_tokenizer
+from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,8 @@ def test_two_workers_write_the_same_generations_as_one(toy_config, toy_build, tm
             "real": heldout["messages"].map(lambda m: m[1]["content"]),
         }
     )
+    tokenizer = load_tokenizer(str(toy_build.model_dir))
+    prompts["prompt_ids"], prompts["real_ids"] = encode_pairs(tokenizer, prompts, 64)
     outputs = {}
     with prefect_test_harness():
         for workers in (1, 2):

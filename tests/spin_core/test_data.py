@@ -15,6 +15,7 @@ import pytest
 
 from spin_core.config import DataConfig
 from spin_core.data import (
+    TRAINING_COLUMNS,
     build_training_set,
     load_pairs,
     load_sft_data,
@@ -304,19 +305,33 @@ def test_sft_data_with_a_separate_eval_dataset(tmp_path):
 # ---------------------------------------------------------------- training set
 
 
+EOS = 2
+
+
+def _ids(text: str, eos: bool = True) -> list[int]:
+    return [ord(c) for c in text] + ([EOS] if eos else [])
+
+
 def generations(iteration: int, n: int, identical: int) -> pd.DataFrame:
     pairs = numbered_pairs(n)
     generated = [
         real if i < identical else f"gen {iteration}.{i}" for i, real in enumerate(pairs.real)
     ]
-    return pairs.assign(generated=generated, finish_reason="stop", opponent=f"iter_{iteration}")
+    return pairs.assign(
+        prompt_ids=[_ids(p, eos=False) for p in pairs.prompt],
+        real_ids=[_ids(r) for r in pairs.real],
+        generated=generated,
+        generated_ids=[_ids(g) for g in generated],
+        finish_reason="stop",
+        opponent=f"iter_{iteration}",
+    )
 
 
 def test_training_set_mixes_iterations_and_drops_identical_pairs():
     training_set, stats = build_training_set(
         {0: generations(0, 10, identical=2), 1: generations(1, 10, identical=5)}
     )
-    assert list(training_set.columns) == ["id", "prompt", "real", "generated", "source_iteration"]
+    assert list(training_set.columns) == TRAINING_COLUMNS
     assert (training_set["generated"] != training_set["real"]).all()
     assert training_set["source_iteration"].value_counts().to_dict() == {0: 8, 1: 5}
     assert stats.rows == 13
@@ -332,6 +347,16 @@ def test_training_set_keeps_identical_pairs_when_asked():
     assert len(training_set) == 10
     assert stats.identical_dropped == 0
     assert stats.identical_fraction == pytest.approx(0.4)
+
+
+def test_identical_pairs_are_decided_on_token_ids_not_text():
+    """A generation cut at max_new_tokens whose text equals y is no tie: it lacks y's EOS."""
+    frame = generations(0, 4, identical=4)
+    frame.loc[0, "finish_reason"] = "length"
+    frame.at[0, "generated_ids"] = _ids(frame.loc[0, "generated"], eos=False)
+    training_set, stats = build_training_set({0: frame})
+    assert training_set["id"].tolist() == [frame.loc[0, "id"]]
+    assert stats.identical_dropped == 3
 
 
 def test_all_identical_generations_leave_nothing_to_train_on():

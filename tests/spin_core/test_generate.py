@@ -1,17 +1,21 @@
+import types
+
 import pandas as pd
 import pytest
+import torch
 
 from spin_core.checkpoint import load_policy
 from spin_core.data import read_parquet_checked
 from spin_core.generate import (
     Decoding,
+    Generated,
     HFBackend,
-    encode_prompts,
     generate_shards,
     merge_shards,
     shard_path,
     token_budget_batches,
 )
+from spin_core.prompts import encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +119,85 @@ def test_shards_resume_and_merge_in_order(opponent, prompts, tmp_path):
         "decoding",
     }
     assert '"do_sample": false' in reference["decoding"].iloc[0]
+
+    # The ids trained on are the ids generated: EOS last exactly when the row stopped.
+    for ids, reason in zip(reference["generated_ids"], reference["finish_reason"], strict=True):
+        assert (ids[-1] == tokenizer.eos_token_id) == (reason == "stop")
+        assert tokenizer.eos_token_id not in list(ids[:-1])
+
+
+def test_greedy_decoder_equals_model_generate_token_for_token(opponent, prompts):
+    model, tokenizer = opponent
+    ids = encode_prompts(tokenizer, prompts["prompt"].tolist()[:12], 64)
+    ours = _backend(model, tokenizer)[0].generate(ids)
+    for prompt, mine in zip(ids, ours, strict=True):
+        output = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=24,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+        assert mine.token_ids == Generated.from_ids(output, tokenizer).token_ids
+
+
+def test_a_cut_off_generation_keeps_its_ids_without_eos(opponent, prompts):
+    model, tokenizer = opponent
+    ids = encode_prompts(tokenizer, prompts["prompt"].tolist()[:8], 64)
+    decoding = Decoding(False, 1.0, 1.0, 2, 0, "chat")  # 2 new tokens
+    cut = HFBackend(model, tokenizer, decoding, batch_tokens=4096, max_batch_size=8).generate(ids)
+    lengths = [g for g in cut if g.finish_reason == "length"]
+    assert len(lengths) >= 4  # most toy answers are longer than 2 characters
+    assert all(len(g.token_ids) == 2 and tokenizer.eos_token_id not in g.token_ids for g in lengths)
+
+
+def test_vllm_completions_map_to_the_ids_generated(opponent):
+    from spin_core.vllm_backend import generated_from_vllm
+
+    _, tokenizer = opponent
+    eos = tokenizer.eos_token_id
+    word = tokenizer("abc", add_special_tokens=False)["input_ids"]
+    stopped = generated_from_vllm(
+        types.SimpleNamespace(token_ids=word, finish_reason="stop"), tokenizer
+    )
+    assert stopped.token_ids == [*word, eos] and stopped.text == "abc"  # EOS put back
+    with_eos = generated_from_vllm(
+        types.SimpleNamespace(token_ids=[*word, eos], finish_reason="stop"), tokenizer
+    )
+    assert with_eos.token_ids == [*word, eos]
+    cut = generated_from_vllm(
+        types.SimpleNamespace(token_ids=word, finish_reason="length"), tokenizer
+    )
+    assert cut.token_ids == word and cut.finish_reason == "length"
+
+
+def test_vllm_requests_get_distinct_seeds(opponent, monkeypatch):
+    """One seed per request (seed + run-wide row), so sampled negatives are not correlated."""
+    import sys
+
+    from spin_core import vllm_backend
+
+    _, tokenizer = opponent
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            pass
+
+        def generate(self, prompts, params, use_tqdm):
+            seen["seeds"] = [p.seed for p in params]
+            done = types.SimpleNamespace(token_ids=[tokenizer.eos_token_id], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[done]) for _ in prompts]
+
+    fake = types.SimpleNamespace(
+        LLM=FakeLLM,
+        SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
+        TokensPrompt=lambda prompt_token_ids: prompt_token_ids,
+    )
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    cfg = __import__("spin_core.config").config.load_config("configs/demo.yaml")
+    decoding = Decoding(True, 1.0, 1.0, 8, 7, "chat")
+    backend = vllm_backend.VLLMBackend("unused", tokenizer, decoding, cfg)
+    backend.generate([[1, 2]] * 3, first_row=100)
+    assert seen["seeds"] == [107, 108, 109]

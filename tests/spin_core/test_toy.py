@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_core import toy
-from spin_core.prompts import encode_prompt, encode_response
+from spin_core.prompts import encode_conversation, encode_prompt, prompt_messages
 
 TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
@@ -102,7 +102,9 @@ def test_chat_prompt_and_response_tokens(tokenizer):
     assert tokenizer.convert_ids_to_tokens(prompt_ids) == [
         "<s>", "<|user|>", *"sort: cba", "<|assistant|>",
     ]  # fmt: skip
-    assert tokenizer.convert_ids_to_tokens(encode_response(tokenizer, "abc")) == [*"abc", "</s>"]
+    prompt_again, response_ids = encode_conversation(tokenizer, prompt_messages("sort: cba"), "abc")
+    assert prompt_again == prompt_ids
+    assert tokenizer.convert_ids_to_tokens(response_ids) == [*"abc", "</s>"]
     full = tokenizer.apply_chat_template(
         [{"role": "user", "content": "sort: cba"}, {"role": "assistant", "content": "abc"}],
         tokenize=False,

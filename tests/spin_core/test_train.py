@@ -1,15 +1,18 @@
 """Training: the loss falls, resume reproduces the losses, the export loads."""
 
 import json
+import math
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from spin_core.checkpoint import load_policy
-from spin_core.generate import Decoding, HFBackend, encode_prompts
+from spin_core.generate import Decoding, HFBackend
+from spin_core.prompts import encode_pairs
 from spin_core.score import score_with_opponent
 from spin_core.train import COMPLETE_MARKER, complete_checkpoints, step_indices, train_iteration
 
@@ -34,14 +37,16 @@ def train_parquet(toy_build, tmp_path_factory):
     backend = HFBackend(
         model, tokenizer, Decoding(False, 1, 1, 24, 0, "chat"), batch_tokens=8192, max_batch_size=96
     )
-    pairs["generated"] = [
-        g.text for g in backend.generate(encode_prompts(tokenizer, pairs["prompt"].tolist(), 48))
-    ]
+    pairs["prompt_ids"], pairs["real_ids"] = encode_pairs(tokenizer, pairs, 48)
+    generated = backend.generate(pairs["prompt_ids"].tolist())
+    pairs["generated"] = [g.text for g in generated]
+    pairs["generated_ids"] = [g.token_ids for g in generated]
     pairs = pairs[pairs["generated"] != pairs["real"]].head(64)
-    scored, _ = score_with_opponent(model, tokenizer, pairs, cfg.training)
-    path = tmp_path_factory.mktemp("train") / "train.parquet"
-    scored.to_parquet(path)
-    return path
+    folder = tmp_path_factory.mktemp("train")
+    pairs.to_parquet(folder / "pairs.parquet")
+    scored, _ = score_with_opponent(model, tokenizer.pad_token_id, pairs, cfg.training)
+    scored.to_parquet(folder / "train.parquet")
+    return folder / "train.parquet"
 
 
 def _config(toy_build, *extra):
@@ -170,7 +175,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(
         train_path=train_parquet,
         state_dir=tmp_path / "one",
         model_out=tmp_path / "m1",
-        # 1 rank, 2 micro-batches of 4 per step (ZeRO-2: ZeRO-3 refuses accumulation)
+        # 1 rank, 2 micro-batches of 4 per step
         cfg=_config(toy_build, *common, "training.zero_stage=2"),
         iteration=0,
     )
@@ -201,15 +206,105 @@ def test_a_failing_rank_fails_the_launch_with_its_error(toy_build, tmp_path):
         _launch(cfg, tmp_path / "no-such.parquet", tmp_path / "state", tmp_path / "model")
 
 
-def test_zero3_with_gradient_accumulation_is_refused_naming_the_fields():
-    from spin_core.config import ConfigError, load_config
+# Persistence threshold 0 partitions every parameter, the LM head included.
+ZERO3_ALL_PARTITIONED = (
+    'training.deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
+)
 
-    with pytest.raises(ConfigError, match="zero_stage 3 needs global_batch_size"):
-        load_config(
-            "configs/demo.yaml",
-            [
-                "training.zero_stage=3",
-                "training.global_batch_size=8",
-                "training.micro_batch_size=4",
-            ],
+
+@pytest.mark.slow
+def test_zero3_with_accumulation_equals_zero0_and_two_zero2_ranks(
+    toy_build, train_parquet, tmp_path
+):
+    """Accumulation 2 on 1 rank under ZeRO-3 = ZeRO-0 on 1 rank = ZeRO-2 on 2 ranks (fp32)."""
+    common = ["training.num_epochs=1"]
+
+    def one_rank(stage: int, *extra: str):
+        return train_iteration(
+            init_model=str(toy_build.model_dir),
+            train_path=train_parquet,
+            state_dir=tmp_path / f"z{stage}",
+            model_out=tmp_path / f"m{stage}",
+            cfg=_config(toy_build, *common, f"training.zero_stage={stage}", *extra),
+            iteration=0,
         )
+
+    zero0 = _log(one_rank(0).log_path)
+    zero3 = _log(one_rank(3, ZERO3_ALL_PARTITIONED).log_path)
+    two_cfg = _config(toy_build, *common, "training.num_processes=2", "training.zero_stage=2")
+    _launch(two_cfg, train_parquet, tmp_path / "two", tmp_path / "m_two")
+    zero2 = _log(tmp_path / "two" / "metrics.jsonl")
+    assert len(zero0) == len(zero3) == len(zero2) == 8
+    for a, b, c in zip(zero0, zero3, zero2, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert c["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    weights = [
+        AutoModelForCausalLM.from_pretrained(tmp_path / name).state_dict()
+        for name in ("m0", "m3", "m_two")
+    ]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(weights[2][key], weights[0][key], atol=1e-5, rtol=1e-4)
+
+
+def test_training_scores_unscored_pairs_itself_before_its_first_step(
+    toy_build, train_parquet, tmp_path
+):
+    """pairs.parquet in, train.parquet out: the engine's own θt log-probs equal separate scoring."""
+    cfg = _config(toy_build, "training.num_epochs=1")
+    pairs = train_parquet.parent / "pairs.parquet"
+    train_iteration(
+        init_model=str(toy_build.model_dir),
+        train_path=pairs,
+        scored_path=tmp_path / "train.parquet",
+        state_dir=tmp_path / "state",
+        model_out=tmp_path / "model",
+        cfg=cfg,
+        iteration=0,
+    )
+    ours, reference = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(train_parquet)
+    for column in ("opponent_real_logps", "opponent_generated_logps"):
+        np.testing.assert_allclose(ours[column], reference[column], atol=1e-5)
+    log = _log(tmp_path / "state" / "metrics.jsonl")
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_score_the_same_opponent_columns_as_one(toy_build, train_parquet, tmp_path):
+    cfg = _config(toy_build, "training.num_epochs=1", "training.num_processes=2")
+    args = {
+        "config": cfg.model_dump(mode="json"),
+        "init_model": cfg.model.name_or_path,
+        "train_path": str(train_parquet.parent / "pairs.parquet"),
+        "scored_path": str(tmp_path / "train.parquet"),
+        "state_dir": str(tmp_path / "state"),
+        "model_out": str(tmp_path / "model"),
+        "iteration": 0,
+    }
+    from spin_core.launch import launch_training
+
+    launch_training(args, cfg.training, on_step=lambda record: None)
+    ours, reference = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(train_parquet)
+    for column in ("opponent_real_logps", "opponent_generated_logps"):
+        np.testing.assert_allclose(ours[column], reference[column], atol=1e-5)
+
+
+def test_dropout_is_off_during_training(toy_build, train_parquet, tmp_path):
+    """A θt whose config has dropout 0.1 still starts at loss ln 2: the policy equals θt."""
+    from transformers import AutoConfig
+
+    model_dir = tmp_path / "dropout-model"
+    shutil.copytree(toy_build.model_dir, model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.attention_dropout = 0.1
+    config.save_pretrained(model_dir)
+    cfg = _config(toy_build, "training.num_epochs=1", f"model.name_or_path={model_dir}")
+    result = train_iteration(
+        init_model=str(model_dir),
+        train_path=train_parquet,
+        state_dir=tmp_path / "state",
+        model_out=tmp_path / "model",
+        cfg=cfg,
+        iteration=0,
+    )
+    assert _log(result.log_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
