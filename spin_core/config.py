@@ -140,6 +140,13 @@ class TrainingConfig(_Section):
         [5e-7, 5e-7, 1e-7],
         description="peak learning rate: a number, or a list indexed by iteration (last repeats)",
     )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="α of SFT-anchored SPIN: adds α · the real responses' per-token NLL to the "
+        "loss (0 = the paper's loss)",
+    )
     optimizer: Literal["rmsprop", "adamw"] = Field("rmsprop", description="optimizer")
     weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of steps of linear warm-up")

@@ -35,3 +35,37 @@ def spin_loss(
 def sft_loss(policy_real_logps: torch.Tensor, real_token_counts: torch.Tensor) -> torch.Tensor:
     """Token-averaged negative log-likelihood of the real responses (continued SFT)."""
     return -policy_real_logps.sum() / real_token_counts.sum().clamp(min=1)
+
+
+def spin_sft_loss(
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+    opponent_real_logps: torch.Tensor,
+    opponent_generated_logps: torch.Tensor,
+    real_token_counts: torch.Tensor,
+    *,
+    beta: float,
+    sft_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SFT-anchored SPIN: the SPIN loss plus α · the real responses' per-token NLL.
+
+        loss = spin_loss + α · ( −Σ log pθ(y|x) / Σ |y| )      (α = sft_weight ≥ 0)
+
+    The anchor keeps the real responses' likelihood up while the margin grows (as in
+    RPO, Pang et al. 2024, and TRL's `loss_type=["sigmoid", "sft"]`); α = 0 is the
+    paper's loss, bit for bit. Returns (loss, nll, real_reward, generated_reward);
+    nll and the rewards are detached.
+    """
+    if sft_weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+    loss, real_reward, generated_reward = spin_loss(
+        policy_real_logps,
+        policy_generated_logps,
+        opponent_real_logps,
+        opponent_generated_logps,
+        beta=beta,
+    )
+    nll = sft_loss(policy_real_logps, real_token_counts)
+    if sft_weight:
+        loss = loss + sft_weight * nll
+    return loss, nll.detach(), real_reward, generated_reward

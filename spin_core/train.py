@@ -32,7 +32,7 @@ from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, sched
 from spin_core.data import read_parquet_checked, write_parquet_atomic
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
-from spin_core.loss import sft_loss, spin_loss
+from spin_core.loss import sft_loss, spin_sft_loss
 from spin_core.score import Examples, frame_examples, score_with_opponent, tokenize_responses
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,15 @@ class PairData:
         self.opponent_generated = torch.tensor(
             frame.get("opponent_generated_logps", pd.Series(dtype=float)).to_numpy()
         )
+        self.tie = torch.zeros(len(frame), dtype=torch.bool)  # y' = y token for token
+        if "generated_ids" in frame:
+            self.tie = torch.tensor(
+                [
+                    list(g) == list(r)
+                    for g, r in zip(frame["generated_ids"], frame["real_ids"], strict=True)
+                ],
+                dtype=torch.bool,
+            )
         self.lengths = [
             len(r) + (len(g) if self.generated else 0)
             for r, g in zip(
@@ -256,11 +265,83 @@ def _build_optimizer(model, training, lr: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay)
 
 
-def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= world_size
-    return values
+def _reduce_sums(sums: dict[str, float], world_size: int) -> dict[str, float]:
+    """Per-step sums of every rank added up (same keys on every rank)."""
+    if world_size == 1:
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def make_objective(kind: str, data: PairData, *, beta: float, sft_weight: float = 0.0):
+    """The loss of one micro-batch and the sums its step metrics are made of, chosen once.
+
+    kind "spin": the SPIN loss against the opponent's stored log-probs, plus
+    `sft_weight` · the real responses' per-token NLL when > 0 (SFT-anchored SPIN);
+    kind "sft": continued SFT on the real responses (the baseline).
+    Returns f(logps, counts, batch) -> (loss, sums); logps and counts hold the
+    batch's real responses, then (spin) its generated ones.
+    """
+
+    def spin(logps: torch.Tensor, counts: torch.Tensor, batch: list[int]):
+        n = len(batch)
+        loss, nll, real_reward, generated_reward = spin_sft_loss(
+            logps[:n],
+            logps[n:],
+            data.opponent_real[batch].to(logps),
+            data.opponent_generated[batch].to(logps),
+            counts[:n],
+            beta=beta,
+            sft_weight=sft_weight,
+        )
+        margin = (real_reward - generated_reward).cpu()
+        differ = ~data.tie[batch]  # a tie (y' = y token for token) is neither won nor lost
+        sums = {
+            "loss": loss.item() * n,
+            "real_reward": real_reward.sum().item(),
+            "generated_reward": generated_reward.sum().item(),
+            "margin": margin[differ].sum().item(),
+            "correct": (margin[differ] > 0).sum().item(),
+            "differing": differ.sum().item(),
+            "pairs": n,
+        }
+        if sft_weight:
+            sums["sft_nll"] = nll.item() * n
+        return loss, sums
+
+    def sft(logps: torch.Tensor, counts: torch.Tensor, batch: list[int]):
+        loss = sft_loss(logps, counts)
+        return loss, {"loss": loss.item() * len(batch), "pairs": len(batch)}
+
+    return {"spin": spin, "sft": sft}[kind]
+
+
+def step_metrics(sums: dict[str, float]) -> dict[str, float | None]:
+    """Named step metrics from the summed micro-batch values of all ranks.
+
+    Reward accuracy and margin are over the pairs whose responses differ; ties are
+    their share.
+    """
+    pairs = sums["pairs"]
+    metrics: dict[str, float | None] = {"loss": sums["loss"] / pairs, "tokens": sums["tokens"]}
+    if "margin" in sums:
+        differing = sums["differing"]
+        metrics |= {
+            "real_reward": sums["real_reward"] / pairs,
+            "generated_reward": sums["generated_reward"] / pairs,
+            "margin": sums["margin"] / differing if differing else 0.0,
+            "reward_accuracy": sums["correct"] / differing if differing else None,
+            "ties": 1 - differing / pairs,
+        }
+    else:  # the SFT baseline: no pairs to compare
+        metrics |= dict.fromkeys(
+            ("real_reward", "generated_reward", "margin", "reward_accuracy"), 0.0
+        )
+    if "sft_nll" in sums:
+        metrics["sft_nll"] = sums["sft_nll"] / pairs
+    return metrics
 
 
 def _truncate_log(log_path: Path, last_step: int) -> None:
@@ -377,6 +458,9 @@ def train_iteration(
         _truncate_log(log_path, start_step)
     writer = _tensorboard(state_dir) if rank == 0 else None
 
+    micro_batch_loss = make_objective(
+        objective, data, beta=beta, sft_weight=training.sft_weight if objective == "spin" else 0.0
+    )
     engine.train()
     bar = tqdm(
         total=total_steps,
@@ -391,56 +475,27 @@ def train_iteration(
             len(data), step, training.global_batch_size, training.seed + iteration
         )
         step_lr = scheduler.get_last_lr()[0]
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, real, generated, margin, correct, pairs
-        tokens = 0
+        sums: dict[str, float] = {}
         for batch in micro_batches(
             indices, data.lengths, training.micro_batch_size, rank, world_size
         ):
             logps, counts, batch_tokens = _policy_logps(engine, data, batch, pad_id, objective)
-            tokens += batch_tokens
-            n = len(batch)
-            if objective == "spin":
-                loss, real_reward, generated_reward = spin_loss(
-                    logps[:n],
-                    logps[n:],
-                    data.opponent_real[batch].to(logps),
-                    data.opponent_generated[batch].to(logps),
-                    beta=beta,
-                )
-                margin = (real_reward - generated_reward).cpu()
-                sums += torch.tensor(
-                    [
-                        loss.item() * n,
-                        real_reward.sum().item(),
-                        generated_reward.sum().item(),
-                        margin.sum().item(),
-                        (margin > 0).sum().item(),
-                        n,
-                    ],
-                    dtype=torch.float64,
-                )
-            else:
-                loss = sft_loss(logps, counts)
-                sums += torch.tensor([loss.item() * n, 0, 0, 0, 0, n], dtype=torch.float64)
+            loss, batch_sums = micro_batch_loss(logps, counts, batch)
+            for key, value in batch_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+            sums["tokens"] = sums.get("tokens", 0.0) + batch_tokens
             engine.backward(loss)
             engine.step()
-        sums = _reduce_mean(sums, world_size) * world_size
         seconds = time.perf_counter() - started
-        token_total = _reduce_mean(torch.tensor([float(tokens)]), world_size).item() * world_size
-        pairs = sums[5].item()
         record = {
             "iteration": iteration,
             "step": step + 1,
             "epoch": step / steps_per_epoch(len(data), training.global_batch_size),
-            "loss": sums[0].item() / pairs,
-            "real_reward": sums[1].item() / pairs,
-            "generated_reward": sums[2].item() / pairs,
-            "margin": sums[3].item() / pairs,
-            "reward_accuracy": sums[4].item() / pairs,
+            **step_metrics(_reduce_sums(sums, world_size)),
             "learning_rate": step_lr,
             "grad_norm": _float(engine.get_global_grad_norm()),
-            "tokens_per_s": token_total / max(seconds, 1e-9),
         }
+        record["tokens_per_s"] = record.pop("tokens") / max(seconds, 1e-9)
         if health is not None and ((step + 1) % health.every == 0 or step + 1 == total_steps):
             record |= _check_health(engine, health, pad_id, training.logprob_chunk_size, step + 1)
         if rank == 0:

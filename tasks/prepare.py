@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from spin_core import generate, toy
-from spin_core.checkpoint import check_causal_lm
+from spin_core.checkpoint import check_causal_lm, load_tokenizer
 from spin_core.config import SpinConfig
 from spin_core.data import (
     OPTIONAL_COLUMNS,
@@ -16,6 +16,7 @@ from spin_core.data import (
     sample_prompts,
     write_parquet_atomic,
 )
+from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
 from tasks.caching import transient_only
 from tasks.progress import logger
@@ -54,6 +55,11 @@ def check_inputs(config: SpinConfig, run_dir: str) -> str:
     train_pairs, heldout, stats = load_sft_data(run.data_config(config))
     # Raises, naming data.num_prompts, when the data holds fewer usable rows.
     sample_prompts(train_pairs, config.data.num_prompts, seed=config.data.seed)
+    # Raises, naming the tokenizer, when its template cannot split prompt from response.
+    tokenizer = load_tokenizer(
+        run.base_model(config), trust_remote_code=config.model.trust_remote_code
+    )
+    encode_pairs(tokenizer, train_pairs.head(8), config.training.max_prompt_length)
     logger().info(
         "data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats
     )

@@ -71,13 +71,13 @@ def run_training(config: SpinConfig, progress: Progress, *, opponent_eval=None, 
     def on_step(record: dict) -> None:
         progress.update(record["step"], record["total_steps"])
         log.info(
-            "iter %d step %d/%d loss %.4f margin %.3f acc %.2f lr %.2e %.0f tok/s",
+            "iter %d step %d/%d loss %.4f margin %.3f acc %s lr %.2e %.0f tok/s",
             iteration,
             record["step"],
             record["total_steps"],
             record["loss"],
             record["margin"],
-            record["reward_accuracy"],
+            "–" if record["reward_accuracy"] is None else f"{record['reward_accuracy']:.2f}",
             record["learning_rate"],
             record["tokens_per_s"],
         )

@@ -39,9 +39,14 @@ def kill_first_training_process(server, timeout: float = 300) -> dict:
 
 
 def output_stamps(run: RunDir) -> dict:
-    """mtimes of the outputs of every step that finished before training."""
+    """mtimes of the outputs of every step that finished before training.
+
+    train.parquet is the training step's own first output (θt's log-probs, scored by the
+    training ranks before their first step): kept across the kill when it was written.
+    """
     paths = [run.heldout, run.base_eval() / "eval.parquet", run.prompts(0), run.generated(0)]
-    paths += [run.pairs(0), run.train(0), *sorted(run.generated_shards(0).glob("part-*.parquet"))]
+    paths += [run.pairs(0), *sorted(run.generated_shards(0).glob("part-*.parquet"))]
+    paths += [run.train(0)] if run.train(0).exists() else []
     return {str(p): p.stat().st_mtime_ns for p in paths}
 
 
@@ -95,7 +100,13 @@ def test_retried_run_completes_with_the_run_directory_of_the_spec(retried_run):
     assert retried_run["final"]["state_type"] == "COMPLETED"
     assert yaml.safe_load(run.config.read_text())["run"]["execution"] == "deployments"
     assert not run.lock.exists()
-    assert list(pd.read_parquet(run.prompts(0)).columns) == ["id", "prompt", "real"]
+    assert list(pd.read_parquet(run.prompts(0)).columns) == [
+        "id",
+        "prompt",
+        "real",
+        "prompt_ids",
+        "real_ids",
+    ]
     assert [p.name for p in sorted(run.generated_shards(0).glob("part-*"))] == [
         "part-00000.parquet",
         "part-00001.parquet",
@@ -140,10 +151,11 @@ def test_retry_did_not_redo_finished_steps(retried_run, workers):
     assert "FAILED" in types and types[-1] == "COMPLETED"
     assert types.index("FAILED") < len(types) - 1
     # Every output written before the failure is untouched; training was redone, on the gpu pool.
-    assert output_stamps(run) == retried_run["stamps"]
-    journal = run.root / "steps.jsonl"
-    if journal.exists():  # the step journal: what each attempt really executed
-        events = [json.loads(line) for line in journal.read_text().splitlines()]
-        started = [e["step"] for e in events if e["event"] == "started"]
-        for step in ("sample-prompts", "generate-responses", "build-training-set"):
-            assert started.count(step) == 1, started
+    after = output_stamps(run)
+    assert {path: after[path] for path in retried_run["stamps"]} == retried_run["stamps"]
+    # The step journal: what each attempt really executed (it must exist: a missing journal
+    # would let a redone step pass unnoticed).
+    events = [json.loads(line) for line in (run.root / "steps.jsonl").read_text().splitlines()]
+    started = [e["step"] for e in events if e["event"] == "started"]
+    for step in ("sample-prompts", "generate-responses", "build-training-set"):
+        assert started.count(step) == 1, started

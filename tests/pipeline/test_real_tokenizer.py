@@ -193,3 +193,14 @@ def test_pipeline_scores_exactly_the_stored_ids(one_iteration, mistral_build):
     prompts = pd.read_parquet(run.prompts(0))
     assert "context" in prompts and (prompts["context"] != "[]").any()  # multi-turn prompts
     assert np.isfinite(json.loads(run.iteration_metrics(0).read_text())["real_loglik_per_token"])
+
+
+def test_a_template_that_merges_prompt_and_response_tokens_is_refused(mistral_build):
+    """Without a chat template, the plain template's trailing space merges into '▁Le': refused."""
+    from spin_core.errors import InputError
+
+    tokenizer = load_tokenizer(str(mistral_build.model_dir))
+    tokenizer.chat_template = None
+    with pytest.raises(InputError, match="not a prefix") as error:
+        encode_conversation(tokenizer, prompt_messages("Tell me."), "Leaves fall.")
+    assert "\n" not in str(error.value)

@@ -178,6 +178,36 @@ def test_ids_are_the_same_across_loads_and_formats(tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
+def test_all_turns_makes_earlier_turns_the_context_of_the_last_answer(tmp_path):
+    chats = pd.DataFrame(
+        {
+            "messages": [
+                [
+                    {"role": "user", "content": "q1"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "user", "content": "q2"},
+                    {"role": "assistant", "content": "a2"},
+                ],
+                [{"role": "user", "content": "only"}, {"role": "assistant", "content": "one"}],
+                [{"role": "user", "content": "unanswered"}],
+            ]
+        }
+    )
+    path = tmp_path / "chats.parquet"
+    chats.to_parquet(path)
+    first, _ = load_pairs(str(path))
+    assert first[["prompt", "real"]].values.tolist() == [["q1", "a1"], ["only", "one"]]
+    assert "context" not in first
+    every, stats = load_pairs(str(path), prompt_turns="all")
+    assert every[["prompt", "real"]].values.tolist() == [["q2", "a2"], ["only", "one"]]
+    assert json.loads(every["context"][0]) == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+    ]
+    assert json.loads(every["context"][1]) == []
+    assert stats.dropped_empty == 1
+
+
 def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
     message = str(error.value)
     assert "\n" not in message

@@ -71,3 +71,25 @@ def test_prompt_and_padding_are_not_scored(model):
     ids, mask, labels = pad_batch([[5, 6, 7, 8]], [[IGNORE_INDEX, IGNORE_INDEX, 7, 8]], 0)
     _, counts = sequence_logps(model, ids, mask, labels)
     assert counts.tolist() == [2]
+
+
+def test_the_self_check_refuses_logits_that_are_not_the_head_of_the_hidden_states(model):
+    """An architecture that rescales logits in its own forward is stopped, naming it."""
+    from spin_core.errors import InputError
+    from spin_core.logprobs import check_logprob_path
+
+    ids, mask, labels = pad_batch(*zip(*_examples(), strict=True), pad_token_id=0)
+    logps, _ = sequence_logps(model, ids, mask, labels)
+    check_logprob_path(model, ids, mask, labels, logps)  # a plain Llama passes
+
+    class ScaledLlama(LlamaForCausalLM):  # as Granite divides its logits by logits_scaling
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits / 4.0
+            return output
+
+    scaled = ScaledLlama(model.config).eval()
+    scaled.load_state_dict(model.state_dict())
+    fast, _ = sequence_logps(scaled, ids, mask, labels)  # backbone + head: misses the scale
+    with pytest.raises(InputError, match="LlamaForCausalLM|ScaledLlama"):
+        check_logprob_path(scaled, ids, mask, labels, fast)

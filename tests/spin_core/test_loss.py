@@ -61,3 +61,27 @@ def test_nonpositive_beta_is_refused():
 
 def test_sft_loss_is_token_averaged_nll():
     assert sft_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item() == pytest.approx(2.0)
+
+
+def test_sft_anchor_adds_exactly_alpha_times_the_per_token_nll():
+    """Worked numbers: real log-probs −6 (3 tokens) and −2 (1 token): NLL = 8/4 = 2 nats/token."""
+    from spin_core.loss import spin_sft_loss
+
+    args = (
+        torch.tensor([-6.0, -2.0]),  # policy real
+        torch.tensor([-5.0, -3.0]),  # policy generated
+        torch.tensor([-6.5, -2.5]),  # opponent real
+        torch.tensor([-4.0, -3.0]),  # opponent generated
+        torch.tensor([3, 1]),  # real token counts
+    )
+    paper, _, _ = spin_loss(*args[:4], beta=0.1)
+    # margins: 0.1·(0.5 + 1.0) = 0.15 and 0.1·(0.5 − 0) = 0.05
+    expected = (math.log1p(math.exp(-0.15)) + math.log1p(math.exp(-0.05))) / 2
+    assert paper.item() == pytest.approx(expected, abs=1e-6)
+    anchored, nll, _, _ = spin_sft_loss(*args, beta=0.1, sft_weight=0.5)
+    assert nll.item() == pytest.approx(2.0)
+    assert anchored.item() == pytest.approx(expected + 0.5 * 2.0, abs=1e-6)
+    plain, _, _, _ = spin_sft_loss(*args, beta=0.1, sft_weight=0.0)
+    assert torch.equal(plain, paper)  # α = 0 is the paper's loss bit for bit
+    with pytest.raises(ValueError, match="sft_weight"):
+        spin_sft_loss(*args, beta=0.1, sft_weight=-1.0)

@@ -308,3 +308,28 @@ def test_dropout_is_off_during_training(toy_build, train_parquet, tmp_path):
         iteration=0,
     )
     assert _log(result.log_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_sft_weight_is_logged_apart_and_zero_gives_the_papers_losses(
+    toy_build, train_parquet, tmp_path
+):
+    def run(name: str, *extra: str) -> list[dict]:
+        result = train_iteration(
+            init_model=str(toy_build.model_dir),
+            train_path=train_parquet,
+            state_dir=tmp_path / name,
+            model_out=tmp_path / f"m-{name}",
+            cfg=_config(toy_build, "training.num_epochs=1", *extra),
+            iteration=0,
+            stop_after_steps=2,
+        )
+        return _log(result.log_path)
+
+    paper, anchored = run("paper"), run("anchored", "training.sft_weight=0.5")
+    assert "sft_nll" not in paper[0] and anchored[0]["sft_nll"] > 0
+    # Step 1 starts at θt: the SPIN part is ln 2, the anchor adds 0.5 · NLL.
+    assert anchored[0]["loss"] == pytest.approx(
+        math.log(2) + 0.5 * anchored[0]["sft_nll"], abs=1e-5
+    )
+    assert paper[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert paper[0]["ties"] == 0.0  # identical pairs were dropped from this set
