@@ -1,4 +1,6 @@
-"""What every benchmark shares: the cached toy θ0, thread settings, peak memory, JSON output.
+"""What every benchmark shares: the cached toy θ0, thread settings, peak memory, JSON output,
+the pipeline's sample / generate / build steps as plain calls (`sample_with_ids`,
+`generate_and_build`), and `TrainPhases`, the phase split of one `train_iteration`.
 
 Every benchmark prints exactly one JSON line on stdout (its figures, the ratio or
 the target it is held to, the machine, the date and the command) and appends the
@@ -18,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +128,168 @@ def toy_config(overrides: list[str] | None = None):
         ],
     )
     return validate_config(raw, source="benchmarks/_common.py BENCH_CONFIG")
+
+
+def with_ids(sample, cfg, tokenizer=None):
+    """`sample` with prompt_ids and real_ids, as the pipeline's sample step writes prompts.parquet.
+
+    The tokenizer is θ0's (`cfg.model.name_or_path`) unless given; prompts are
+    left-truncated to `training.max_prompt_length` (`spin_core.prompts.encode_pairs`).
+    """
+    from spin_core.checkpoint import load_tokenizer
+    from spin_core.prompts import encode_pairs
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(
+            str(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+        )
+    prompt_ids, real_ids = encode_pairs(tokenizer, sample, cfg.training.max_prompt_length)
+    return sample.assign(prompt_ids=prompt_ids, real_ids=real_ids)
+
+
+def sample_with_ids(cfg, num_prompts: int, *, seed: int | None = None):
+    """prompts.parquet of the pipeline: `num_prompts` seeded pairs of the config's data, with ids."""
+    from spin_core import data
+
+    train, _, _ = data.load_sft_data(cfg.data)
+    sample = data.sample_prompts(train, num_prompts, seed=cfg.data.seed if seed is None else seed)
+    return with_ids(sample, cfg)
+
+
+def generate_and_build(cfg, prompts, out_dir: Path, *, opponent: str | None = None):
+    """(D_t, stats): the opponent's generations for `prompts` (with ids), identical pairs dropped.
+
+    The pipeline's generate and build steps: `generate_from_model` into shards,
+    `merge_shards`, `build_training_set` of this one iteration.
+    """
+    import pandas as pd
+
+    from spin_core import data, generate
+
+    opponent = opponent or str(cfg.model.name_or_path)
+    shards = Path(out_dir) / "generated"
+    generate.generate_from_model(opponent, cfg, prompts, shards, show_progress=False)
+    merged = generate.merge_shards(
+        shards, len(prompts), cfg.generation.shard_size, Path(out_dir) / "generated.parquet"
+    )
+    return data.build_training_set(
+        {0: pd.read_parquet(merged)}, drop_identical=cfg.data.drop_identical
+    )
+
+
+class TrainPhases:
+    """Wall seconds of one in-process `train_iteration` call, phase by phase.
+
+    Timed around the library's own calls (`spin_core.train._score_opponent`,
+    `_save_checkpoint`, `export_model`, wrapped for the duration of `timing()`)
+    and at each step's `on_step` record:
+
+    - load: from the call to the start of scoring (process group, θt loaded,
+      DeepSpeed engine built);
+    - scoring: θt's log-probs of the unscored pairs by the engine, written to
+      `scored_path`;
+    - steps: from the end of scoring to the last step's record (the pairs' ids
+      into examples, then every optimizer step), less checkpoints in between;
+    - checkpoint: DeepSpeed checkpoints; export: the HF model directory of θ(t+1);
+    - other: the rest (closing the step loop and TensorBoard writer).
+
+    On a CUDA device `cuda_peaks` holds the peak allocated memory (MiB) of each
+    phase (load, scoring, steps, checkpoint, export), the peak counter being reset
+    at every phase boundary.
+
+    Meant for pairs without opponent log-probs (the pipeline's pairs.parquet);
+    with pre-scored pairs there is no scoring span and `split` raises.
+    """
+
+    WRAPPED = ("_score_opponent", "_save_checkpoint", "export_model")
+    # The phase that ends where a wrapped call starts, and the one that ends with it.
+    BEFORE = {"_score_opponent": "load", "_save_checkpoint": "steps", "export_model": "other"}
+    PHASE = {
+        "_score_opponent": "scoring",
+        "_save_checkpoint": "checkpoint",
+        "export_model": "export",
+    }
+
+    def __init__(self) -> None:
+        self.spans: dict[str, list[tuple[float, float]]] = {name: [] for name in self.WRAPPED}
+        self.step_ends: list[float] = []
+        self.records: list[dict] = []
+        self.started = self.ended = 0.0
+        self.cuda_peaks: dict[str, float] = {}
+
+    def _phase_ends(self, phase: str) -> None:
+        """On CUDA: the peak allocated memory since the last boundary belongs to `phase`."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        self.cuda_peaks[phase] = round(max(peak, self.cuda_peaks.get(phase, 0.0)), 1)
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_step(self, record: dict) -> None:
+        self.step_ends.append(time.perf_counter())
+        self.records.append(record)
+
+    def _timed(self, name: str, function):
+        def timed(*args, **kwargs):
+            self._phase_ends(self.BEFORE[name])
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.spans[name].append((started, time.perf_counter()))
+                self._phase_ends(self.PHASE[name])
+
+        return timed
+
+    @contextmanager
+    def timing(self):
+        """Wrap the phase functions of spin_core.train; time the block as the whole call."""
+        from spin_core import train
+
+        originals = {name: getattr(train, name) for name in self.WRAPPED}
+        for name, function in originals.items():
+            setattr(train, name, self._timed(name, function))
+        self._phase_ends("before")  # resets the peak counter on CUDA
+        self.started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.ended = time.perf_counter()
+            self._phase_ends("other")
+            self.cuda_peaks.pop("before", None)
+            for name, function in originals.items():
+                setattr(train, name, function)
+
+    def step_seconds(self) -> list[float]:
+        """Seconds of each optimizer step; the first also holds the pairs' set-up after scoring."""
+        starts = [self.spans["_score_opponent"][0][1], *self.step_ends[:-1]]
+        return [round(b - a, 4) for a, b in zip(starts, self.step_ends, strict=True)]
+
+    def split(self) -> dict[str, float]:
+        if not self.spans["_score_opponent"]:
+            raise RuntimeError("train_iteration did not score the pairs: give it unscored pairs")
+        if not self.step_ends:
+            raise RuntimeError("train_iteration ran no optimizer step")
+        score_start, score_end = self.spans["_score_opponent"][0]
+        last_step = self.step_ends[-1]
+
+        def total(name: str, before: float | None = None) -> float:
+            return sum(
+                end - start for start, end in self.spans[name] if before is None or end <= before
+            )
+
+        phases = {
+            "total": self.ended - self.started,
+            "load": score_start - self.started,
+            "scoring": score_end - score_start,
+            "steps": last_step - score_end - total("_save_checkpoint", before=last_step),
+            "checkpoint": total("_save_checkpoint"),
+            "export": total("export_model"),
+        }
+        phases["other"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
+        return {k: round(v, 3) for k, v in phases.items()}
 
 
 def peak_rss_mib() -> float:

@@ -6,9 +6,12 @@ chat, ~3.2 on average; user turns ~300 characters, assistant turns ~1,200, long
 tails), so ~1.2 GB of text, as the real split holds. The timed run, in its own
 process for an honest peak RSS, is what the pipeline does before generation and
 after it: `load_sft_data` (read, first exchange, drop empty and duplicate pairs,
-hold out `eval_size`, remove held-out prompts), `sample_prompts` (50k), then
-`build_training_set` from the generations of iterations 1 and 0 (history 1, so
-100k pairs less the identical ones), written to Parquet.
+hold out `eval_size`, remove held-out prompts), `sample_prompts` (50k) and their
+one tokenization (`encode_pairs` with zephyr-7b-sft-full's tokenizer, Mistral-7B's
+SentencePiece model from tests/realtok.py, into prompt_ids and real_ids; written
+as prompts.parquet), then `build_training_set` from the generations of iterations
+1 and 0 (history 1, so 100k pairs less the identical ones, decided on the ids),
+written to Parquet.
 
     python -m benchmarks.bench_data     # targets: < 10 s and < 1 GiB peak RSS
 """
@@ -100,33 +103,57 @@ def write_ultrachat_like(path: Path, rows: int) -> Path:
     return path
 
 
-def write_generations(dataset: Path, sample_size: int, out_dir: Path) -> list[Path]:
+def tokenizer_dir() -> Path:
+    """A model directory with zephyr-7b-sft-full's tokenizer (tests/realtok.py: Mistral-7B
+    v0.1's, offline; the tiny model beside it is not used)."""
+    from tests.realtok import build_realtok
+
+    return build_realtok(_common.CACHE / "data" / "realtok").model_dir
+
+
+def write_generations(
+    dataset: Path, sample_size: int, out_dir: Path, tokenizer: Path
+) -> list[Path]:
     """generated.parquet of iterations 0 and 1 for the sample the timed run will draw.
 
     About 40% of the generated responses equal the real ones (as on the toy task);
-    the others are the real response cut short, as a weak opponent's would be.
+    the others are the real response cut short, as a weak opponent's would be (text
+    cut by characters, ids by 1-50 tokens: the build step only compares ids).
     """
-    import pandas as pd
-
     from spin_core import data
+    from spin_core.checkpoint import load_tokenizer
+    from spin_core.prompts import encode_pairs
 
     paths = [out_dir / f"generated-{t}.parquet" for t in (0, 1)]
     if all(p.exists() for p in paths):
         return paths
     train, _, _ = data.load_sft_data(_data_config(dataset))
     sample = data.sample_prompts(train, sample_size, seed=SEED)
+    prompt_ids, real_ids = encode_pairs(
+        load_tokenizer(str(tokenizer)), sample, _training_config().max_prompt_length
+    )
+    sample = sample.assign(
+        prompt_ids=[np.asarray(ids, dtype=np.int32) for ids in prompt_ids],
+        real_ids=[np.asarray(ids, dtype=np.int32) for ids in real_ids],
+    )
     rng = np.random.default_rng(SEED + 1)
     for t, path in enumerate(paths):
         identical = rng.random(len(sample)) < 0.4
         cut = rng.integers(1, 200, len(sample))
+        cut_ids = rng.integers(1, 50, len(sample))
         generated = [
             real if same else real[: max(1, len(real) - c)]
             for real, same, c in zip(sample["real"], identical, cut.tolist(), strict=True)
         ]
+        generated_ids = [
+            ids if same else ids[: max(1, len(ids) - c)]
+            for ids, same, c in zip(sample["real_ids"], identical, cut_ids.tolist(), strict=True)
+        ]
         frame = sample.assign(
             generated=generated,
+            generated_ids=generated_ids,
             finish_reason="stop",
-            generated_tokens=pd.Series(generated).str.len().to_numpy(),
+            generated_tokens=[len(ids) for ids in generated_ids],
             opponent=f"iter_{t - 1}/model" if t else "theta0",
             decoding='{"do_sample": false}',
         )
@@ -140,6 +167,12 @@ def _data_config(dataset: Path):
     return DataConfig(dataset=str(dataset), eval_size=500, seed=SEED, history=1)
 
 
+def _training_config():
+    from spin_core.config import TrainingConfig
+
+    return TrainingConfig()  # the paper's limits: max_prompt_length 512, max_length 1024
+
+
 # ---------------------------------------------------------------- timed run
 
 
@@ -148,6 +181,8 @@ def run_stage(args) -> None:
     import pandas as pd
 
     from spin_core import data
+    from spin_core.checkpoint import load_tokenizer
+    from spin_core.prompts import encode_pairs
 
     cfg = _data_config(args.dataset)
     record = {"rss_before_mib": round(_common.current_rss_mib(), 1)}
@@ -163,8 +198,17 @@ def run_stage(args) -> None:
         step("load_clean", timer)
         with _common.Timer() as timer:
             sample = data.sample_prompts(train, args.sample, seed=cfg.seed)
+            # The sample step's one tokenization of every pair (tasks/sample.py).
+            with _common.Timer() as encoding:
+                tokenizer = load_tokenizer(str(args.tokenizer))
+                prompt_ids, real_ids = encode_pairs(
+                    tokenizer, sample, _training_config().max_prompt_length
+                )
+            sample = sample.assign(prompt_ids=prompt_ids, real_ids=real_ids)
+            del prompt_ids, real_ids
             data.write_parquet_atomic(sample, Path(tmp) / "prompts.parquet")
         step("sample", timer)
+        step("encode", encoding)
         record |= {"rows_read": stats["dataset"]["rows_read"], "train_rows": len(train)}
         record |= {"heldout_rows": len(heldout), "sampled": len(sample)}
         # The pipeline builds D_t in a later task, from files: the SFT frames are gone by then.
@@ -190,6 +234,7 @@ def main() -> None:
     args.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     args.add_argument("--sample", type=int, help=argparse.SUPPRESS)
     args.add_argument("--generated", type=Path, nargs=2, help=argparse.SUPPRESS)
+    args.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
     args = args.parse_args()
     if args.stage:
         run_stage(args)
@@ -198,12 +243,17 @@ def main() -> None:
     rows, sample = (QUICK_ROWS, QUICK_SAMPLE) if args.quick else (ROWS, SAMPLE)
     cache = _common.CACHE / "data"
     dataset = write_ultrachat_like(cache / f"ultrachat-like-{rows}.parquet", rows)
-    generated = write_generations(dataset, sample, cache / f"generated-{rows}-{sample}")
+    tokenizer = tokenizer_dir()
+    # "-ids": generations with prompt_ids, real_ids and generated_ids (the build step's inputs).
+    generated = write_generations(
+        dataset, sample, cache / f"generated-{rows}-{sample}-ids", tokenizer
+    )
     result = _common.run_json(
         "benchmarks.bench_data",
         "--stage",
         f"--dataset={dataset}",
         f"--sample={sample}",
+        f"--tokenizer={tokenizer}",
         "--generated",
         *map(str, generated),
     )

@@ -2,10 +2,12 @@
 
 The per-prompt loop is how public SPIN write-ups generate y': format the prompt
 with the chat template, call `model.generate` on it alone, decode. spin's step is
-`spin_core.generate` as the pipeline runs it: `encode_prompts`, `make_backend`
-(batched, length-sorted, left-padded `generate`), `generate_shards` writing the
-Parquet shards. Same toy θ0, same prompts, same greedy settings; the outputs must
-be identical, token for token.
+`spin_core.generate` as the pipeline runs it: the prompts' ids from
+`spin_core.prompts.encode_prompts` (what the sample step stores as `prompt_ids`),
+`make_backend` (batched, length-sorted, left-padded greedy decoding), `generate_shards`
+writing the Parquet shards with the generated ids. Same toy θ0, same prompts, same
+greedy settings; the outputs must be identical, token for token (the loop's new ids
+against the shards' `generated_ids`).
 
     python -m benchmarks.bench_generate            # 512 prompts; target spin ≥ 20× faster
 """
@@ -25,8 +27,8 @@ TARGET_SPEEDUP = 20.0
 
 @torch.no_grad()
 def per_prompt_loop(model, tokenizer, prompts: list[str], max_new_tokens: int):
-    """(texts, generated token counts incl. EOS): one greedy `generate` call per prompt."""
-    texts, counts = [], []
+    """(texts, new token ids incl. EOS): one greedy `generate` call per prompt."""
+    texts, ids = [], []
     eos = tokenizer.eos_token_id
     for prompt in prompts:
         inputs = tokenizer.apply_chat_template(
@@ -45,19 +47,25 @@ def per_prompt_loop(model, tokenizer, prompts: list[str], max_new_tokens: int):
         new = output[0, inputs["input_ids"].shape[1] :].tolist()
         if eos in new:
             new = new[: new.index(eos) + 1]
-        counts.append(len(new))
+        ids.append(new)
         texts.append(tokenizer.decode(new, skip_special_tokens=True))
-    return texts, counts
+    return texts, ids
 
 
 def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
-    """(texts, generated token counts): spin_core's generation step into Parquet shards."""
+    """(texts, generated token ids): spin_core's generation step into Parquet shards."""
     from spin_core import generate
+    from spin_core.prompts import encode_prompts
 
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.training.max_prompt_length)
     frame = pd.DataFrame(
-        {"id": [str(i) for i in range(len(prompts))], "prompt": prompts, "real": ""}
+        {
+            "id": [str(i) for i in range(len(prompts))],
+            "prompt": prompts,
+            "real": "",
+            "prompt_ids": prompt_ids,
+        }
     )
-    prompt_ids = generate.encode_prompts(tokenizer, prompts, cfg.training.max_prompt_length)
     backend = generate.make_backend(str(cfg.model.name_or_path), cfg, tokenizer, model=model)
     decoding = generate.Decoding.from_config(cfg.generation, tokenizer)
     paths = generate.generate_shards(
@@ -71,7 +79,7 @@ def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
         show_progress=False,
     )
     shards = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
-    return shards["generated"].tolist(), shards["generated_tokens"].tolist()
+    return shards["generated"].tolist(), [ids.tolist() for ids in shards["generated_ids"]]
 
 
 def main() -> None:
@@ -96,29 +104,29 @@ def main() -> None:
         # Alternating rounds, so a change in the machine's load hits both sides alike.
         for round_ in range(rounds):
             with _common.Timer() as loop_time:
-                loop_texts, loop_tokens = per_prompt_loop(model, tokenizer, prompts, max_new_tokens)
+                loop_texts, loop_ids = per_prompt_loop(model, tokenizer, prompts, max_new_tokens)
             with _common.Timer() as spin_time:
-                spin_texts, spin_tokens = spin_generation(
+                spin_texts, spin_ids = spin_generation(
                     model, tokenizer, prompts, cfg, f"{tmp}/round-{round_}"
                 )
             loop_times.append(loop_time)
             spin_times.append(spin_time)
             mismatches = [
-                i for i, (a, b) in enumerate(zip(loop_texts, spin_texts, strict=True)) if a != b
+                i for i, (a, b) in enumerate(zip(loop_ids, spin_ids, strict=True)) if a != b
             ]
             assert not mismatches, (
                 f"{len(mismatches)} of {num_prompts} outputs differ, e.g. prompt "
                 f"{prompts[mismatches[0]]!r}: {loop_texts[mismatches[0]]!r} (per prompt) vs "
                 f"{spin_texts[mismatches[0]]!r} (spin)"
             )
-            assert loop_tokens == spin_tokens, "generated token counts differ"
+            assert loop_texts == spin_texts, "same ids, different decoded texts"
 
     loop_wall = statistics.median(t.wall for t in loop_times)
     spin_wall = statistics.median(t.wall for t in spin_times)
     loop_cpu = statistics.median(t.cpu for t in loop_times)
     spin_cpu = statistics.median(t.cpu for t in spin_times)
     speedup = loop_wall / spin_wall
-    tokens = sum(spin_tokens)
+    tokens = sum(len(ids) for ids in spin_ids)
     _common.emit(
         "generate",
         {

@@ -3,7 +3,8 @@
 Prefect side: `flows.pipeline.spin_pipeline` exactly as `spin run` calls it, on
 Prefect's local ephemeral server (started by the run, as for a user). Plain side:
 the steps the tasks perform (held-out split, θ0 evaluation, then per iteration
-sample, generate, build, score, train, evaluate; finally the report), called
+sample and tokenize, generate, build, train (which scores the pairs with θt
+before its first step), evaluate; finally the report), called
 directly on `spin_core` with the same paths and files, no Prefect imported. Both
 run the same small toy config in a fresh process each; the figure is the ratio
 of their wall times, interpreter start to exit.
@@ -52,19 +53,22 @@ def plain_loop(cfg, run_dir: str) -> Path:
     """spin_pipeline's steps as direct spin_core calls (mirrors flows/ and tasks/)."""
     import pandas as pd
 
-    from spin_core import data, generate, report, score, toy, train
-    from spin_core.checkpoint import check_model_path, load_policy
+    from spin_core import data, generate, report, toy, train
+    from spin_core.checkpoint import check_causal_lm, load_policy, load_tokenizer
     from spin_core.config import schedule_at
     from spin_core.evaluate import evaluate_model
+    from spin_core.prompts import drop_overlong_prompts, encode_pairs
     from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
 
     run = RunDir(run_dir)
     check_or_save_config(run, cfg)
     data_cfg = run.data_config(cfg)
-    check_model_path(run.base_model(cfg))
+    check_causal_lm(run.base_model(cfg), trust_remote_code=cfg.model.trust_remote_code)
+    generate.check_backend_available(cfg)
     train_pairs, heldout, _ = data.load_sft_data(data_cfg)
     data.sample_prompts(train_pairs, cfg.data.num_prompts, seed=cfg.data.seed)
-    data.write_parquet_atomic(heldout[["id", "prompt", "real"]], run.heldout)
+    columns = [c for c in [*data.PAIR_COLUMNS, *data.OPTIONAL_COLUMNS] if c in heldout]
+    data.write_parquet_atomic(heldout[columns], run.heldout)
 
     def evaluate(model_dir: str, out_dir: Path, opponent_dir=None, iteration=None) -> dict:
         heldout = pd.read_parquet(run.heldout)
@@ -94,18 +98,32 @@ def plain_loop(cfg, run_dir: str) -> Path:
     opponent, opponent_eval = run.base_model(cfg), run.base_eval()
     evaluate(opponent, opponent_eval)
     for t in range(cfg.run.iterations):
-        # 1. sample
+        # 1. sample, tokenized once with θ0's tokenizer (prompt_ids, real_ids)
         pairs, _, _ = data.load_sft_data(data_cfg)
-        prompts = data.sample_prompts(pairs, cfg.data.num_prompts, seed=cfg.data.seed)
-        data.write_parquet_atomic(prompts[["id", "prompt", "real"]], run.prompts(t))
-        # 2. generate
+        tokenizer = load_tokenizer(
+            run.base_model(cfg), trust_remote_code=cfg.model.trust_remote_code
+        )
+        if cfg.data.overlong_prompts == "drop":
+            pairs, _ = drop_overlong_prompts(pairs, tokenizer, cfg.training.max_prompt_length)
+        prompts = data.sample_prompts(
+            pairs,
+            cfg.data.num_prompts,
+            seed=cfg.data.seed,
+            iteration=t,
+            resample=cfg.data.resample_each_iteration,
+        )
+        prompt_ids, real_ids = encode_pairs(tokenizer, prompts, cfg.training.max_prompt_length)
+        prompts = prompts.assign(prompt_ids=prompt_ids, real_ids=real_ids)
+        data.write_parquet_atomic(prompts, run.prompts(t))
+        # 2. generate (from the stored prompt ids, as the task reads them back)
+        prompts = pd.read_parquet(run.prompts(t))
         generate.generate_from_model(
             opponent, cfg, prompts, run.generated_shards(t), show_progress=False
         )
         generate.merge_shards(
             run.generated_shards(t), len(prompts), cfg.generation.shard_size, run.generated(t)
         )
-        # 3. build and score
+        # 3. build
         sources = range(max(0, t - cfg.data.history), t + 1)
         generated = {s: pd.read_parquet(run.generated(s)) for s in sources}
         pairs, stats = data.build_training_set(generated, drop_identical=cfg.data.drop_identical)
@@ -118,13 +136,11 @@ def plain_loop(cfg, run_dir: str) -> Path:
             },
             run.iteration(t) / "pairs.json",
         )
-        model, tokenizer = load_policy(opponent, cfg.model)
-        scored, _ = score.score_with_opponent(model, tokenizer, pairs, cfg.training)
-        data.write_parquet_atomic(scored, run.train(t))
-        # 4. train
+        # 4. train: the engine scores pairs.parquet with θt first, into train.parquet
         train.train_iteration(
             init_model=opponent,
-            train_path=run.train(t),
+            train_path=run.pairs(t),
+            scored_path=run.train(t),
             state_dir=run.train_state(t),
             model_out=run.model(t),
             cfg=cfg,

@@ -2,12 +2,16 @@
 
 The newest full (not --quick) result of each benchmark and code variant becomes one
 row with its machine, date and command; the text around the table is left alone.
+With --quick the newest results, smoke tests included, are printed instead and the
+document is not touched.
 
     python -m benchmarks.report
+    python -m benchmarks.report --quick     # print the table of the latest results
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -29,16 +33,7 @@ def summary(r: dict) -> tuple[str, str]:
             f"{r['speedup']}× faster",
         )
     if name.startswith("train"):
-        return (
-            f"{r['model']}, {r['steps']} steps × {r['batch']} pairs, {r['tokens']} tokens: "
-            f"spin {r['spin_s']} s incl. {r['spin_score_s']} s scoring "
-            f"({r['spin_tokens_per_s']} tok/s), TRL {r['trl_s']} s ({r['trl_tokens_per_s']} tok/s); "
-            f"per step {r['spin_step_tokens_per_s']} vs {r['trl_step_tokens_per_s']} tok/s; "
-            f"peak RSS {r['spin_peak_mib']:.0f} vs {r['trl_peak_mib']:.0f} MiB; first-step loss "
-            f"{r['first_loss_spin']} vs {r['first_loss_trl']}",
-            f"{r['speed_ratio']}× tokens/s end to end ({r['step_speed_ratio']}× per step), "
-            f"{r['memory_ratio']}× memory",
-        )
+        return _train_summary(r)
     if name == "overhead":
         return (
             f"{r['config']}: plain loop {r['plain_s']} s, Prefect {r['prefect_s']} s "
@@ -47,22 +42,69 @@ def summary(r: dict) -> tuple[str, str]:
             f"{r['ratio']}× ({r['server_ratio']}× on a running server)",
         )
     if name == "data":
+        encode = f" incl. tokenizing {r['encode_s']} s" if "encode_s" in r else ""
         return (
             f"{r['rows']} chats, {r['text_mib']:.0f} MiB of text: load+clean {r['load_clean_s']} s "
-            f"(peak {r['load_clean_peak_rss_mib']:.0f} MiB), sample {r['sample_s']} s, build "
-            f"{r['build_s']} s → {r['training_pairs']} pairs; CPU {r['cpu_seconds']:.1f} s",
+            f"(peak {r['load_clean_peak_rss_mib']:.0f} MiB), sample {r['sample_s']} s{encode} "
+            f"(peak {r['sample_peak_rss_mib']:.0f} MiB), build {r['build_s']} s → "
+            f"{r['training_pairs']} pairs; CPU {r['cpu_seconds']:.1f} s",
             f"{r['seconds']:.1f} s, {r['peak_rss_mib']:.0f} MiB peak RSS",
         )
     if name == "scaling":
+        # Older records had a separate score step; now scoring is inside train.
+        names = [
+            ("sample", "sample"),
+            ("generate", "generate"),
+            ("build", "build"),
+            ("score", "score"),
+            ("train", "train"),
+            ("score_in_train", "of which scoring"),
+        ]
         steps = ", ".join(
-            f"{step} {' / '.join(str(t) for t in r[f'{step}_s'])} s"
-            for step in ("generate", "build", "score", "train")
+            f"{label} {' / '.join(str(t) for t in r[f'{step}_s'])} s"
+            for step, label in names
+            if f"{step}_s" in r
         )
         return (
             f"prompts {' / '.join(map(str, r['prompts']))}: {steps}",
             "growth exponents " + ", ".join(f"{k} {v}" for k, v in r["growth_exponents"].items()),
         )
     return json.dumps(r), ""
+
+
+def _train_summary(r: dict) -> tuple[str, str]:
+    """spin's train_iteration (scoring inside, phase by phase) and TRL's DPOTrainer, if run."""
+    phases = [
+        ("load", "load"),
+        ("scoring", "scoring"),
+        ("steps", "steps"),
+        ("checkpoint", "checkpoint"),
+        ("export", "export"),
+    ]
+    if "spin_scoring_s" in r:
+        split = " + ".join(f"{label} {r[f'spin_{key}_s']}" for key, label in phases)
+        spin = f"spin {r['spin_s']} s (train_iteration: {split} s; {r['spin_tokens_per_s']} tok/s)"
+    else:  # records from before scoring moved into training
+        spin = (
+            f"spin {r['spin_s']} s incl. {r['spin_score_s']} s scoring "
+            f"({r['spin_tokens_per_s']} tok/s)"
+        )
+    head = f"{r['model']}, {r['steps']} steps × {r['batch']} pairs, {r['tokens']} tokens: {spin}"
+    if "trl_s" not in r:
+        return (
+            f"{head}; per step {r['spin_step_tokens_per_s']} tok/s; peak RSS "
+            f"{r['spin_peak_mib']:.0f} MiB; first-step loss {r['first_loss_spin']}; "
+            "TRL not installed",
+            "spin only: no TRL comparison",
+        )
+    return (
+        f"{head}, TRL {r['trl_s']} s ({r['trl_tokens_per_s']} tok/s); "
+        f"per step {r['spin_step_tokens_per_s']} vs {r['trl_step_tokens_per_s']} tok/s; "
+        f"peak RSS {r['spin_peak_mib']:.0f} vs {r['trl_peak_mib']:.0f} MiB; first-step loss "
+        f"{r['first_loss_spin']} vs {r['first_loss_trl']}",
+        f"{r['speed_ratio']}× tokens/s end to end ({r['step_speed_ratio']}× per step), "
+        f"{r['memory_ratio']}× memory",
+    )
 
 
 def table(records: list[dict]) -> str:
@@ -82,12 +124,19 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument(
+        "--quick",
+        action="store_true",
+        help="include --quick results and print the table; docs/PERFORMANCE.md is left alone",
+    )
+    args = args.parse_args()
     if not _common.RESULTS.exists():
         sys.exit(f"{_common.RESULTS}: no results yet; run `make bench` first")
     latest: dict[tuple[str, str], dict] = {}
     for line in _common.RESULTS.read_text().splitlines():
         record = json.loads(line)
-        if not record["quick"]:
+        if args.quick or not record["quick"]:
             latest[(record["benchmark"], record.get("code", "working tree"))] = record
     records = sorted(
         latest.values(),
@@ -96,6 +145,11 @@ def main() -> None:
             r.get("code", "working tree") != "working tree",
         ),
     )
+    if args.quick:
+        print(table(records))
+        return
+    if not records:  # only smoke tests so far: keep the table that is there
+        sys.exit(f"{_common.RESULTS}: no full (non --quick) results; {DOC} left as it is")
     doc = DOC.read_text()
     head, rest = doc.split(START, 1)
     _, tail = rest.split(END, 1)

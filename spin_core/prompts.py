@@ -96,11 +96,21 @@ def _special_prefix(tokenizer) -> tuple[int, ...]:
     return ()
 
 
+TOKENIZE_CHUNK = 2048  # texts per tokenizer call: bounds the encodings held at once
+
+
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text in one pass; the tokenizer's BOS first unless the template wrote it."""
     prefix = list(_special_prefix(tokenizer))
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [ids if ids[: len(prefix)] == prefix else prefix + ids for ids in encoded]
+    out: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        encoded = tokenizer(
+            texts[start : start + TOKENIZE_CHUNK],
+            add_special_tokens=False,
+            return_attention_mask=False,
+        )["input_ids"]
+        out += [ids if ids[: len(prefix)] == prefix else prefix + ids for ids in encoded]
+    return out
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[Message]) -> list[int]:
