@@ -10,7 +10,7 @@ from flows.iteration import spin_iteration
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from tasks.evaluate import evaluate
-from tasks.prepare import build_embedded_default, check_inputs
+from tasks.prepare import build_embedded_default, check_inputs, check_own_inputs
 from tasks.report import write_report
 
 
@@ -29,6 +29,7 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
     with RunLock(run):
         check_config(run, config)
         if config.uses_toy():
+            check_own_inputs(config)  # the user's half of the inputs, before minutes of toy build
             build_embedded_default(config, str(run.root))
         # Data and model are checked before anything is written for the run, so a
         # corrected rerun is not refused as a changed config.

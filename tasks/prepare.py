@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from spin_core import generate, toy
 from spin_core.checkpoint import check_causal_lm, load_tokenizer
-from spin_core.config import SpinConfig
+from spin_core.config import TOY, SpinConfig
 from spin_core.data import (
     OPTIONAL_COLUMNS,
     PAIR_COLUMNS,
@@ -37,6 +37,29 @@ def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
     )
     logger().info("embedded default ready: θ0 at %s", artifacts.model_dir)
     return str(artifacts.model_dir)
+
+
+def check_own_inputs(config: SpinConfig) -> None:
+    """Check the inputs that are the user's own, before the embedded default is built.
+
+    With one input the embedded default and the other the user's (a missing
+    dataset with the toy model, a missing model with the toy data), the user's
+    mistake is reported in seconds, before minutes of SFT warm-up and before
+    anything is written into the run directory.
+    """
+    tokenizer = None
+    if config.model.name_or_path != TOY:
+        check_causal_lm(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = load_tokenizer(
+            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code
+        )
+    if config.run.execution == "local":
+        generate.check_backend_available(config)
+    if config.data.dataset != TOY:
+        train_pairs, _, _ = load_sft_data(config.data)
+        sample_prompts(train_pairs, config.data.num_prompts, seed=config.data.seed)
+        if tokenizer is not None:
+            encode_pairs(tokenizer, train_pairs.head(8), config.training.max_prompt_length)
 
 
 @task(

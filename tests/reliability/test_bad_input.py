@@ -206,3 +206,39 @@ def test_run_directory_held_by_a_live_run(capfd, prefect_server, existing_run, b
 def test_run_directory_started_with_a_different_config(capfd, prefect_server, existing_run, base):
     overrides = base + ["training.beta=0.5"]
     assert_refused(capfd, existing_run, overrides, "training.beta", "--run-dir")
+
+
+# ------------------------------------------------ the embedded default with the user's input
+
+SMALL = ["data.num_prompts=32", "data.eval_size=16", "training.global_batch_size=8"]
+
+
+def _mixed_refused(capfd, run_dir: Path, overrides: list[str], *expected: str) -> None:
+    """Refused in seconds: the user's input is checked before the embedded θ0 is built."""
+    import time
+
+    started = time.monotonic()
+    assert_refused(capfd, run_dir, [*SMALL, "training.micro_batch_size=4", *overrides], *expected)
+    assert not (run_dir / "toy").exists()
+    assert time.monotonic() - started < 60  # building θ0 alone takes minutes
+
+
+def test_toy_model_with_a_missing_dataset(capfd, prefect_server, tmp_path):
+    missing = tmp_path / "missing.parquet"
+    _mixed_refused(capfd, tmp_path / "run", [f"data.dataset={missing}"], "missing.parquet")
+
+
+def test_toy_model_with_a_dataset_of_the_wrong_columns(capfd, prefect_server, tmp_path):
+    path = _bad_parquet(tmp_path, pd.DataFrame({"question": ["a"] * 50, "answer": ["b"] * 50}))
+    _mixed_refused(capfd, tmp_path / "run", [f"data.dataset={path}"], "bad.parquet", "messages")
+
+
+def test_toy_model_with_an_empty_dataset(capfd, prefect_server, tmp_path):
+    blank = [{"role": "user", "content": ""}, {"role": "assistant", "content": " "}]
+    path = _bad_parquet(tmp_path, pd.DataFrame({"messages": [blank] * 5}))
+    _mixed_refused(capfd, tmp_path / "run", [f"data.dataset={path}"], "bad.parquet", "usable")
+
+
+def test_toy_data_with_a_missing_model(capfd, prefect_server, tmp_path):
+    overrides = [f"model.name_or_path={tmp_path / 'no-model'}"]
+    _mixed_refused(capfd, tmp_path / "run", overrides, "model.name_or_path", "no-model")
