@@ -132,6 +132,25 @@ class GenerationConfig(_Section):
     seed: int = Field(0, ge=0, description="sampling seed")
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        min_length=1,
+        description="module names that get an adapter (default: attention and MLP projections)",
+    )
+
+
 class TrainingConfig(_Section):
     beta: PositiveSchedule = Field(
         0.1, description="β (λ = 1/β in the paper): a number, or a list indexed by iteration"
@@ -193,6 +212,11 @@ class TrainingConfig(_Section):
     seed: int = Field(42, ge=0, description="seed of data order and initialisation")
     deepspeed: dict[str, Any] | None = Field(
         None, description="DeepSpeed JSON merged over the generated DeepSpeed config"
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="train a fresh LoRA adapter on θt each iteration and export θt + adapter "
+        "merged (unset: full fine-tuning)",
     )
 
     @field_validator("beta", "learning_rate")

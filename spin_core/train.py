@@ -28,7 +28,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from spin_core.checkpoint import compute_dtype, device, load_policy, save_model_dir
-from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
+from spin_core.config import (
+    LoraConfig,
+    ModelConfig,
+    SpinConfig,
+    TrainingConfig,
+    deepspeed_config,
+    schedule_at,
+)
 from spin_core.data import read_parquet_checked, write_parquet_atomic
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
@@ -414,6 +421,10 @@ def train_iteration(
     if training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if training.lora is not None:
+        # θ(t+1) = θt + a fresh adapter; the opponent's log-probs are precomputed, so
+        # no adapter toggling is needed to score the reference.
+        model = with_adapter(model, training.lora)
     frame = pd.read_parquet(train_path)
     if objective == "spin" and "generated_ids" not in frame:
         raise ValueError(f"{train_path}: no generated_ids column to train SPIN on")
@@ -519,7 +530,16 @@ def train_iteration(
     bar.close()
     if writer:
         writer.close()
-    export_model(engine, tokenizer, model_out, rank, training.zero_stage, saved_dtype)
+    export_model(
+        engine,
+        tokenizer,
+        model_out,
+        rank,
+        training.zero_stage,
+        saved_dtype,
+        lora=training.lora,
+        base=(init_model, cfg.model),
+    )
     return TrainResult(total_steps, start_step, log_path, model_out)
 
 
@@ -630,10 +650,54 @@ def _config_dtype(config) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
+def with_adapter(model, lora: LoraConfig):
+    """`model` with a fresh LoRA adapter on `lora.target_modules`; only the adapter trains."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def merge_adapter(state_dict: dict, base: tuple[str, ModelConfig], lora: LoraConfig, adapter_dir):
+    """θt + adapter as a plain model: the trained adapter (from a gathered PEFT state dict)
+    is loaded onto a fresh copy of θt, saved to `adapter_dir`, and merged into the weights."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    init_model, model_cfg = base
+    unset_hf_deepspeed_config()  # training is over: a whole θt, not a ZeRO-3 partition
+    fresh, _ = load_policy(init_model, model_cfg, for_training=True)  # fp32, on the CPU
+    peft_model = with_adapter(fresh, lora)
+    missing, unexpected = peft_model.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k]:
+        raise RuntimeError(f"adapter state does not match: {unexpected[:3]} {missing[:3]}")
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    return peft_model.merge_and_unload()
+
+
 def export_model(
-    engine, tokenizer, out_dir: Path, rank: int, zero_stage: int, dtype: torch.dtype
+    engine,
+    tokenizer,
+    out_dir: Path,
+    rank: int,
+    zero_stage: int,
+    dtype: torch.dtype,
+    *,
+    lora: LoraConfig | None = None,
+    base: tuple[str, ModelConfig] | None = None,
 ) -> None:
-    """Write the trained weights as one HF directory (ZeRO-3 shards gathered first)."""
+    """Write the trained weights as one HF directory (ZeRO-3 shards gathered first).
+
+    With LoRA the adapter is merged into θt's weights, so the next iteration,
+    evaluation and vLLM see an ordinary model; the adapter alone is saved beside
+    it, in `adapter/`.
+    """
     module = engine.module.policy
     if zero_stage == 3:
         import deepspeed
@@ -643,6 +707,9 @@ def export_model(
     else:
         state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if rank == 0:
+        if lora is not None:
+            module = merge_adapter(state_dict, base, lora, Path(out_dir).parent / "adapter")
+            state_dict = module.state_dict()
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         module.config.use_cache = True
         save_model_dir(module, tokenizer, out_dir, state_dict=state_dict)
