@@ -490,25 +490,38 @@ def result_changing_differences(old: SpinConfig, new: SpinConfig) -> list[str]:
     return differences
 
 
+def _reference_rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = str(field.annotation).replace("typing.", "").replace("<class '", "")
+        annotation = annotation.replace("'>", "").replace("spin_core.config.", "")
+        default = field.default_factory() if field.default_factory else field.default
+        bounds = [
+            f"{symbol} {getattr(m, attr)}"
+            for m in field.metadata
+            for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
+            if getattr(m, attr, None) is not None
+        ]
+        description = field.description + (f" ({', '.join(bounds)})" if bounds else "")
+        rows.append(
+            f"| `{prefix}{name}` | {annotation.replace('|', chr(92) + '|')} | "
+            f"`{json_default(default)}` | {description} |"
+        )
+        nested = [a for a in getattr(field.annotation, "__args__", ()) if _is_section(a)]
+        for section in nested:  # an optional sub-section (training.lora): its fields too
+            rows += _reference_rows(f"{prefix}{name}.", section)
+    return rows
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Section)
+
+
 def reference_markdown() -> str:
     """The config reference table (README), generated from the model so it cannot drift."""
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for section_name, section_field in SpinConfig.model_fields.items():
-        section = section_field.annotation
-        for name, field in section.model_fields.items():
-            annotation = str(field.annotation).replace("typing.", "").replace("<class '", "")
-            annotation = annotation.replace("'>", "").replace("|", "\\|")
-            default = field.default_factory() if field.default_factory else field.default
-            bounds = [
-                f"{symbol} {getattr(m, attr)}"
-                for m in field.metadata
-                for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
-                if getattr(m, attr, None) is not None
-            ]
-            description = field.description + (f" ({', '.join(bounds)})" if bounds else "")
-            lines.append(
-                f"| `{section_name}.{name}` | {annotation} | `{json_default(default)}` | {description} |"
-            )
+        lines += _reference_rows(f"{section_name}.", section_field.annotation)
     return "\n".join(lines)
 
 
