@@ -40,8 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     serve = sub.add_parser("serve", help="serve the flows as deployments for the Prefect UI")
     serve.add_argument("--config", default=None, help="default config for the deployment form")
+    check = sub.add_parser(
+        "check", help="pre-flight: tokens, lengths, steps and GPU memory of a config, in seconds"
+    )
+    check.add_argument("config", help="YAML config file")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument(
+        "--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)"
+    )
+    check.add_argument(
+        "--run-dir", default=None, help="where a built toy is looked for (default runs/<run.name>)"
+    )
     rep = sub.add_parser("report", help="rebuild report.md of a run directory")
     rep.add_argument("run_dir")
+    cmp = sub.add_parser("compare", help="run recipes over seeds and compare them (compare.md)")
+    cmp.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs, one per recipe")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 per recipe (default 3)")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmp.add_argument("--out", default="runs/compare", help="output directory (runs/compare)")
+    cmp.add_argument("--max-parallel", type=int, default=1, help="runs at a time (default 1)")
     return parser
 
 
@@ -54,6 +71,38 @@ def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[
     report_path = spin_pipeline(config, run_dir or default_run_dir(config))
     print(Path(report_path).read_text())
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from spin_core.compare import load_recipes, plan_runs
+
+    plan_runs(load_recipes(args.configs, args.overrides), args.seeds, args.out)  # exit 2 early
+    from flows.compare import spin_compare
+
+    path = spin_compare(
+        args.configs,
+        seeds=args.seeds,
+        out_dir=args.out,
+        max_parallel=args.max_parallel,
+        overrides=args.overrides,
+    )
+    print(Path(path).read_text())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Print the pre-flight report; exit 2 with one line per problem that stops the run."""
+    from spin_core.config import load_config
+    from spin_core.preflight import preflight
+
+    config = load_config(args.config, args.overrides)
+    report = preflight(
+        config, gpu_memory_gib=args.gpu_memory_gib, run_dir=args.run_dir, source=args.config
+    )
+    print(report.render())
+    for problem in report.problems:
+        print(f"spin: error: {problem}", file=sys.stderr)
+    return 2 if report.problems else 0
 
 
 def _serve(config_path: str | None) -> int:
@@ -91,6 +140,9 @@ def _raise_terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
+    from flows.server import die_with_parent
+
+    die_with_parent()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     args = _parser().parse_args(argv)
@@ -104,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_pipeline(args.config, args.run_dir, args.overrides)
         if args.command == "serve":
             return _serve(args.config)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "compare":
+            return _compare(args)
         from spin_core.report import write_report
 
         if not Path(args.run_dir).is_dir():
