@@ -11,7 +11,7 @@ from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from tasks.evaluate import evaluate
 from tasks.prepare import build_embedded_default, check_inputs, check_own_inputs
-from tasks.report import write_report
+from tasks.report import track_experiment, write_report
 
 
 def default_run_dir(config: SpinConfig) -> str:
@@ -37,9 +37,11 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
         save_config(run, config)
         opponent, opponent_eval = run.base_model(config), str(run.base_eval())
         evaluate(config, str(run.root), opponent, opponent_eval)
+        track_experiment(config, str(run.root))
         for iteration in range(config.run.iterations):
             args = (config, str(run.root), iteration, opponent, opponent_eval)
             metrics = spin_iteration(*args, lr_scale=run.lr_scale(iteration))
+            track_experiment(config, str(run.root))
             if (
                 metrics.get("collapsed")
                 and config.run.on_collapse == "retry_half_lr"
@@ -76,4 +78,6 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
                     iteration,
                 )
                 break
-        return write_report(config, str(run.root))
+        report = write_report(config, str(run.root))
+        track_experiment(config, str(run.root))
+        return report

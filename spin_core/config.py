@@ -298,6 +298,11 @@ class RunConfig(_Section):
         description="where generation and training run: in this process, or on GPU workers "
         "through the spin-generate / spin-train deployments",
     )
+    tracking: Literal["none", "mlflow"] = Field(
+        "none",
+        description="also log step metrics and evaluations to MLflow (MLFLOW_TRACKING_URI, "
+        "else sqlite in the run directory)",
+    )
     baseline: Literal["none", "sft"] = Field(
         "none",
         description="also train a continued-SFT baseline with SPIN's optimizer steps and learning rate",
@@ -462,6 +467,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 RESULT_NEUTRAL_FIELDS = {
     ("run", "sample_rows"),
     ("run", "execution"),
+    ("run", "tracking"),
     ("run", "iterations"),
     ("run", "early_stop_margin"),
     ("training", "save_steps"),

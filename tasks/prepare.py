@@ -16,6 +16,7 @@ from spin_core.data import (
     sample_prompts,
     write_parquet_atomic,
 )
+from spin_core.errors import InputError
 from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
 from tasks.caching import transient_only
@@ -39,6 +40,17 @@ def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
     return str(artifacts.model_dir)
 
 
+def check_tracking_available(config: SpinConfig) -> None:
+    """InputError naming run.tracking when its package is not installed."""
+    import importlib.util
+
+    if config.run.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise InputError(
+            "run.tracking: 'mlflow' needs the mlflow package, which is not installed "
+            "(pip install 'spin[tracking]'), or set run.tracking: none"
+        )
+
+
 def check_own_inputs(config: SpinConfig) -> None:
     """Check the inputs that are the user's own, before the embedded default is built.
 
@@ -47,6 +59,7 @@ def check_own_inputs(config: SpinConfig) -> None:
     mistake is reported in seconds, before minutes of SFT warm-up and before
     anything is written into the run directory.
     """
+    check_tracking_available(config)
     tokenizer = None
     if config.model.name_or_path != TOY:
         check_causal_lm(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
@@ -72,6 +85,7 @@ def check_own_inputs(config: SpinConfig) -> None:
 def check_inputs(config: SpinConfig, run_dir: str) -> str:
     """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
     run = RunDir(run_dir)
+    check_tracking_available(config)
     check_causal_lm(run.base_model(config), trust_remote_code=config.model.trust_remote_code)
     if config.run.execution == "local":  # with deployments, the GPU workers have the backend
         generate.check_backend_available(config)

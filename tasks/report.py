@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from spin_core import report
 from spin_core.config import SpinConfig
+from spin_core.rundir import RunDir
 from tasks.progress import logger
 
 
@@ -25,3 +26,14 @@ def write_report(config: SpinConfig, run_dir: str) -> str:
     create_markdown_artifact(markdown=path.read_text(), key="spin-report", description=str(path))
     logger().info("report written to %s", path)
     return str(path)
+
+
+@task(name="track-experiment", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def track_experiment(config: SpinConfig, run_dir: str) -> None:
+    """Copy what is new in the run directory to MLflow (`run.tracking: mlflow`); else nothing."""
+    if config.run.tracking != "mlflow":
+        return
+    from spin_core import tracking
+
+    state = tracking.track(RunDir(run_dir), tracking.config_params(config.model_dump(mode="json")))
+    logger().info("MLflow run %s at %s: logged %s", state["parent"], state["uri"], state["logged"])

@@ -37,6 +37,7 @@ def finished_run(harness, toy_build, tmp_path_factory):
             "data.history=1",
             "data.resample_each_iteration=false",
             "generation.do_sample=false",
+            "run.tracking=mlflow",
         ],
     )
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
@@ -145,3 +146,32 @@ def test_sft_baseline_trains_the_same_steps_from_the_same_start(finished_run):
         AutoModelForCausalLM.from_pretrained(run.baseline(t) / "model")
     assert metrics.loc[1:, "sft_exact_match"].between(0, 1).all()
     assert "SFT baseline exact match" in run.report.read_text()
+
+
+def test_mlflow_holds_one_run_with_a_nested_run_per_iteration(finished_run):
+    """run.tracking=mlflow: the step records and evaluations of the files, logged once."""
+    from mlflow.tracking import MlflowClient
+
+    from spin_core import tracking
+
+    run, cfg, _ = finished_run
+    state = tracking.tracked_runs(run.root)
+    assert state["logged"] == ["theta0", "iter_0", "iter_1", "report"]
+    client = MlflowClient(tracking_uri=state["uri"])
+    runs = client.search_runs([state["experiment_id"]])
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent"]),
+        key=lambda r: r.info.run_name,
+    )
+    assert [r.info.run_name for r in children] == ["iteration 0", "iteration 1"]
+    for t, child in enumerate(children):
+        steps = (run.train_state(t) / "metrics.jsonl").read_text().splitlines()
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert [m.value for m in history] == pytest.approx([json.loads(s)["loss"] for s in steps])
+    exact = client.get_metric_history(state["parent"], "heldout/exact_match")
+    metrics = pd.read_parquet(run.metrics)
+    assert [m.step for m in exact] == [0, 1, 2]
+    assert [m.value for m in exact] == pytest.approx(metrics["exact_match"].tolist())
+    assert client.get_run(state["parent"]).data.params["training.beta"] == "0.1"
+    tracking.track(run)  # a rerun (resume, `spin report`) logs nothing twice
+    assert len(client.get_metric_history(state["parent"], "heldout/exact_match")) == 3

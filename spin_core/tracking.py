@@ -1,0 +1,126 @@
+"""Experiment tracking: a run's step metrics and evaluations, copied to MLflow.
+
+With `run.tracking: mlflow` the pipeline calls `track(run)` after θ0's evaluation,
+after every iteration and at the end. It reads what the run directory holds (the
+per-step training records in `iter_t/train_state/metrics.jsonl`, each model's
+`metrics.json`) and logs what has not been logged yet: one MLflow run per SPIN
+run, with a nested run per iteration holding that iteration's per-step training
+metrics and its held-out evaluation. The parent run also gets every model's
+held-out metrics with the iteration as the step (θ0 = step 0), so MLflow plots
+them across iterations. Because it follows the files, a resumed run logs
+nothing twice and MLflow shows the same numbers as `report.md`.
+
+The tracking URI comes from the environment (`MLFLOW_TRACKING_URI`, tokens too);
+without it, a local SQLite store in the run directory (`mlflow.db`) is used:
+`mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from spin_core.rundir import RunDir, write_json_atomic
+
+STATE = "tracking.json"  # what has been logged, and the MLflow run ids
+
+
+def tracking_uri(run: RunDir) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.root.resolve() / 'mlflow.db'}"
+
+
+def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric entries of a metrics record (booleans as 0/1), nested dicts flattened."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}".replace(":", "_")
+        if isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, int | float) and value == value:  # not NaN
+            out[name] = float(value)
+        elif isinstance(value, dict):
+            out |= _numbers(value, f"{name}/")
+    return out
+
+
+def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
+    """Log to MLflow whatever of `run` is finished and not logged yet; returns the state.
+
+    config_params: flat `section.field -> value` strings, logged once on the parent run.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    state_path = run.root / STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"logged": []}
+    client = MlflowClient(tracking_uri=tracking_uri(run))
+    if "parent" not in state:
+        experiment = client.get_experiment_by_name("spin")
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment("spin")
+        parent = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: run.root.name})
+        state |= {
+            "experiment_id": experiment_id,
+            "parent": parent.info.run_id,
+            "uri": tracking_uri(run),
+        }
+        params = [Param(k, str(v)[:500]) for k, v in (config_params or {}).items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(state["parent"], params=params[start : start + 100])
+        write_json_atomic(state, state_path)
+
+    def log(run_id: str, values: dict[str, float], step: int, timestamp: int = 0) -> None:
+        metrics = [Metric(k, v, timestamp, step) for k, v in values.items()]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+    base = run.base_eval() / "metrics.json"
+    if "theta0" not in state["logged"] and base.exists():
+        log(state["parent"], _numbers(json.loads(base.read_text()), "heldout/"), step=0)
+        state["logged"].append("theta0")
+        write_json_atomic(state, state_path)
+    t = 0
+    while (metrics_path := run.iteration_metrics(t)).exists():
+        key = f"iter_{t}"
+        if key not in state["logged"]:
+            child = client.create_run(
+                state["experiment_id"],
+                tags={MLFLOW_PARENT_RUN_ID: state["parent"], MLFLOW_RUN_NAME: f"iteration {t}"},
+            )
+            steps = run.train_state(t) / "metrics.jsonl"
+            for line in steps.read_text().splitlines() if steps.exists() else []:
+                record = json.loads(line)
+                log(child.info.run_id, _numbers(record, "train/"), step=int(record["step"]))
+            metrics = json.loads(metrics_path.read_text())
+            log(child.info.run_id, _numbers(metrics, "heldout/"), step=t + 1)
+            log(state["parent"], _numbers(metrics, "heldout/"), step=t + 1)
+            baseline = run.baseline(t) / "metrics.json"
+            if baseline.exists():
+                log(state["parent"], _numbers(json.loads(baseline.read_text()), "sft/"), step=t + 1)
+            client.set_terminated(child.info.run_id)
+            client.log_batch(state["parent"], tags=[RunTag("spin.iterations_logged", str(t + 1))])
+            state["logged"].append(key)
+            write_json_atomic(state, state_path)
+        t += 1
+    if run.report.exists() and "report" not in state["logged"]:
+        client.log_artifact(state["parent"], str(run.report))
+        client.set_terminated(state["parent"])
+        state["logged"].append("report")
+        write_json_atomic(state, state_path)
+    return state
+
+
+def config_params(config_dump: dict) -> dict[str, str]:
+    """`section.field -> value` of a config dump, for the parent run's parameters."""
+    return {
+        f"{section}.{name}": json.dumps(value) if not isinstance(value, str) else value
+        for section, fields in config_dump.items()
+        for name, value in fields.items()
+    }
+
+
+def tracked_runs(run_dir: str | Path) -> dict:
+    """The state file of a run directory (for tests and `spin report`)."""
+    path = Path(run_dir) / STATE
+    return json.loads(path.read_text()) if path.exists() else {}
