@@ -58,7 +58,15 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
     client = MlflowClient(tracking_uri=tracking_uri(run))
     if "parent" not in state:
         experiment = client.get_experiment_by_name("spin")
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment("spin")
+        # The local store keeps its artifacts beside it, not in ./mlruns of the working directory.
+        local = None if os.environ.get("MLFLOW_TRACKING_URI") else (run.root / "mlartifacts")
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(
+                "spin", artifact_location=local.resolve().as_uri() if local else None
+            )
+        )
         parent = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: run.root.name})
         state |= {
             "experiment_id": experiment_id,
