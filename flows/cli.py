@@ -1,4 +1,4 @@
-"""The `spin` command: demo, run, serve, report (SPEC §5).
+"""The `spin` command: demo, run, check, compare, serve, report (docs/DESIGN.md §8).
 
 Exit codes: 0 done; 2 bad config or input (one line naming the field or file);
 1 failure at run time.
@@ -75,7 +75,10 @@ def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[
 
 def _compare(args: argparse.Namespace) -> int:
     from spin_core.compare import load_recipes, plan_runs
+    from spin_core.errors import InputError
 
+    if args.max_parallel < 1:
+        raise InputError(f"--max-parallel must be at least 1 (got {args.max_parallel})")
     plan_runs(load_recipes(args.configs, args.overrides), args.seeds, args.out)  # exit 2 early
     from flows.compare import spin_compare
 
@@ -109,9 +112,12 @@ def _serve(config_path: str | None) -> int:
     """Serve the flows as deployments, on PREFECT_API_URL or a local server started here."""
     from prefect import serve
 
-    from flows.deployed import prefect_api, spin_generate, spin_next_iteration, spin_train
+    from flows.compare import spin_compare
+    from flows.dispatch import spin_generate, spin_train
     from flows.iteration import spin_iteration
     from flows.pipeline import spin_pipeline
+    from flows.scheduled import spin_next_iteration
+    from flows.server import prefect_api
     from spin_core.config import load_config
 
     config = load_config(config_path or DEMO_CONFIG)
@@ -125,7 +131,11 @@ def _serve(config_path: str | None) -> int:
         generate = spin_generate.to_deployment(name="spin-generate")
         train = spin_train.to_deployment(name="spin-train")
         next_iteration = spin_next_iteration.to_deployment(name="spin-next-iteration")
-        serve(pipeline, iteration, generate, train, next_iteration)
+        compare = spin_compare.to_deployment(
+            name="spin-compare",
+            parameters={"configs": [config.model_dump(mode="json")], "seeds": 3},
+        )
+        serve(pipeline, iteration, generate, train, next_iteration, compare)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.deployed import run_step
+from flows.dispatch import run_step
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
 from tasks.baseline import train_sft_baseline

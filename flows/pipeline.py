@@ -10,6 +10,7 @@ from flows.iteration import spin_iteration
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from tasks.evaluate import evaluate
+from tasks.lm_eval import run_lm_eval
 from tasks.prepare import build_embedded_default, check_inputs, check_own_inputs
 from tasks.report import track_experiment, write_report
 
@@ -37,11 +38,11 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
         save_config(run, config)
         opponent, opponent_eval = run.base_model(config), str(run.base_eval())
         evaluate(config, str(run.root), opponent, opponent_eval)
+        run_lm_eval(config, str(run.root), opponent, opponent_eval)  # eval.lm_eval benchmarks
         track_experiment(config, str(run.root))
         for iteration in range(config.run.iterations):
             args = (config, str(run.root), iteration, opponent, opponent_eval)
             metrics = spin_iteration(*args, lr_scale=run.lr_scale(iteration))
-            track_experiment(config, str(run.root))
             if (
                 metrics.get("collapsed")
                 and config.run.on_collapse == "retry_half_lr"
@@ -69,6 +70,9 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
                 )
                 break
             opponent, opponent_eval = metrics["model"], str(run.iteration(iteration))
+            # θ(t+1) is promoted: benchmark it (a collapsed, unpromoted model is not)
+            run_lm_eval(config, str(run.root), opponent, opponent_eval, iteration)
+            track_experiment(config, str(run.root))
             stop_margin = config.run.early_stop_margin
             if stop_margin is not None and metrics["margin"] < stop_margin:
                 log.info(

@@ -1,4 +1,7 @@
-"""Prefect's temporary server, made to die with the `spin` process that started it.
+"""Prefect servers: the one `spin serve` starts, and the temporary one made to die with `spin`.
+
+`prefect_api()` gives `spin serve` an API to register with: PREFECT_API_URL, or a
+server it starts on 127.0.0.1 and stops on exit.
 
 Without PREFECT_API_URL, Prefect runs flows against a temporary server: a uvicorn
 child process it stops on a clean exit. A `spin` killed with SIGKILL (the OOM
@@ -9,7 +12,13 @@ watchdog that exits the server as soon as its parent is gone.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Runs `python -m uvicorn ARGS` in this process with a thread that ends it when the
 # parent process dies (its parent pid changes). Polling, not PR_SET_PDEATHSIG: that
@@ -45,3 +54,52 @@ def die_with_parent() -> None:
     from prefect.server.api import server
 
     server.subprocess = _SubprocessDyingWithParent()
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def prefect_api(start_timeout: float = 120) -> Iterator[str]:
+    """The Prefect API to register with: PREFECT_API_URL, else a local server started here.
+
+    The local server listens on 127.0.0.1 at PREFECT_SERVER_API_PORT (4200 by default),
+    keeps its database in PREFECT_HOME, and is stopped on exit; one already answering
+    on that port is used as it is.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_API_PORT, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    port = PREFECT_SERVER_API_PORT.value()
+    url = f"http://127.0.0.1:{port}/api"
+    server = None
+    if not _healthy(url):
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+        server = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + start_timeout
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                server.wait()
+                raise RuntimeError(f"the Prefect server on port {port} did not start")
+            time.sleep(0.5)
+    print(f"Prefect UI at {url.removesuffix('/api')}", flush=True)
+    os.environ["PREFECT_API_URL"] = url  # for the flow-run processes this one starts
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

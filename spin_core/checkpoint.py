@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """bf16 on GPU and fp32 on CPU for 'auto' (SPEC §1 defaults)."""
+    """bf16 on GPU and fp32 on CPU for 'auto' (docs/DESIGN.md §4)."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp32":

@@ -264,13 +264,61 @@ class TrainingConfig(_Section):
         return self
 
 
+class LmEvalConfig(_Section):
+    """lm-evaluation-harness benchmarks of θ0 and every promoted θt (spin_core/lm_eval.py)."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task or group names, 'name:N' for N-shot (e.g. arc_challenge:25); "
+        "empty: off",
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="few-shot examples of tasks without ':N' (unset: the task's own)"
+    )
+    limit: int | float | None = Field(
+        None,
+        gt=0,
+        description="examples per task, a fraction when < 1 (quick checks only: scores are "
+        "then not comparable)",
+    )
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    include_path: str | None = Field(
+        None, description="directory of custom task YAMLs, searched before lm-eval's own"
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_specs(cls, tasks: list[str]) -> list[str]:
+        names = set()
+        for spec in tasks:
+            name, colon, shots = spec.rpartition(":") if ":" in spec else (spec, "", "")
+            if not name.strip() or (colon and not shots.isdigit()):
+                raise ValueError(f"expected 'name' or 'name:N' with N ≥ 0 few-shot, got {spec!r}")
+            if name in names:
+                raise ValueError(f"task {name!r} is listed twice")
+            names.add(name)
+        return tasks
+
+    def task_shots(self) -> list[tuple[str, int | None]]:
+        """(task, few-shot) per task: its ':N', else `num_fewshot` (None: the task's own)."""
+        pairs = []
+        for spec in self.tasks:
+            name, _, shots = spec.rpartition(":") if ":" in spec else (spec, "", "")
+            pairs.append((name, int(shots) if shots else self.num_fewshot))
+        return pairs
+
+
 class EvalConfig(_Section):
     max_new_tokens: int | None = Field(
         None, ge=1, description="longest held-out generation; defaults to generation.max_new_tokens"
     )
-    exact_match: bool = Field(True, description="score greedy held-out generations by exact match")
     health_size: int = Field(
         200, ge=1, description="held-out pairs scored by the in-training health check"
+    )
+    lm_eval: LmEvalConfig | None = Field(
+        None,
+        description="also run lm-evaluation-harness (pip install 'spin[lm-eval]') on θ0 and "
+        "every promoted θt (unset or no tasks: off)",
     )
 
 
@@ -468,6 +516,7 @@ RESULT_NEUTRAL_FIELDS = {
     ("run", "sample_rows"),
     ("run", "execution"),
     ("run", "tracking"),
+    ("eval", "lm_eval"),  # the lm-eval step re-runs itself when its own spec changes
     ("run", "iterations"),
     ("run", "early_stop_margin"),
     ("training", "save_steps"),

@@ -13,12 +13,9 @@ only maps prompt token ids to responses, so vLLM can stand in for Hugging Face
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,95 +23,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 
-from spin_core.config import ConfigError, GenerationConfig
+from spin_core.config import ConfigError
 from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
-from spin_core.prompts import template_name
+from spin_core.decoding import Decoding, Generated, GenerationBackend, token_budget_batches
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding settings, recorded with every generated row."""
-
-    do_sample: bool
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-    template: str
-
-    @classmethod
-    def from_config(cls, cfg: GenerationConfig, tokenizer, max_new_tokens: int | None = None):
-        return cls(
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-            seed=cfg.seed,
-            template=template_name(tokenizer),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-
-@dataclass
-class Generated:
-    text: str  # decoded for display; never re-encoded
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
-    token_ids: list[int]  # as generated; EOS last only when finish_reason is "stop"
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @classmethod
-    def from_ids(cls, new_ids: Sequence[int], tokenizer) -> Generated:
-        """A response from the new ids of one row: cut after the first EOS, if any."""
-        eos = tokenizer.eos_token_id
-        new_ids = list(new_ids)
-        if eos in new_ids:
-            new_ids, reason = new_ids[: new_ids.index(eos) + 1], "stop"
-        else:
-            reason = "length"
-        text_ids = new_ids[:-1] if reason == "stop" else new_ids
-        text = tokenizer.decode(text_ids, skip_special_tokens=True)
-        return cls(text=text, finish_reason=reason, token_ids=new_ids)
-
-
-class GenerationBackend(Protocol):
-    """Maps prompt token ids to responses; must keep the order of its input."""
-
-    def generate(
-        self,
-        prompt_ids: Sequence[list[int]],
-        progress: Callable[[int], None] | None = None,
-        first_row: int = 0,
-    ) -> list[Generated]:
-        """Responses in input order; `first_row` is the run-wide index of the first prompt
-        (a backend that seeds each request uses it so that no two prompts share a seed)."""
-
-
-def token_budget_batches(
-    lengths: Sequence[int], budget: int, max_batch_size: int, extra: int = 0
-) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size fits `budget`.
-
-    A batch's cost is rows × (its longest length + `extra`); one row always fits.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        longest = lengths[index] + extra  # sorted ascending: the newest row is the longest
-        if current and ((len(current) + 1) * longest > budget or len(current) >= max_batch_size):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
 
 
 class HFBackend:

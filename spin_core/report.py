@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import yaml  # noqa: E402
 
+from spin_core import lm_eval  # noqa: E402
 from spin_core import significance as sig  # noqa: E402
 from spin_core.data import write_parquet_atomic  # noqa: E402
 from spin_core.rundir import RunDir  # noqa: E402
@@ -43,10 +46,12 @@ def collect_metrics(run: RunDir) -> pd.DataFrame:
     rows = []
     base = run.base_eval() / "metrics.json"
     if base.exists():
-        rows.append({"iteration": 0, "model_name": "θ0", **json.loads(base.read_text())})
+        row = {"iteration": 0, "model_name": "θ0", **json.loads(base.read_text())}
+        rows.append(row | _lm_eval_columns(run.base_eval()))
     t = 0
     while (path := run.iteration_metrics(t)).exists():
         row = {"iteration": t + 1, "model_name": f"θ{t + 1}", **json.loads(path.read_text())}
+        row |= _lm_eval_columns(run.iteration(t))
         baseline = run.baseline(t) / "metrics.json"
         if baseline.exists():
             row |= {f"sft_{k}": v for k, v in json.loads(baseline.read_text()).items()}
@@ -61,6 +66,14 @@ def collect_metrics(run: RunDir) -> pd.DataFrame:
             )
             frame = pd.concat([frame, groups.add_prefix(f"{prefix}exact_match/")], axis=1)
     return frame
+
+
+def _lm_eval_columns(eval_dir: Path) -> dict:
+    """The lm_eval/<task>/<metric> columns from eval_dir/lm_eval.json (eval.lm_eval), if any."""
+    try:
+        return lm_eval.columns(json.loads((eval_dir / lm_eval.RESULT_FILE).read_text()))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def step_logs(run: RunDir) -> pd.DataFrame:
@@ -269,6 +282,87 @@ def group_table(metrics: pd.DataFrame) -> str | None:
     )
 
 
+def _lm_eval_scores(metrics: pd.DataFrame) -> dict[str, list[str]]:
+    """task → its metrics, from the lm_eval/<task>/<metric> columns."""
+    tasks: dict[str, list[str]] = {}
+    for column in metrics:
+        if column.startswith(lm_eval.SCORE_PREFIX):
+            task, metric = column.removeprefix(lm_eval.SCORE_PREFIX).split("/", 1)
+            tasks.setdefault(task, []).append(metric)
+    return tasks
+
+
+def lm_eval_section(metrics: pd.DataFrame, plots: list[Path]) -> list[str]:
+    """lm-evaluation-harness scores: one row per task and metric, one column per model."""
+    tasks = _lm_eval_scores(metrics)
+    if not tasks:
+        return []
+    versions = sorted(set(metrics[lm_eval.VERSION_COLUMN].dropna().astype(str)))
+    limits = sorted(set(metrics[lm_eval.LIMIT_COLUMN].dropna().astype(str)))
+    lines = [
+        "## lm-evaluation-harness",
+        "",
+        f"Scores from lm-evaluation-harness {', '.join(versions)} (value ± standard error). "
+        f"The paper's Open LLM Leaderboard numbers come from v{lm_eval.PAPER_VERSION}; scores "
+        "shift across harness versions, so compare them only at the same version and settings."
+        + (
+            f" Run on a subset of each task (limit {', '.join(limits)}): not comparable to "
+            "full-task scores."
+            if limits
+            else ""
+        ),
+        "",
+    ]
+    names = metrics["model_name"].tolist()
+    lines += ["| task | metric | n-shot | " + " | ".join(names) + " |"]
+    lines += ["|" + "---|" * (3 + len(names))]
+    for task, task_metrics in tasks.items():
+        shots = metrics.get(f"{lm_eval.FEWSHOT_PREFIX}{task}", pd.Series(dtype=float)).dropna()
+        shot = str(int(shots.iloc[0])) if len(shots) else "–"
+        for metric in task_metrics:
+            values = metrics[f"{lm_eval.SCORE_PREFIX}{task}/{metric}"]
+            errors = metrics.get(f"{lm_eval.STDERR_PREFIX}{task}/{metric}", values * float("nan"))
+            cells = [
+                "–" if pd.isna(v) else f"{v:.4f}" + ("" if pd.isna(e) else f" ± {e:.4f}")
+                for v, e in zip(values, errors, strict=True)
+            ]
+            lines.append(
+                f"| {_cell(task)} | {_cell(metric)} | {shot} | " + " | ".join(cells) + " |"
+            )
+    lines.append("")
+    lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    return lines + [""]
+
+
+def plot_lm_eval(metrics: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """plots/lm_eval_<task>.png: each of the task's metrics across iterations, ± stderr."""
+    paths = []
+    for task, task_metrics in _lm_eval_scores(metrics).items():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for metric in task_metrics:
+            values = metrics[f"{lm_eval.SCORE_PREFIX}{task}/{metric}"]
+            errors = metrics.get(f"{lm_eval.STDERR_PREFIX}{task}/{metric}", values * 0)
+            present = values.notna()
+            ax.errorbar(
+                metrics["iteration"][present],
+                values[present],
+                yerr=errors[present].fillna(0),
+                capsize=3,
+                marker="o",
+                label=metric,
+            )
+        ax.set_title(f"lm-eval: {task}")
+        ax.set_xticks(metrics["iteration"], metrics["model_name"])
+        ax.set_xlabel("model")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+        paths.append(_save(fig, out_dir / f"lm_eval_{safe}.png"))
+    return paths
+
+
 def _cell(text: str, limit: int = 80) -> str:
     text = str(text).replace("|", "\\|").replace("\n", "⏎ ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -415,9 +509,18 @@ def verdict(metrics: pd.DataFrame, tests: Significance | None = None) -> list[st
     return lines
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, pd.DataFrame]:
-    """Write metrics.parquet, plots/*.png and report.md; returns (report path, metrics)."""
+def write_report(
+    run_dir: str | Path, *, sample_rows: int | None = None
+) -> tuple[Path, pd.DataFrame]:
+    """Write metrics.parquet, plots/*.png and report.md; returns (report path, metrics).
+
+    sample_rows: held-out generations shown side by side; by default the run's
+    `run.sample_rows` from its spin.yaml.
+    """
     run = RunDir(run_dir)
+    if sample_rows is None:
+        saved = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+        sample_rows = int((saved or {}).get("run", {}).get("sample_rows", 8))
     tests = significance(run)
     metrics = with_significance(collect_metrics(run), tests)
     if len(metrics):
@@ -432,8 +535,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, pd.DataFrame]:
     groups = group_table(metrics) if len(metrics) else None
     if groups:
         parts += ["## Exact match per task", "", groups, ""]
+    if len(metrics):
+        parts += lm_eval_section(metrics, plot_lm_eval(metrics, run.plots))
     parts += [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    samples = samples_table(run, 8)
+    samples = samples_table(run, sample_rows) if sample_rows else None
     if samples:
         parts += ["## Sample generations (held-out prompts)", "", samples, ""]
     text = "\n".join(parts)

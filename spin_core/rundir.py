@@ -1,4 +1,4 @@
-"""The run directory (SPEC §4): where every stage's output lives, and who holds it.
+"""The run directory (docs/DESIGN.md §7): where every stage's output lives, and who holds it.
 
     runs/<name>/spin.yaml, .lock, heldout.parquet, theta0/, iter_<t>/..., metrics.parquet, report.md
 

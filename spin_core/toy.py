@@ -1,4 +1,4 @@
-"""The embedded default (SPEC §3): a dataset, tokenizer and weak SFT model θ0, offline.
+"""The embedded default (docs/DESIGN.md §6): a dataset, tokenizer and weak SFT model θ0, offline.
 
 `build_toy` makes everything `spin demo` needs on a fresh machine with nothing
 downloaded: verifiable instruction pairs (reverse, add, sort, shift letters), a

@@ -44,6 +44,20 @@ def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _lm_eval_scores(eval_dir: Path) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>` of a model's lm_eval.json (eval.lm_eval), if it has one."""
+    path = eval_dir / "lm_eval.json"
+    if not path.exists():
+        return {}
+    scores = json.loads(path.read_text()).get("scores") or {}
+    return {
+        f"lm_eval/{task}/{metric}": float(entry["value"])
+        for task, metrics in scores.items()
+        for metric, entry in metrics.items()
+        if isinstance(entry, dict) and isinstance(entry.get("value"), int | float)
+    }
+
+
 def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
     """Log to MLflow whatever of `run` is finished and not logged yet; returns the state.
 
@@ -85,7 +99,8 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
 
     base = run.base_eval() / "metrics.json"
     if "theta0" not in state["logged"] and base.exists():
-        log(state["parent"], _numbers(json.loads(base.read_text()), "heldout/"), step=0)
+        values = _numbers(json.loads(base.read_text()), "heldout/") | _lm_eval_scores(base.parent)
+        log(state["parent"], values, step=0)
         state["logged"].append("theta0")
         write_json_atomic(state, state_path)
     t = 0
@@ -101,8 +116,9 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
                 record = json.loads(line)
                 log(child.info.run_id, _numbers(record, "train/"), step=int(record["step"]))
             metrics = json.loads(metrics_path.read_text())
-            log(child.info.run_id, _numbers(metrics, "heldout/"), step=t + 1)
-            log(state["parent"], _numbers(metrics, "heldout/"), step=t + 1)
+            values = _numbers(metrics, "heldout/") | _lm_eval_scores(run.iteration(t))
+            log(child.info.run_id, values, step=t + 1)
+            log(state["parent"], values, step=t + 1)
             baseline = run.baseline(t) / "metrics.json"
             if baseline.exists():
                 log(state["parent"], _numbers(json.loads(baseline.read_text()), "sft/"), step=t + 1)

@@ -50,7 +50,7 @@ STEP_LOG = "metrics.jsonl"
 
 @dataclass
 class HealthProbe:
-    """The in-training health check (SPEC §1 "Health") on a held-out slice.
+    """The in-training health check (docs/DESIGN.md §5 "Health") on a held-out slice.
 
     Every `every` optimizer steps the policy scores the real responses of
     `examples`; when their mean per-token log-likelihood falls more than

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from spin_core.checkpoint import compute_dtype
-from spin_core.generate import Decoding, Generated
+from spin_core.decoding import Decoding, Generated
 
 
 class VLLMBackend:

@@ -21,14 +21,15 @@ def _done(params: dict) -> bool:
     return is_model_dir(RunDir(params["run_dir"]).baseline(params["iteration"]) / "model")
 
 
-@step("train-sft-baseline", sections=("model", "training"), inputs=_inputs, done=_done)
+def _load(params: dict) -> str:
+    return str(RunDir(params["run_dir"]).baseline(params["iteration"]) / "model")
+
+
+@step("train-sft-baseline", sections=("model", "training"), inputs=_inputs, done=_done, load=_load)
 def train_sft_baseline(config: SpinConfig, run_dir: str, iteration: int, previous: str) -> str:
     """prompts.parquet (real responses) + the previous baseline → iter_t/baseline/model."""
     run = RunDir(run_dir)
     out = run.baseline(iteration) / "model"
-    if is_model_dir(out):
-        logger().info("iteration %d: baseline model exists, skipped", iteration)
-        return str(out)
     spin_steps = json.loads((run.iteration_metrics(iteration)).read_text())["train_steps"]
     run_training(
         config,

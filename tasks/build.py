@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from spin_core import data
@@ -22,14 +24,22 @@ def _pairs_done(params: dict) -> bool:
     return data.parquet_complete(run.pairs(t)) and (run.iteration(t) / "pairs.json").exists()
 
 
-@step("build-training-set", sections=("data",), inputs=_sources, done=_pairs_done)
+def _pairs_counts(params: dict) -> dict:
+    run, t = RunDir(params["run_dir"]), params["iteration"]
+    return json.loads((run.iteration(t) / "pairs.json").read_text())
+
+
+@step(
+    "build-training-set",
+    sections=("data",),
+    inputs=_sources,
+    done=_pairs_done,
+    load=_pairs_counts,
+)
 def build_training_set(config: SpinConfig, run_dir: str, iteration: int) -> dict:
     """generated.parquet of t, t-1, ... → iter_t/pairs.parquet; returns the counts."""
     run = RunDir(run_dir)
     stats_path = run.iteration(iteration) / "pairs.json"
-    if data.read_parquet_checked(run.pairs(iteration)) is not None and stats_path.exists():
-        logger().info("iteration %d: pairs.parquet exists, skipped", iteration)
-        return pd.read_json(stats_path, typ="series").to_dict()
     sources = range(max(0, iteration - config.data.history), iteration + 1)
     generated = {t: pd.read_parquet(run.generated(t)) for t in sources}
     pairs, stats = data.build_training_set(generated, drop_identical=config.data.drop_identical)

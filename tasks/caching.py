@@ -156,12 +156,15 @@ def step(
     sections: tuple[str, ...],
     inputs: Callable[[dict], list[Path]],
     done: Callable[[dict], bool],
+    load: Callable[[dict], Any] | None = None,
     **task_options,
 ):
     """Make `fn(config, run_dir, ...)` a cached, journaled Prefect task.
 
     sections: config sections its result depends on; inputs(params): the files it
-    reads; done(params): whether its outputs are complete on disk.
+    reads; done(params): whether its outputs are complete on disk; load(params):
+    the step's result read back from those outputs. The body only computes: when
+    the outputs are complete it is not called, `load` answers.
     Calling the decorated function runs the task (or returns its cached result).
     """
 
@@ -173,10 +176,10 @@ def step(
             params = signature.bind(*args, **kwargs).arguments
             iteration = params.get("iteration")
             if done(params):
-                # Complete outputs without a cache record (a crash between the two): the
-                # body returns them without recomputing.
+                # Complete outputs without a cache record (a crash between the two): they
+                # are returned without recomputing.
                 journal(params["run_dir"], name, iteration, "reused")
-                return fn(*args, **kwargs)
+                return load(params) if load is not None else fn(*args, **kwargs)
             journal(params["run_dir"], name, iteration, "started")
             try:
                 result = fn(*args, **kwargs)
@@ -209,6 +212,7 @@ def step(
 
         run_step.task = prefect_task
         run_step.done = done  # outputs complete on disk, from the call's parameters
+        run_step.load = load
         return run_step
 
     return decorate

@@ -32,11 +32,16 @@ def _done(params: dict) -> bool:
     return (out / "metrics.json").exists() and data.parquet_complete(out / "eval.parquet")
 
 
+def _load(params: dict) -> dict:
+    return json.loads((Path(params["out_dir"]) / "metrics.json").read_text())
+
+
 @step(
     "evaluate-model",
     sections=("eval", "generation", "model", "training", "run"),
     inputs=_inputs,
     done=_done,
+    load=_load,
 )
 def evaluate(
     config: SpinConfig,
@@ -53,9 +58,6 @@ def evaluate(
     """
     run, out_dir = RunDir(run_dir), Path(out_dir)
     metrics_path = out_dir / "metrics.json"
-    if metrics_path.exists() and data.read_parquet_checked(out_dir / "eval.parquet") is not None:
-        logger().info("%s exists, skipped", metrics_path)
-        return json.loads(metrics_path.read_text())
     heldout = pd.read_parquet(run.heldout)
     opponent_eval = pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
     policy, tokenizer = load_policy(model, config.model)
@@ -73,7 +75,7 @@ def evaluate(
     if iteration is not None:
         metrics |= _training_summary(run, iteration)
         drop = metrics["opponent_real_loglik_per_token"] - metrics["real_loglik_per_token"]
-        # The health signal (SPEC §1): real responses must not become less likely.
+        # The health signal (docs/DESIGN.md §5): real responses must not become less likely.
         metrics["collapsed"] = bool(drop > config.run.collapse_tolerance)
     write_json_atomic(metrics, metrics_path)
     logger().info(

@@ -8,7 +8,6 @@ from prefect.cache_policies import NO_CACHE
 
 from spin_core import data, generate
 from spin_core.config import SpinConfig
-from spin_core.data import read_parquet_checked
 from spin_core.rundir import RunDir
 from tasks.caching import step
 from tasks.progress import Progress, logger
@@ -16,6 +15,10 @@ from tasks.progress import Progress, logger
 
 def _inputs(params: dict) -> list:
     return [RunDir(params["run_dir"]).prompts(params["iteration"]), params["opponent"]]
+
+
+def _load(params: dict) -> str:
+    return str(RunDir(params["run_dir"]).generated(params["iteration"]))
 
 
 def _done(params: dict) -> bool:
@@ -28,6 +31,7 @@ def _done(params: dict) -> bool:
     sections=("generation", "model", "training"),
     inputs=_inputs,
     done=_done,
+    load=_load,
 )
 def generate_responses(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """prompts.parquet + θt → generated/part-*.parquet → generated.parquet.
@@ -36,10 +40,7 @@ def generate_responses(config: SpinConfig, run_dir: str, iteration: int, opponen
     """
     run = RunDir(run_dir)
     out = run.generated(iteration)
-    prompts = pd.read_parquet(run.prompts(iteration))
-    if read_parquet_checked(out, expected_rows=len(prompts)) is not None:
-        logger().info("iteration %d: %s exists, skipped", iteration, out.name)
-        return str(out)
+    prompts = pd.read_parquet(run.prompts(iteration), columns=["id"])
     workers = config.generation.num_workers
     if workers == 1:
         generate_worker_shards(config, run_dir, iteration, opponent, 0)

@@ -25,7 +25,7 @@ from tasks.progress import logger
 
 @task(name="build-embedded-default", cache_policy=NO_CACHE)
 def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
-    """Generate the toy data and train the weak SFT model θ0 (SPEC §3); skipped once built."""
+    """Generate the toy data and train the weak SFT model θ0 (docs/DESIGN.md §6); skipped once built."""
     run = RunDir(run_dir)
     spec = config.toy
     artifacts = toy.build_toy(

@@ -14,7 +14,7 @@ from tasks.progress import logger
 
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(config: SpinConfig, run_dir: str) -> str:
-    path, metrics = report.write_report(run_dir)
+    path, metrics = report.write_report(run_dir, sample_rows=config.run.sample_rows)
     if len(metrics):
         columns = ["model_name"] + [key for key, _ in report.COLUMNS if key in metrics]
         table = metrics[columns].astype(object).where(metrics[columns].notna(), None)

@@ -19,6 +19,10 @@ def _inputs(params: dict) -> list:
     return [dataset] if Path(dataset).exists() else []
 
 
+def _load(params: dict) -> str:
+    return str(RunDir(params["run_dir"]).prompts(params["iteration"]))
+
+
 def _done(params: dict) -> bool:
     return data.parquet_complete(RunDir(params["run_dir"]).prompts(params["iteration"]))
 
@@ -28,6 +32,7 @@ def _done(params: dict) -> bool:
     sections=("data", "model", "toy", "training"),
     inputs=_inputs,
     done=_done,
+    load=_load,
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=transient_only,
@@ -37,9 +42,6 @@ def sample_prompts(config: SpinConfig, run_dir: str, iteration: int) -> str:
     the same every iteration."""
     run = RunDir(run_dir)
     out = run.prompts(iteration)
-    if data.read_parquet_checked(out) is not None:
-        logger().info("iteration %d: %s exists, skipped", iteration, out.name)
-        return str(out)
     train_pairs, _, stats = data.load_sft_data(run.data_config(config))
     tokenizer = load_tokenizer(
         run.base_model(config), trust_remote_code=config.model.trust_remote_code

@@ -16,11 +16,15 @@ def _inputs(params: dict) -> list:
     return [RunDir(params["run_dir"]).pairs(params["iteration"]), params["opponent"]]
 
 
+def _load(params: dict) -> str:
+    return str(RunDir(params["run_dir"]).model(params["iteration"]))
+
+
 def _done(params: dict) -> bool:
     return is_model_dir(RunDir(params["run_dir"]).model(params["iteration"]))
 
 
-@step("train-policy", sections=("model", "training"), inputs=_inputs, done=_done)
+@step("train-policy", sections=("model", "training"), inputs=_inputs, done=_done, load=_load)
 def train_policy(
     config: SpinConfig,
     run_dir: str,
@@ -38,9 +42,6 @@ def train_policy(
     """
     run = RunDir(run_dir)
     out = run.model(iteration)
-    if is_model_dir(out):
-        logger().info("iteration %d: model/ exists, skipped", iteration)
-        return str(out)
     progress = Progress(f"train-iter-{iteration}", f"iteration {iteration}: optimizer steps")
     run_training(
         config,

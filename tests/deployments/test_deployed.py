@@ -1,4 +1,4 @@
-"""flows/deployed.py and deployments/prefect.yaml without a server: fast checks."""
+"""flows/dispatch.py, flows/scheduled.py and deployments/prefect.yaml without a server."""
 
 from __future__ import annotations
 
@@ -7,13 +7,8 @@ import inspect
 import pytest
 import yaml
 
-from flows.deployed import (
-    REMOTE_STEPS,
-    next_iteration_config,
-    spin_generate,
-    spin_next_iteration,
-    spin_train,
-)
+from flows.dispatch import REMOTE_STEPS, spin_generate, spin_train
+from flows.scheduled import next_iteration_config, spin_next_iteration
 from spin_core.config import load_config
 from spin_core.errors import InputError
 from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
@@ -43,6 +38,7 @@ def test_prefect_yaml_puts_the_heavy_steps_on_the_gpu_pool():
         "spin-next-iteration": "cpu",
         "spin-generate": "gpu",
         "spin-train": "gpu",
+        "spin-compare": "cpu",
     }
     flows = {"spin-generate": spin_generate, "spin-train": spin_train}
     for remote in REMOTE_STEPS.values():

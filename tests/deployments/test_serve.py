@@ -17,7 +17,14 @@ from tests.deployments.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(600)]
 
-SERVED = {"spin-pipeline", "spin-iteration", "spin-generate", "spin-train", "spin-next-iteration"}
+SERVED = {
+    "spin-pipeline",
+    "spin-iteration",
+    "spin-generate",
+    "spin-train",
+    "spin-next-iteration",
+    "spin-compare",
+}
 
 
 def _children(pid: int) -> list[int]:

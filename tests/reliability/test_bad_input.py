@@ -1,4 +1,4 @@
-"""Every bad-input case of SPEC §6: exit 2, one line naming the field or file, nothing lost.
+"""Every bad-input case (docs/DESIGN.md §8): exit 2, one line naming the field or file, nothing lost.
 
 Each case runs the real `spin run` entry point (in-process, on one Prefect test
 server) against a run directory, and checks that the run directory is exactly

@@ -11,22 +11,14 @@ pipeline resumes where it failed.
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
-from spin_core.config import SpinConfig, validate_config
-from spin_core.errors import InputError
+from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
 from tasks.generate import generate_responses
 from tasks.train import train_policy
@@ -97,83 +89,3 @@ def run_step(step, config: SpinConfig, run_dir: str, iteration: int, *args):
             f"{flow_run.state.type.value}: {flow_run.state.message}"
         )
     return output
-
-
-def next_iteration_config(run: RunDir, max_iterations: int) -> SpinConfig | None:
-    """The run's own config, asking for one iteration more than it finished (None at the cap)."""
-    if not run.config.is_file():
-        raise InputError(f"{run.config}: not a run directory (start it with `spin run` first)")
-    config = validate_config(yaml.safe_load(run.config.read_text()) or {}, str(run.config))
-    finished = 0
-    while run.iteration_metrics(finished).is_file():
-        finished += 1
-    if finished >= max_iterations:
-        return None
-    return config.model_copy(
-        update={"run": config.run.model_copy(update={"iterations": finished + 1})}
-    )
-
-
-@flow(name="spin-next-iteration", log_prints=True)
-def spin_next_iteration(run_dir: str, max_iterations: int = 10) -> str | None:
-    """One more SPIN iteration on an existing run (what the example cron schedule starts).
-
-    Finished iterations are skipped as in any resumed run; a run that stopped (collapse,
-    early stop) stops again at the same place. Returns the report path.
-    """
-    from flows.pipeline import spin_pipeline  # flows.pipeline imports this module
-
-    config = next_iteration_config(RunDir(run_dir), max_iterations)
-    if config is None:
-        get_run_logger().info("%s: %d iterations finished, nothing to do", run_dir, max_iterations)
-        return None
-    return spin_pipeline(config, run_dir)
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@contextmanager
-def prefect_api(start_timeout: float = 120) -> Iterator[str]:
-    """The Prefect API to register with: PREFECT_API_URL, else a local server started here.
-
-    The local server listens on 127.0.0.1 at PREFECT_SERVER_API_PORT (4200 by default),
-    keeps its database in PREFECT_HOME, and is stopped on exit; one already answering
-    on that port is used as it is.
-    """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_API_PORT, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
-        return
-    port = PREFECT_SERVER_API_PORT.value()
-    url = f"http://127.0.0.1:{port}/api"
-    server = None
-    if not _healthy(url):
-        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        server = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + start_timeout
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                server.wait()
-                raise RuntimeError(f"the Prefect server on port {port} did not start")
-            time.sleep(0.5)
-    print(f"Prefect UI at {url.removesuffix('/api')}", flush=True)
-    os.environ["PREFECT_API_URL"] = url  # for the flow-run processes this one starts
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
-    finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()

@@ -1,0 +1,201 @@
+"""Recipes compared over seeds: one resumable spin-pipeline run per (recipe, seed), then
+compare.md (README "Comparing recipes over seeds").
+
+Runs are subflows of `spin-compare`. One at a time (max_parallel 1) they run in this
+process; with max_parallel K > 1, K at a time, each in its own worker process of a
+`ProcessPoolTaskRunner`: the pipeline seeds torch's global generator (sampled
+generation, the toy θ0), so two runs sharing one process would draw from each other's
+random streams and their results would depend on timing.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.pipeline import spin_pipeline
+from spin_core import compare
+from spin_core.config import SpinConfig
+from spin_core.errors import InputError
+
+
+def _pipeline(run: compare.PlannedRun):
+    return spin_pipeline.with_options(flow_run_name=f"{run.recipe}-seed-{run.seed}")
+
+
+@task(name="compare-run", cache_policy=NO_CACHE, persist_result=False)
+def run_in_worker(config: dict, run_dir: str, recipe: str, seed: int) -> str:
+    """One run of the comparison in a worker process: the spin-pipeline subflow.
+
+    config: the run's config as JSON, validated here (a pickled config object would carry
+    this process's class, not the worker's)."""
+    validated = SpinConfig.model_validate(config)
+    planned = compare.PlannedRun(recipe, seed, Path(run_dir), validated)
+    return _pipeline(planned)(validated, run_dir)
+
+
+def _one_rank_worker() -> None:
+    """Set up a worker process as in-process training leaves a process after its first run.
+
+    Training on one rank initialises torch.distributed once per process and sets RANK,
+    LOCAL_RANK and WORLD_SIZE (spin_core.train.init_distributed), which DeepSpeed reads
+    again at every later run. The runner restores a worker's environment after each task,
+    which would drop them while the process group stays initialised: set them for good.
+    """
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def _shared_api():
+    """Worker processes use this process's Prefect API: PREFECT_API_URL, or the URL of the
+    temporary server Prefect started here (else each worker would start its own)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # already running when this flow runs on the temporary server
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def _run_all(pending: list[compare.PlannedRun], max_parallel: int) -> dict[str, BaseException]:
+    """Run the pending runs, at most max_parallel at a time; the failures by run label."""
+    log = get_run_logger()
+    failures: dict[str, BaseException] = {}
+    if max_parallel == 1 or len(pending) == 1:
+        for run in pending:
+            log.info("running %s in %s", run.label, run.run_dir)
+            try:
+                _pipeline(run)(run.config, str(run.run_dir))
+            except Exception as exc:  # noqa: BLE001 - the other runs go on; reported at the end
+                log.error("%s failed: %s", run.label, exc)
+                failures[run.label] = exc
+        return failures
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    workers = min(max_parallel, len(pending))
+    log.info("running %d runs, %d at a time, in worker processes", len(pending), workers)
+    with (
+        _shared_api(),
+        ProcessPoolTaskRunner(max_workers=workers, initializer=_one_rank_worker) as runner,
+    ):
+        futures = {
+            run.label: runner.submit(
+                run_in_worker,
+                parameters={
+                    "config": run.config.model_dump(mode="json"),
+                    "run_dir": str(run.run_dir),
+                    "recipe": run.recipe,
+                    "seed": run.seed,
+                },
+            )
+            for run in pending
+        }
+        for label, future in futures.items():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - as above
+                log.error("%s failed: %s", label, exc)
+                failures[label] = exc
+    return failures
+
+
+@flow(name="spin-compare", log_prints=True)
+def spin_compare(
+    configs: list[SpinConfig | str],
+    seeds: int = 3,
+    out_dir: str = "runs/compare",
+    max_parallel: int = 1,
+    overrides: list[str] | None = None,
+) -> str:
+    """Run every config (a recipe) with seeds 0 … seeds−1 and compare them; returns compare.md.
+
+    configs: YAML config paths (recipe = file stem) or configs (recipe = run.name);
+    overrides: `key=value` applied to every config. Each (recipe, seed k) is a
+    spin-pipeline run in OUT/<recipe>/seed-<k> with data.seed, generation.seed and
+    training.seed = k. A run that is finished with the same config is reused, a partial
+    one resumes; max_parallel runs at a time. Writes OUT/compare.md, OUT/compare.parquet,
+    OUT/plots/compare_metrics.png, and the same tables as artifacts.
+    """
+    log = get_run_logger()
+    if max_parallel < 1:
+        raise InputError(f"compare: max_parallel must be at least 1 (got {max_parallel})")
+    recipes = compare.load_recipes(configs, overrides or [])
+    planned = compare.plan_runs(recipes, seeds, out_dir)
+    compare.refuse_changed_configs(planned)  # before any run starts
+    pending = [p for p in planned if not compare.is_finished(p.run_dir, p.config)]
+    reused = {p.label for p in planned} - {p.label for p in pending}
+    for p in planned:
+        if p.label in reused:
+            log.info("%s is finished with this config: reused (%s)", p.label, p.run_dir)
+    failures = _run_all(pending, max_parallel)
+
+    finished = [p for p in planned if p.label not in failures]
+    results = [compare.RunResult(p.recipe, p.seed, p.run_dir) for p in finished]
+    missing = [
+        f"{label}: failed ({(str(exc) or type(exc).__name__).splitlines()[0][:200]})"
+        for label, exc in failures.items()
+    ]
+    path, comparison = compare.write_compare(out_dir, results, missing=missing)
+    _publish(path, comparison, reused=reused)
+    log.info(
+        "%d runs: %d ran, %d reused, %d failed; comparison written to %s",
+        len(planned),
+        len(pending) - len(failures),
+        len(reused),
+        len(failures),
+        path,
+    )
+    if failures:
+        label, first = next(iter(failures.items()))
+        raise RuntimeError(
+            f"{len(failures)} of {len(planned)} runs failed ({', '.join(failures)}); "
+            f"{label}: {first}"
+        ) from first
+    return str(path)
+
+
+def _publish(path: Path, comparison: compare.Comparison, reused: set[str]) -> None:
+    summary = comparison.summary
+    if len(summary):
+        columns = ["recipe", "model", "iteration", "n_seeds", "seeds"]
+        for metric in compare.METRICS:
+            columns += [metric, f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_per_seed"]
+        create_table_artifact(
+            table=compare.artifact_rows(summary[columns]),
+            key="spin-compare",
+            description="held-out metrics per recipe and model: mean over seeds, 95% t-interval, "
+            "and every seed's value",
+        )
+    if comparison.tests:
+        create_table_artifact(
+            table=compare.artifact_rows(comparison.significance_rows()),
+            key="spin-compare-significance",
+            description="SPIN θt vs SFT baseline t per recipe, paired over prompts, pooled over seeds",
+        )
+    runs = [
+        {
+            "recipe": r.recipe,
+            "seed": r.seed,
+            "run_dir": str(r.run_dir),
+            "this_run": "reused" if f"{r.recipe}/seed-{r.seed}" in reused else "ran",
+        }
+        for r in comparison.results
+    ]
+    if runs:
+        create_table_artifact(
+            table=runs, key="spin-compare-runs", description="the runs of the comparison"
+        )
+    create_markdown_artifact(
+        markdown=path.read_text(), key="spin-compare-report", description=str(path)
+    )

@@ -1,0 +1,240 @@
+"""lm-evaluation-harness benchmarks of a model directory (`eval.lm_eval`) → lm_eval.json.
+
+The paper (Chen et al., 2024, §5) reports the Open LLM Leaderboard tasks, run with
+lm-evaluation-harness v0.4.0. Scores shift across harness versions (prompt formats,
+normalisation, few-shot sampling), so every result file records the version that
+produced it; compare numbers across runs only at the same version and task settings.
+
+lm-eval is an optional extra (`pip install 'spin[lm-eval]'`): it is imported only
+when a benchmark runs. Its tasks download their data sets from the Hugging Face hub
+unless they are custom tasks over local files (`include_path`).
+
+    result = evaluate_model("runs/x/theta0/model", config.eval.lm_eval, dtype="float32")
+    write_result(result, Path("runs/x/theta0"))
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from spin_core.config import LmEvalConfig
+from spin_core.errors import InputError
+from spin_core.rundir import write_json_atomic
+
+RESULT_FILE = "lm_eval.json"
+PAPER_VERSION = "0.4.0"  # the harness version behind the paper's Open LLM Leaderboard numbers
+INSTALL_HINT = "pip install 'spin[lm-eval]'"
+
+# metrics.parquet columns (see `columns`)
+SCORE_PREFIX = "lm_eval/"  # lm_eval/<task>/<metric>
+STDERR_PREFIX = "lm_eval_stderr/"  # lm_eval_stderr/<task>/<metric>
+FEWSHOT_PREFIX = "lm_eval_fewshot/"  # lm_eval_fewshot/<task>
+VERSION_COLUMN = "lm_eval_version"
+LIMIT_COLUMN = "lm_eval_limit"
+
+
+def enabled(settings: LmEvalConfig | None) -> bool:
+    return settings is not None and bool(settings.tasks)
+
+
+def spec(settings: LmEvalConfig) -> dict:
+    """What decides the scores: a result file answers for this spec only."""
+    return {
+        "tasks": [[name, shots] for name, shots in settings.task_shots()],
+        "limit": settings.limit,
+        "include_path": settings.include_path,
+    }
+
+
+def installed_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
+
+
+def read_result(out_dir: str | Path, settings: LmEvalConfig) -> dict | None:
+    """out_dir/lm_eval.json when it holds the scores of `settings`' tasks, else None."""
+    path = Path(out_dir) / RESULT_FILE
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("spec") != spec(settings):
+        return None
+    return result
+
+
+def write_result(result: dict, out_dir: str | Path) -> Path:
+    return write_json_atomic(result, Path(out_dir) / RESULT_FILE)
+
+
+def _task_manager(names: list[str], include_path: str | None):
+    """lm-eval's task index; only the custom directory's when it defines every task asked for
+    (indexing lm-eval's thousands of built-in YAMLs takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        if not Path(include_path).is_dir():
+            raise InputError(f"eval.lm_eval.include_path: {include_path} is not a directory")
+        custom = TaskManager(include_path=include_path, include_defaults=False)
+        if set(names) <= set(custom.all_subtasks):
+            return custom
+    manager = TaskManager(include_path=include_path)
+    unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
+    if unknown:
+        where = f"lm-eval {installed_version()}'s tasks" + (
+            f" or in {include_path}" if include_path else ""
+        )
+        raise InputError(f"eval.lm_eval.tasks: {', '.join(unknown)} not found in {where}")
+    return manager
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None  # "N/A" stderrs, aliases
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def parse_metrics(task_result: dict) -> dict[str, dict]:
+    """lm-eval's {"acc,none": .5, "acc_stderr,none": .1, "alias": ...} → {"acc": {value, stderr}}.
+
+    A metric under a filter other than "none" is "<metric>/<filter>" ("exact_match/strict-match"
+    for lm-eval's "exact_match,strict-match"): names MLflow and TensorBoard accept.
+    """
+    metrics: dict[str, dict] = {}
+    for key, value in task_result.items():
+        if "," not in key:
+            continue
+        metric, _, filter_name = key.partition(",")
+        is_stderr = metric.endswith("_stderr")
+        metric = metric.removesuffix("_stderr")
+        name = metric if filter_name == "none" else f"{metric}/{filter_name}"
+        entry = metrics.setdefault(name, {"value": None, "stderr": None})
+        entry["stderr" if is_stderr else "value"] = _number(value)
+    return {name: entry for name, entry in metrics.items() if entry["value"] is not None}
+
+
+def _plain(value: Any) -> Any:
+    """lm-eval's output as plain JSON types (callables and the like as strings)."""
+    return json.loads(json.dumps(value, default=str, skipkeys=True))
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    settings: LmEvalConfig,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Run `settings.tasks` on an HF model directory (or hub name) with lm-eval's Python API.
+
+    Tasks with different few-shot counts run as separate `simple_evaluate` calls on one
+    loaded model. Returns the content of lm_eval.json: `scores` {task: {num_fewshot,
+    metrics: {metric: {value, stderr}}}} for the tasks asked for (a group's aggregate for
+    a group such as mmlu), `lm_eval_version`, `spec`, and lm-eval's own output per call
+    in `runs` (sub-task scores, task configs, n-samples; without per-sample logs).
+    """
+    try:
+        import lm_eval
+        from lm_eval.api.registry import get_model
+    except ImportError as exc:
+        raise InputError(
+            f"eval.lm_eval is set but lm-eval is not installed: {INSTALL_HINT}"
+        ) from exc
+    import torch
+
+    started = time.time()
+    pairs = settings.task_shots()
+    task_manager = _task_manager([name for name, _ in pairs], settings.include_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_args = {
+        "pretrained": str(model_dir),
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+    }
+    # What simple_evaluate(model="hf", model_args=...) does, once for all few-shot groups.
+    lm = get_model("hf").create_from_arg_obj(
+        model_args, {"batch_size": settings.batch_size, "device": device}
+    )
+    by_shots: dict[int | None, list[str]] = {}
+    for name, shots in pairs:
+        by_shots.setdefault(shots, []).append(name)
+    scores: dict[str, dict] = {}
+    runs = []
+    try:
+        for shots, names in by_shots.items():
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=shots,
+                limit=settings.limit,
+                batch_size=settings.batch_size,
+                device=device,
+                task_manager=task_manager,
+                log_samples=False,
+            )
+            if output is None:  # only on non-zero ranks of a distributed run
+                continue
+            results = output.get("results", {}) | output.get("groups", {})
+            for name in names:
+                n_shot = output.get("n-shot", {}).get(name, shots)
+                scores[name] = {
+                    "num_fewshot": n_shot if isinstance(n_shot, int) else shots,
+                    "metrics": parse_metrics(results.get(name, {})),
+                }
+            output.pop("samples", None)
+            output.pop("pretty_env_info", None)  # a page of hardware description
+            output["config"] = {**output.get("config", {}), "model_args": model_args}
+            runs.append(_nan_to_none(_plain(output)))
+    finally:
+        del lm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {
+        "model": str(model_dir),
+        "lm_eval_version": installed_version() or getattr(lm_eval, "__version__", "unknown"),
+        "paper_lm_eval_version": PAPER_VERSION,
+        "spec": spec(settings),
+        "dtype": dtype,
+        "device": device,
+        "batch_size": settings.batch_size,
+        "seconds": round(time.time() - started, 1),
+        "scores": scores,
+        "runs": runs,
+    }
+
+
+def columns(result: dict) -> dict[str, Any]:
+    """One metrics.parquet row's lm-eval columns: lm_eval/<task>/<metric> (the score),
+    lm_eval_stderr/<task>/<metric>, lm_eval_fewshot/<task>, lm_eval_version, lm_eval_limit."""
+    row: dict[str, Any] = {
+        VERSION_COLUMN: result.get("lm_eval_version"),
+        LIMIT_COLUMN: (result.get("spec") or {}).get("limit"),
+    }
+    for task, entry in (result.get("scores") or {}).items():
+        row[f"{FEWSHOT_PREFIX}{task}"] = entry.get("num_fewshot")
+        for metric, score in (entry.get("metrics") or {}).items():
+            row[f"{SCORE_PREFIX}{task}/{metric}"] = score.get("value")
+            row[f"{STDERR_PREFIX}{task}/{metric}"] = score.get("stderr")
+    return row

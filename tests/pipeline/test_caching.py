@@ -1,0 +1,87 @@
+"""tasks/caching.py: fingerprints, cache keys, and a step whose outputs exist is not run."""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from spin_core.config import load_config
+from tasks import caching
+
+
+def test_fingerprint_follows_content_and_skips_files_being_written(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"a" * 100)
+    first = caching.fingerprint(folder)
+    (folder / ".weights.bin.partial").write_bytes(b"half")  # written aside: not an input yet
+    assert caching.fingerprint(folder) == first
+    (folder / "weights.bin").write_bytes(b"b" * 100)
+    assert caching.fingerprint(folder) != first
+    assert caching.fingerprint(tmp_path / "nowhere") == "missing"
+    # Above the limit (7B weights) only size and mtime count: same bytes, new mtime, new key.
+    monkeypatch.setattr(caching, "HASHED_FILE_LIMIT", 10)
+    big = caching.fingerprint(folder)
+    (folder / "weights.bin").write_bytes(b"b" * 100)
+    assert caching.fingerprint(folder) != big
+
+
+def test_cache_key_ignores_result_neutral_fields_but_not_the_rest(tmp_path):
+    inputs = tmp_path / "prompts.parquet"
+    inputs.write_bytes(b"x")
+    policy = caching.StepInputs(step="s", sections=("training",), files=lambda p: [inputs])
+    config = load_config("configs/demo.yaml")
+
+    def key(cfg):
+        return policy.compute_key(None, {"config": cfg, "run_dir": "r", "iteration": 0}, {})
+
+    same = config.model_copy(deep=True)
+    same.training.save_steps = 7  # may change on resume: not part of the key
+    changed = config.model_copy(deep=True)
+    changed.training.beta = 0.5
+    assert key(same) == key(config) != key(changed)
+    before = key(config)
+    inputs.write_bytes(b"y")  # an input file changed: a new key
+    assert key(config) != before
+    assert key(config) != policy.compute_key(
+        None, {"config": config, "run_dir": "r", "iteration": 1}, {}
+    )
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
+
+
+def test_a_step_with_complete_outputs_is_loaded_not_run(harness, tmp_path):
+    calls = []
+    out = tmp_path / "out.txt"
+
+    @caching.step(
+        "demo-step",
+        sections=("training",),
+        inputs=lambda params: [],
+        done=lambda params: out.exists(),
+        load=lambda params: "loaded " + out.read_text(),
+    )
+    def demo_step(config, run_dir: str, iteration: int) -> str:
+        calls.append(iteration)
+        out.write_text("computed")
+        return "computed"
+
+    @flow
+    def run_it(config, run_dir: str) -> str:
+        return demo_step(config, run_dir, 0)
+
+    config = load_config("configs/demo.yaml")
+    assert run_it(config, str(tmp_path)) == "computed"
+    # The cache record is lost (a crash right after the step): outputs decide, no recompute.
+    import shutil
+
+    shutil.rmtree(tmp_path / ".prefect")
+    assert run_it(config, str(tmp_path)) == "loaded computed"
+    assert calls == [0]
+    events = [e["event"] for e in caching.read_journal(tmp_path)]
+    assert events == ["started", "finished", "reused"]
