@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[300, 600, 1200, 2400])
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=4)
     args = parser.parse_args()
     cfg = load_config("configs/demo.yaml")
     for steps in args.steps:
@@ -53,9 +55,17 @@ def main() -> None:
             sft_steps=steps,
             sft_lr=cfg.toy.sft_lr,
             seed=args.seed,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
         )
         model, tokenizer = load_policy(str(built.model_dir), cfg.model)
-        result = {"sft_steps": steps, "num_train": args.num_train}
+        result = {
+            "sft_steps": steps,
+            "num_train": args.num_train,
+            "hidden_size": args.hidden_size,
+            "num_layers": args.num_layers,
+            "parameters": model.num_parameters(),
+        }
         for name, path, n in (("heldout", built.eval_path, None), ("train", built.train_path, 500)):
             frame, metrics = evaluate_model(model, tokenizer, _pairs(path, n), cfg)
             mean, low, high = bootstrap_mean_ci(frame["exact_match"].to_numpy(dtype=float))

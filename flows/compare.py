@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import spin_pipeline
-from spin_core import compare
+from spin_core import compare, toy
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
 
@@ -110,6 +110,23 @@ def _run_all(pending: list[compare.PlannedRun], max_parallel: int) -> dict[str, 
     return failures
 
 
+@task(name="build-shared-embedded-default", cache_policy=NO_CACHE)
+def build_shared_toy(config: SpinConfig, toy_dir: str) -> str:
+    """The embedded default's data and θ0 for every run of a comparison (built once)."""
+    spec = config.toy
+    built = toy.build_toy(
+        toy_dir,
+        num_train=spec.num_train,
+        num_eval=spec.num_eval,
+        sft_steps=spec.sft_steps,
+        sft_lr=spec.sft_lr,
+        seed=spec.seed,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+    )
+    return str(built.model_dir)
+
+
 @flow(name="spin-compare", log_prints=True)
 def spin_compare(
     configs: list[SpinConfig | str],
@@ -131,9 +148,15 @@ def spin_compare(
     if max_parallel < 1:
         raise InputError(f"compare: max_parallel must be at least 1 (got {max_parallel})")
     recipes = compare.load_recipes(configs, overrides or [])
+    # The embedded default is built once, in OUT/toy/, and shared by every run using it.
+    shared = {r.name: compare.shared_toy_dir(r.config, out_dir) for r in recipes}
+    recipes = [compare.with_shared_toy(r, shared[r.name]) for r in recipes]
     planned = compare.plan_runs(recipes, seeds, out_dir)
     compare.refuse_changed_configs(planned)  # before any run starts
     pending = [p for p in planned if not compare.is_finished(p.run_dir, p.config)]
+    for recipe in recipes:
+        if shared[recipe.name] is not None and any(p.recipe == recipe.name for p in pending):
+            build_shared_toy(recipe.config, str(shared[recipe.name]))
     reused = {p.label for p in planned} - {p.label for p in pending}
     for p in planned:
         if p.label in reused:

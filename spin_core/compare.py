@@ -19,6 +19,7 @@ No Prefect here: the orchestration is flows/compare.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import yaml  # noqa: E402
 from spin_core import report  # noqa: E402
 from spin_core import significance as sig  # noqa: E402
 from spin_core.config import (  # noqa: E402
+    TOY,
     ConfigError,
     SpinConfig,
     apply_overrides,
@@ -48,6 +50,7 @@ from spin_core.config import (  # noqa: E402
 from spin_core.data import write_parquet_atomic  # noqa: E402
 from spin_core.errors import InputError  # noqa: E402
 from spin_core.rundir import RunDir  # noqa: E402
+from spin_core.toy import toy_artifacts  # noqa: E402
 
 # The fields a comparison seed sets (toy.seed is left alone: θ0 is shared).
 SEEDED_FIELDS = (("data", "seed"), ("generation", "seed"), ("training", "seed"))
@@ -103,6 +106,32 @@ def load_recipes(
             f"({', '.join(sources)}); rename a config file (or its run.name)"
         )
     return recipes
+
+
+def shared_toy_dir(config: SpinConfig, out_dir: str | Path) -> Path | None:
+    """Where a comparison keeps the embedded default of `config` (None: it uses none).
+
+    One directory per distinct `toy` section, so recipes with the same toy share one θ0.
+    """
+    if not config.uses_toy():
+        return None
+    key = hashlib.blake2b(config.toy.model_dump_json().encode(), digest_size=6).hexdigest()
+    return Path(out_dir).expanduser().resolve() / "toy" / key
+
+
+def with_shared_toy(recipe: Recipe, toy_dir: Path | None) -> Recipe:
+    """The recipe pointed at a shared build of the embedded default instead of its own."""
+    if toy_dir is None:
+        return recipe
+    built = toy_artifacts(toy_dir)
+    dump = recipe.config.model_dump(mode="json")
+    if dump["data"]["dataset"] == TOY:
+        dump["data"]["dataset"] = str(built.train_path)
+        if dump["data"]["eval_dataset"] in (None, TOY):
+            dump["data"]["eval_dataset"] = str(built.eval_path)
+    if dump["model"]["name_or_path"] == TOY:
+        dump["model"]["name_or_path"] = str(built.model_dir)
+    return Recipe(recipe.name, SpinConfig.model_validate(dump), recipe.source)
 
 
 def seeded_config(config: SpinConfig, seed: int) -> SpinConfig:

@@ -368,6 +368,10 @@ class ToyConfig(_Section):
     )
     sft_lr: float = Field(1e-3, gt=0, description="SFT warm-up learning rate (AdamW)")
     seed: int = Field(0, ge=0, description="seed of the toy data and θ0")
+    hidden_size: int = Field(
+        128, ge=8, le=4096, multiple_of=4, description="θ0's width (4 attention heads)"
+    )
+    num_layers: int = Field(4, ge=1, le=64, description="θ0's transformer layers")
 
 
 class SpinConfig(_Section):

@@ -324,6 +324,11 @@ class ToyArtifacts:
         ]
 
 
+def toy_artifacts(out_dir: str | os.PathLike) -> ToyArtifacts:
+    """Where `build_toy(out_dir)` puts (or put) the dataset and θ0."""
+    return _artifacts(Path(out_dir))
+
+
 def _artifacts(out_dir: Path) -> ToyArtifacts:
     data_dir = out_dir / "data"
     return ToyArtifacts(
@@ -343,6 +348,8 @@ def build_toy(
     sft_lr: float = 1e-3,
     sft_batch_size: int = 64,
     seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 4,
     force: bool = False,
 ) -> ToyArtifacts:
     """Write out_dir/data/{train,eval}.parquet and the weak SFT model out_dir/theta0/.
@@ -362,6 +369,8 @@ def build_toy(
         "sft_batch_size": sft_batch_size,
         "seed": seed,
     }
+    if (hidden_size, num_layers) != (128, 4):  # a default build keeps its old marker valid
+        params |= {"hidden_size": hidden_size, "num_layers": num_layers}
     marker = out_dir / MARKER
     if not force and marker.exists() and artifacts.model_dir.is_dir():
         if json.loads(marker.read_text()).get("params") == params:
@@ -380,7 +389,13 @@ def build_toy(
         responses = [messages[1]["content"] for messages in train["messages"]]
 
         tokenizer = train_tokenizer(prompts + responses, staged.model_dir)
-        model = build_model(tokenizer, seed=seed)
+        model = build_model(
+            tokenizer,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            intermediate_size=4 * hidden_size,
+            seed=seed,
+        )
         logger.info(
             "built a %.2fM-parameter Llama, vocabulary %d",
             model.num_parameters() / 1e6,

@@ -35,6 +35,8 @@ def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
         sft_steps=spec.sft_steps,
         sft_lr=spec.sft_lr,
         seed=spec.seed,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
     )
     logger().info("embedded default ready: θ0 at %s", artifacts.model_dir)
     return str(artifacts.model_dir)

@@ -518,3 +518,20 @@ def test_a_third_seed_runs_only_the_two_new_runs(
         ("with-sft", sig.EXACT_MATCH, "0, 1, 2"),
         ("with-sft", sig.REAL_LOGLIK, "0, 1, 2"),
     }
+
+
+def test_recipes_on_the_embedded_default_share_one_build(tmp_path):
+    """θ0 is built once per distinct toy section, in OUT/toy/, not once per run."""
+    recipes = compare.load_recipes(
+        [DEMO, "configs/regime/spin.yaml", "configs/regime/spin-sft.yaml"], []
+    )
+    dirs = {r.name: compare.shared_toy_dir(r.config, tmp_path) for r in recipes}
+    assert dirs["spin"] == dirs["spin-sft"] != dirs["demo"]  # same toy section, one build
+    assert all(d.parent == (tmp_path / "toy").resolve() for d in dirs.values())
+    shared = compare.with_shared_toy(recipes[1], dirs["spin"])
+    assert shared.config.model.name_or_path == str(dirs["spin"] / "theta0")
+    assert shared.config.data.dataset == str(dirs["spin"] / "data" / "train.parquet")
+    assert shared.config.data.eval_dataset == str(dirs["spin"] / "data" / "eval.parquet")
+    assert shared.config.training == recipes[1].config.training
+    own = load_config(DEMO, ["model.name_or_path=/models/mine", "data.dataset=/data/mine.parquet"])
+    assert compare.shared_toy_dir(own, tmp_path) is None
