@@ -113,18 +113,7 @@ def _run_all(pending: list[compare.PlannedRun], max_parallel: int) -> dict[str, 
 @task(name="build-shared-embedded-default", cache_policy=NO_CACHE)
 def build_shared_toy(config: SpinConfig, toy_dir: str) -> str:
     """The embedded default's data and θ0 for every run of a comparison (built once)."""
-    spec = config.toy
-    built = toy.build_toy(
-        toy_dir,
-        num_train=spec.num_train,
-        num_eval=spec.num_eval,
-        sft_steps=spec.sft_steps,
-        sft_lr=spec.sft_lr,
-        seed=spec.seed,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-    )
-    return str(built.model_dir)
+    return str(toy.build_from_config(toy_dir, config.toy).model_dir)
 
 
 @flow(name="spin-compare", log_prints=True)

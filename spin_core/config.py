@@ -346,10 +346,10 @@ class RunConfig(_Section):
         description="where generation and training run: in this process, or on GPU workers "
         "through the spin-generate / spin-train deployments",
     )
-    tracking: Literal["none", "mlflow"] = Field(
+    tracking: Literal["none", "mlflow", "wandb"] = Field(
         "none",
         description="also log step metrics and evaluations to MLflow (MLFLOW_TRACKING_URI, "
-        "else sqlite in the run directory)",
+        "else sqlite in the run directory) or W&B (offline unless WANDB_MODE/WANDB_API_KEY)",
     )
     baseline: Literal["none", "sft"] = Field(
         "none",

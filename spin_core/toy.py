@@ -324,6 +324,20 @@ class ToyArtifacts:
         ]
 
 
+def build_from_config(out_dir: str | os.PathLike, spec) -> ToyArtifacts:
+    """`build_toy` with the settings of a config's `toy` section (spin_core.config.ToyConfig)."""
+    return build_toy(
+        out_dir,
+        num_train=spec.num_train,
+        num_eval=spec.num_eval,
+        sft_steps=spec.sft_steps,
+        sft_lr=spec.sft_lr,
+        seed=spec.seed,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+    )
+
+
 def toy_artifacts(out_dir: str | os.PathLike) -> ToyArtifacts:
     """Where `build_toy(out_dir)` puts (or put) the dataset and θ0."""
     return _artifacts(Path(out_dir))

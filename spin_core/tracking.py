@@ -1,4 +1,4 @@
-"""Experiment tracking: a run's step metrics and evaluations, copied to MLflow.
+"""Experiment tracking: a run's step metrics and evaluations, copied to MLflow or W&B.
 
 With `run.tracking: mlflow` the pipeline calls `track(run)` after θ0's evaluation,
 after every iteration and at the end. It reads what the run directory holds (the
@@ -13,6 +13,14 @@ nothing twice and MLflow shows the same numbers as `report.md`.
 The tracking URI comes from the environment (`MLFLOW_TRACKING_URI`, tokens too);
 without it, a local SQLite store in the run directory (`mlflow.db`) is used:
 `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`.
+
+With `run.tracking: wandb`, `track_wandb(run)` does the same for Weights & Biases:
+a W&B run per iteration (job type "iteration", grouped by the SPIN run) with its
+per-step training metrics and held-out evaluation in the summary, and at the end
+one "models" run with every model's held-out metrics by iteration. It runs
+offline (files under `RUN/wandb/`, `wandb sync` uploads them) unless WANDB_MODE
+or WANDB_API_KEY in the environment say otherwise; the project is WANDB_PROJECT
+(default "spin").
 """
 
 from __future__ import annotations
@@ -132,6 +140,64 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
         client.set_terminated(state["parent"])
         state["logged"].append("report")
         write_json_atomic(state, state_path)
+    return state
+
+
+WANDB_STATE = "tracking-wandb.json"
+
+
+def track_wandb(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
+    """Log to W&B whatever of `run` is finished and not logged yet; returns the state."""
+    import wandb
+
+    state_path = run.root / WANDB_STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"logged": []}
+    mode = os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    )
+    settings = {
+        "project": os.environ.get("WANDB_PROJECT", "spin"),
+        "group": run.root.name,
+        "dir": str(run.root),
+        "mode": mode,
+        "config": config_params or {},
+    }
+    state["mode"] = mode
+
+    def logged(key: str, wandb_run) -> None:
+        state["logged"].append(key)
+        state.setdefault("runs", {})[key] = wandb_run.id
+        write_json_atomic(state, state_path)
+
+    t = 0
+    while (metrics_path := run.iteration_metrics(t)).exists():
+        key = f"iter_{t}"
+        if key not in state["logged"]:
+            wandb_run = wandb.init(
+                name=f"{run.root.name} iteration {t}", job_type="iteration", **settings
+            )
+            steps = run.train_state(t) / "metrics.jsonl"
+            for line in steps.read_text().splitlines() if steps.exists() else []:
+                record = json.loads(line)
+                wandb_run.log(_numbers(record, "train/"), step=int(record["step"]))
+            metrics = json.loads(metrics_path.read_text())
+            wandb_run.summary.update(
+                _numbers(metrics, "heldout/") | _lm_eval_scores(run.iteration(t))
+            )
+            wandb_run.finish()
+            logged(key, wandb_run)
+        t += 1
+    if run.report.exists() and "models" not in state["logged"]:
+        wandb_run = wandb.init(name=f"{run.root.name} models", job_type="evaluation", **settings)
+        base = run.base_eval() / "metrics.json"
+        if base.exists():
+            values = _numbers(json.loads(base.read_text()), "heldout/")
+            wandb_run.log(values | _lm_eval_scores(base.parent), step=0)
+        for i in range(t):
+            values = _numbers(json.loads(run.iteration_metrics(i).read_text()), "heldout/")
+            wandb_run.log(values | _lm_eval_scores(run.iteration(i)), step=i + 1)
+        wandb_run.finish()
+        logged("models", wandb_run)
     return state
 
 

@@ -27,17 +27,7 @@ from tasks.progress import logger
 def build_embedded_default(config: SpinConfig, run_dir: str) -> str:
     """Generate the toy data and train the weak SFT model θ0 (docs/DESIGN.md §6); skipped once built."""
     run = RunDir(run_dir)
-    spec = config.toy
-    artifacts = toy.build_toy(
-        run.toy,
-        num_train=spec.num_train,
-        num_eval=spec.num_eval,
-        sft_steps=spec.sft_steps,
-        sft_lr=spec.sft_lr,
-        seed=spec.seed,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-    )
+    artifacts = toy.build_from_config(run.toy, config.toy)
     logger().info("embedded default ready: θ0 at %s", artifacts.model_dir)
     return str(artifacts.model_dir)
 
@@ -46,10 +36,11 @@ def check_tracking_available(config: SpinConfig) -> None:
     """InputError naming run.tracking when its package is not installed."""
     import importlib.util
 
-    if config.run.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+    package = {"mlflow": "mlflow", "wandb": "wandb"}.get(config.run.tracking)
+    if package and importlib.util.find_spec(package) is None:
         raise InputError(
-            "run.tracking: 'mlflow' needs the mlflow package, which is not installed "
-            "(pip install 'spin[tracking]'), or set run.tracking: none"
+            f"run.tracking: {config.run.tracking!r} needs the {package} package, which is not "
+            "installed (pip install 'spin[tracking]'), or set run.tracking: none"
         )
 
 

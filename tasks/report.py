@@ -30,10 +30,15 @@ def write_report(config: SpinConfig, run_dir: str) -> str:
 
 @task(name="track-experiment", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def track_experiment(config: SpinConfig, run_dir: str) -> None:
-    """Copy what is new in the run directory to MLflow (`run.tracking: mlflow`); else nothing."""
-    if config.run.tracking != "mlflow":
+    """Copy what is new in the run directory to MLflow or W&B (`run.tracking`); else nothing."""
+    if config.run.tracking == "none":
         return
     from spin_core import tracking
 
-    state = tracking.track(RunDir(run_dir), tracking.config_params(config.model_dump(mode="json")))
+    params = tracking.config_params(config.model_dump(mode="json"))
+    if config.run.tracking == "wandb":
+        state = tracking.track_wandb(RunDir(run_dir), params)
+        logger().info("W&B (%s): logged %s", state["mode"], state["logged"])
+        return
+    state = tracking.track(RunDir(run_dir), params)
     logger().info("MLflow run %s at %s: logged %s", state["parent"], state["uri"], state["logged"])

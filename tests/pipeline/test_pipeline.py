@@ -175,3 +175,23 @@ def test_mlflow_holds_one_run_with_a_nested_run_per_iteration(finished_run):
     assert client.get_run(state["parent"]).data.params["training.beta"] == "0.1"
     tracking.track(run)  # a rerun (resume, `spin report`) logs nothing twice
     assert len(client.get_metric_history(state["parent"], "heldout/exact_match")) == 3
+
+
+def test_wandb_offline_holds_a_run_per_iteration_and_the_models(finished_run, monkeypatch):
+    """run.tracking=wandb, offline: what the files hold, one W&B run per iteration + one overview."""
+    from spin_core import tracking
+
+    run, cfg, _ = finished_run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    state = tracking.track_wandb(run, tracking.config_params(cfg.model_dump(mode="json")))
+    assert state["mode"] == "offline"
+    assert state["logged"] == ["iter_0", "iter_1", "models"]
+    offline = {p.name.rsplit("-", 1)[-1]: p for p in (run.root / "wandb").glob("offline-run-*")}
+    assert set(offline) == set(state["runs"].values())
+    for key in ("iter_0", "iter_1"):
+        (records,) = offline[state["runs"][key]].glob("run-*.wandb")
+        content = records.read_bytes()  # W&B's own record format: the keys are plain strings
+        assert b"train/loss" in content and b"heldout/exact_match" in content
+    assert tracking.track_wandb(run)["logged"] == state["logged"]  # nothing twice
+    assert len(list((run.root / "wandb").glob("offline-run-*"))) == 3
