@@ -49,6 +49,7 @@ bench: setup $(VENV)/.bench-installed
 	$(BENCH) benchmarks.bench_overhead
 	$(BENCH) benchmarks.bench_data
 	$(BENCH) benchmarks.bench_scaling
+	$(BENCH) benchmarks.bench_lora
 	$(BIN)/python -m benchmarks.report
 
 # GPU check (docs/PERFORMANCE.md "GPU check"): ZeRO-3 accumulation in bf16, one SPIN iteration of

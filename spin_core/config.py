@@ -454,7 +454,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         keys, value = _parse_override(item)
         node = merged
         for k in keys[:-1]:
-            child = node.setdefault(k, {})
+            if node.get(k) is None:  # an unset optional section (training.lora: null)
+                node[k] = {}
+            child = node[k]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {'.'.join(keys)}: {k} is not a section")
             node = child

@@ -704,10 +704,17 @@ def export_model(
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    elif lora is not None:
+        state_dict = {}  # merged in place below, from the module itself
     else:
         state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if rank == 0:
-        if lora is not None:
+        if lora is not None and zero_stage != 3:
+            # The whole PEFT model is here: save the adapter, then merge it in place.
+            module.save_pretrained(Path(out_dir).parent / "adapter", safe_serialization=True)
+            module = module.merge_and_unload()
+            state_dict = module.state_dict()
+        elif lora is not None:  # ZeRO-3: merge the gathered weights into a fresh θt
             module = merge_adapter(state_dict, base, lora, Path(out_dir).parent / "adapter")
             state_dict = module.state_dict()
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}

@@ -173,3 +173,15 @@ def test_zero_stage_defaults_to_what_the_ranks_can_use():
     assert paper.training.zero_stage == 3
     # 2 ranks accumulating 4 micro-batches: ZeRO-3 too (the engine's forward accumulates)
     assert load_config(None, ["training.num_processes=2"]).training.zero_stage == 3
+
+
+def test_overrides_fill_an_unset_optional_section():
+    """--set training.lora.r=8 works whether the config omits lora or dumps it as null."""
+    from spin_core.config import apply_overrides, validate_config
+
+    cfg = load_config("configs/demo.yaml", ["training.lora.r=8"])
+    assert cfg.training.lora.r == 8 and cfg.training.lora.alpha == 32.0
+    dumped = load_config("configs/demo.yaml").model_dump(mode="json")
+    assert dumped["training"]["lora"] is None
+    again = validate_config(apply_overrides(dumped, ["training.lora.r=8"]))
+    assert again.training.lora == cfg.training.lora
