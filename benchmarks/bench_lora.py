@@ -3,7 +3,9 @@
 The same unscored pairs and the same ~57M-parameter Llama (bench_train's "wide"
 model), one `train_iteration` each, in fresh processes so that one side's peak
 does not leak into the other's. LoRA keeps θt frozen and trains only the
-adapters, so it holds no full-size gradients or optimizer state. Claim
+adapters, so it holds no full-size gradients or optimizer state. The pairs are
+scored once beforehand, so the peak is the training steps', not the scoring pass's
+(glibc keeps freed memory resident, so an earlier peak would hide the steps'). Claim
 (docs/PERFORMANCE.md): a LoRA step's peak memory is below a full fine-tuning
 step's. Prints one JSON line; on CPU the peak is the process's max RSS, on a GPU
 also CUDA's max allocated memory.
@@ -31,6 +33,22 @@ def _vm_hwm_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def score_once(pairs: Path, model_dir: Path, cfg) -> Path:
+    """The pairs with θt's log-probs, so neither side's peak is the scoring pass's."""
+    from spin_core import data, score
+    from spin_core.checkpoint import load_policy
+
+    out = pairs.with_name(f"scored-{model_dir.name}-{pairs.name}")
+    if data.read_parquet_checked(out) is None:
+        import pandas as pd
+
+        model, tokenizer = load_policy(str(model_dir), cfg.model)
+        frame = pd.read_parquet(pairs)
+        scored, _ = score.score_with_opponent(model, tokenizer.pad_token_id, frame, cfg.training)
+        data.write_parquet_atomic(scored, out)
+    return out
 
 
 def run_side(args) -> None:
@@ -83,7 +101,8 @@ def main() -> None:
     _common.setup(args.threads)
     _common.warm_up_deepspeed()
     num_pairs, batch, epochs, architecture = (QUICK_SETUPS if args.quick else SETUPS)["wide"]
-    pairs, model_dir = prepare_pairs(num_pairs), prepare_model("wide", architecture)
+    model_dir = prepare_model("wide", architecture)
+    pairs = score_once(prepare_pairs(num_pairs), model_dir, base_config(model_dir, batch, epochs))
     common = ["--pairs", str(pairs), "--model-dir", str(model_dir), "--batch", str(batch)]
     common += ["--epochs", str(epochs), "--threads", str(args.threads)]
     sides = {
