@@ -83,7 +83,8 @@ def test_custom_run_form_starts_a_run_with_the_typed_beta(
     beta.scroll_into_view_if_needed()
     page.screenshot(path=tmp_path / "custom-run-form.png")
     page.get_by_role("button", name="Submit").click()
-    page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+(\?|$)"))
+    # Creating the run and going back can take over a minute on a loaded 2-core machine.
+    page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+(\?|$)"), timeout=180_000)
 
     (started,) = [
         r for r in server.flow_runs_of("spin-pipeline/spin-pipeline") if r["id"] not in before
