@@ -75,7 +75,7 @@ def test_custom_run_form_starts_a_run_with_the_typed_beta(
     page.goto(f"{server.ui}/deployments/deployment/{pipeline['id']}")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").click()
-    page.wait_for_url(re.compile(r"/run(\?|$)"))
+    page.wait_for_url(re.compile(r"/run(\?|$)"), timeout=180_000)
     beta, iterations = form_field(page, "Beta"), form_field(page, "Iterations")
     beta.wait_for()
     assert (beta.input_value(), iterations.input_value()) == ("0.1", "1")
