@@ -72,8 +72,7 @@ def generated_from_vllm(completion, tokenizer) -> Generated:
     completion that stopped, since training scores log p(EOS | response) exactly
     when the opponent generated it, and never for one cut at max_tokens.
     """
-    eos = tokenizer.eos_token_id
     ids = list(completion.token_ids)
-    if completion.finish_reason == "stop":
-        ids = ids[: ids.index(eos) + 1] if eos in ids else [*ids, eos]
-    return Generated.from_ids(ids, tokenizer)
+    if completion.finish_reason == "stop" and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return Generated.from_ids(ids, tokenizer)  # cuts after the first EOS
