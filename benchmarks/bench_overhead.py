@@ -1,13 +1,11 @@
-"""Orchestration overhead: the Prefect pipeline versus the same spin_core calls in a plain loop.
+"""Orchestration overhead: the Prefect pipeline versus the same steps run without Prefect.
 
 Prefect side: `flows.pipeline.spin_pipeline` exactly as `spin run` calls it, on
 Prefect's local ephemeral server (started by the run, as for a user). Plain side:
-the steps the tasks perform (held-out split, θ0 evaluation, then per iteration
-sample and tokenize, generate, build, train (which scores the pairs with θt
-before its first step), evaluate; finally the report), called
-directly on `spin_core` with the same paths and files, no Prefect imported. Both
-run the same small toy config in a fresh process each; the figure is the ratio
-of their wall times, interpreter start to exit.
+`spin_core.driver.run`, the same step definitions (spin_core/steps.py) in the
+same order with the same policy, in plain Python, no Prefect imported. Both run
+the same small toy config in a fresh process each; the figure is the ratio of
+their wall times, interpreter start to exit.
 
     python -m benchmarks.bench_overhead     # target: Prefect ≤ 1.05× the plain loop
 """
@@ -18,16 +16,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks import _common
+from flows.server import prefect_server
+from spin_core.launch import free_port
 
 TARGET_RATIO = 1.05
 OVERRIDES = [
@@ -46,115 +43,6 @@ QUICK_OVERRIDES = [
 ]
 
 
-# ---------------------------------------------------------------- plain loop
-
-
-def plain_loop(cfg, run_dir: str) -> Path:
-    """spin_pipeline's steps as direct spin_core calls (mirrors flows/ and tasks/)."""
-    import pandas as pd
-
-    from spin_core import data, generate, report, toy, train
-    from spin_core.checkpoint import check_causal_lm, load_policy, load_tokenizer
-    from spin_core.config import schedule_at
-    from spin_core.evaluate import evaluate_model
-    from spin_core.prompts import drop_overlong_prompts, encode_pairs
-    from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
-
-    run = RunDir(run_dir)
-    check_or_save_config(run, cfg)
-    data_cfg = run.data_config(cfg)
-    check_causal_lm(run.base_model(cfg), trust_remote_code=cfg.model.trust_remote_code)
-    generate.check_backend_available(cfg)
-    train_pairs, heldout, _ = data.load_sft_data(data_cfg)
-    data.sample_prompts(train_pairs, cfg.data.num_prompts, seed=cfg.data.seed)
-    columns = [c for c in [*data.PAIR_COLUMNS, *data.OPTIONAL_COLUMNS] if c in heldout]
-    data.write_parquet_atomic(heldout[columns], run.heldout)
-
-    def evaluate(model_dir: str, out_dir: Path, opponent_dir=None, iteration=None) -> dict:
-        heldout = pd.read_parquet(run.heldout)
-        opponent_eval = (
-            pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
-        )
-        policy, tokenizer = load_policy(model_dir, cfg.model)
-        frame, metrics = evaluate_model(
-            policy,
-            tokenizer,
-            heldout,
-            cfg,
-            opponent_eval=opponent_eval,
-            beta=schedule_at(cfg.training.beta, iteration or 0),
-            group_of=toy.task_of,
-        )
-        data.write_parquet_atomic(frame, out_dir / "eval.parquet")
-        metrics["model"] = model_dir
-        if iteration is not None:
-            pairs_stats = json.loads((run.iteration(iteration) / "pairs.json").read_text())
-            metrics |= pairs_stats
-            drop = metrics["opponent_real_loglik_per_token"] - metrics["real_loglik_per_token"]
-            metrics["collapsed"] = bool(drop > cfg.run.collapse_tolerance)
-        write_json_atomic(metrics, out_dir / "metrics.json")
-        return metrics
-
-    opponent, opponent_eval = run.base_model(cfg), run.base_eval()
-    evaluate(opponent, opponent_eval)
-    for t in range(cfg.run.iterations):
-        # 1. sample, tokenized once with θ0's tokenizer (prompt_ids, real_ids)
-        pairs, _, _ = data.load_sft_data(data_cfg)
-        tokenizer = load_tokenizer(
-            run.base_model(cfg), trust_remote_code=cfg.model.trust_remote_code
-        )
-        if cfg.data.overlong_prompts == "drop":
-            pairs, _ = drop_overlong_prompts(pairs, tokenizer, cfg.training.max_prompt_length)
-        prompts = data.sample_prompts(
-            pairs,
-            cfg.data.num_prompts,
-            seed=cfg.data.seed,
-            iteration=t,
-            resample=cfg.data.resample_each_iteration,
-        )
-        prompt_ids, real_ids = encode_pairs(tokenizer, prompts, cfg.training.max_prompt_length)
-        prompts = prompts.assign(prompt_ids=prompt_ids, real_ids=real_ids)
-        data.write_parquet_atomic(prompts, run.prompts(t))
-        # 2. generate (from the stored prompt ids, as the task reads them back)
-        prompts = pd.read_parquet(run.prompts(t))
-        generate.generate_from_model(
-            opponent, cfg, prompts, run.generated_shards(t), show_progress=False
-        )
-        generate.merge_shards(
-            run.generated_shards(t), len(prompts), cfg.generation.shard_size, run.generated(t)
-        )
-        # 3. build
-        sources = range(max(0, t - cfg.data.history), t + 1)
-        generated = {s: pd.read_parquet(run.generated(s)) for s in sources}
-        pairs, stats = data.build_training_set(generated, drop_identical=cfg.data.drop_identical)
-        data.write_parquet_atomic(pairs, run.pairs(t))
-        write_json_atomic(
-            {
-                "train_pairs": stats.rows,
-                "identical_dropped": stats.identical_dropped,
-                "identical_fraction": stats.identical_fraction,
-            },
-            run.iteration(t) / "pairs.json",
-        )
-        # 4. train: the engine scores pairs.parquet with θt first, into train.parquet
-        train.train_iteration(
-            init_model=opponent,
-            train_path=run.pairs(t),
-            scored_path=run.train(t),
-            state_dir=run.train_state(t),
-            model_out=run.model(t),
-            cfg=cfg,
-            iteration=t,
-        )
-        # 5. evaluate against the opponent
-        metrics = evaluate(str(run.model(t)), run.iteration(t), opponent_eval, t)
-        if metrics["collapsed"] and not cfg.run.promote_collapsed:
-            break
-        opponent, opponent_eval = str(run.model(t)), run.iteration(t)
-    path, _ = report.write_report(run.root)
-    return path
-
-
 # ------------------------------------------------------------------- sides
 
 
@@ -166,7 +54,9 @@ def run_side(args) -> None:
 
         report = spin_pipeline(cfg, str(args.run_dir))
     else:
-        report = plain_loop(cfg, str(args.run_dir))
+        from spin_core import driver
+
+        report = driver.run(cfg, str(args.run_dir))
     metrics = json.loads((Path(args.run_dir) / "iter_0" / "metrics.json").read_text())
     print(json.dumps({"report": str(report), "exact_match_1": metrics["exact_match"]}))
 
@@ -200,34 +90,6 @@ def prefect_env() -> dict:
     return env
 
 
-@contextmanager
-def prefect_server():
-    """A long-lived Prefect server, as a deployment has (`prefect server start`)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("prefect")), "server", "start"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(
-        command, env=prefect_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("prefect server did not start") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
 def main() -> None:
     args = _common.parser(__doc__.splitlines()[0])
     args.add_argument("--side", choices=["prefect", "plain"], help=argparse.SUPPRESS)
@@ -242,7 +104,7 @@ def main() -> None:
     sides = ("plain", "prefect", "prefect_server")
     times: dict[str, list[float]] = {side: [] for side in sides}
     results = {}
-    with prefect_server() as api_url:
+    with prefect_server(free_port(), env=prefect_env()) as api_url:
         for round_ in range(1 if args.quick else args.rounds):
             # Alternating order, so a change in the machine's load hits every side alike.
             for side in sides if round_ % 2 == 0 else sides[::-1]:

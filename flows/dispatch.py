@@ -10,18 +10,19 @@ pipeline resumes where it failed.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from spin_core import steps
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir
-from tasks.generate import generate_responses
-from tasks.train import train_policy
+from spin_core.step import Step
+from tasks.caching import run_local
 
 POLL_SECONDS = 2  # how often a dispatched step's state is read while waiting for it
 
@@ -33,7 +34,7 @@ class StepFailed(RuntimeError):
 @flow(name="spin-generate", flow_run_name="generate-iter-{iteration}", log_prints=True)
 def spin_generate(config: SpinConfig, run_dir: str, iteration: int, opponent: str) -> str:
     """Step 2 on a GPU worker: θt writes y' for every prompt → iter_t/generated.parquet."""
-    return generate_responses(config, run_dir, iteration, opponent)
+    return run_local(steps.generate_responses, config, run_dir, iteration, opponent)
 
 
 @flow(name="spin-train", flow_run_name="train-iter-{iteration}", log_prints=True)
@@ -46,7 +47,9 @@ def spin_train(
     lr_scale: float = 1.0,
 ) -> str:
     """Step 4 on a GPU worker: train θ(t+1) from θt → iter_t/model/."""
-    return train_policy(config, run_dir, iteration, opponent, opponent_eval, lr_scale)
+    return run_local(
+        steps.train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale
+    )
 
 
 @dataclass(frozen=True)
@@ -57,35 +60,41 @@ class _Remote:
 
 # The steps that run on GPU workers with run.execution=deployments.
 REMOTE_STEPS = {
-    generate_responses: _Remote("spin-generate/spin-generate", RunDir.generated),
-    train_policy: _Remote("spin-train/spin-train", RunDir.model),
+    steps.generate_responses: _Remote("spin-generate/spin-generate", RunDir.generated),
+    steps.train_policy: _Remote("spin-train/spin-train", RunDir.model),
 }
 
 
-def run_step(step, config: SpinConfig, run_dir: str, iteration: int, *args):
-    """Run a pipeline step here, or on a worker of its deployment (`run.execution`).
+class PrefectRunner:
+    """Runs spin_core's steps as cached Prefect tasks, or on GPU workers (`run.execution`)."""
 
-    Deployed, the step gets plain JSON parameters; this flow waits for its run and
-    fails if it did not complete. Either way the step's output path is returned.
-    """
-    remote = REMOTE_STEPS.get(step)
-    if config.run.execution == "local" or remote is None:
-        return step(config, run_dir, iteration, *args)
-    run, log = RunDir(run_dir), get_run_logger()
-    output = str(remote.output(run, iteration))
-    signature = inspect.signature(getattr(step, "fn", step))  # a Prefect task or a function
-    parameters = signature.bind(config, run_dir, iteration, *args).arguments
-    if step.done(parameters):  # the step's own completeness check (tasks.caching.step)
-        log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
-        return output
-    parameters["config"] = config.model_dump(mode="json")
-    log.info("iteration %d: dispatching %s", iteration, remote.deployment)
-    flow_run = run_deployment(
-        remote.deployment, parameters=parameters, timeout=None, poll_interval=POLL_SECONDS
-    )
-    if not flow_run.state.is_completed():
-        raise StepFailed(
-            f"iteration {iteration}: {remote.deployment} run {flow_run.name} ended "
-            f"{flow_run.state.type.value}: {flow_run.state.message}"
+    @property
+    def log(self):
+        return get_run_logger()
+
+    def step(self, step: Step, config: SpinConfig, run_dir: str, *args, **kwargs) -> Any:
+        """Run a step here, or on a worker of its deployment; either way return its result.
+
+        Deployed, the step gets plain JSON parameters; this flow waits for its run and
+        fails if it did not complete.
+        """
+        remote = REMOTE_STEPS.get(step)
+        if config.run.execution == "local" or remote is None:
+            return run_local(step, config, run_dir, *args, **kwargs)
+        parameters = step.params(config, run_dir, *args, **kwargs)
+        iteration = parameters["iteration"]
+        output = str(remote.output(RunDir(run_dir), iteration))
+        if step.complete(parameters):
+            self.log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
+            return output
+        parameters["config"] = config.model_dump(mode="json")
+        self.log.info("iteration %d: dispatching %s", iteration, remote.deployment)
+        flow_run = run_deployment(
+            remote.deployment, parameters=parameters, timeout=None, poll_interval=POLL_SECONDS
         )
-    return output
+        if not flow_run.state.is_completed():
+            raise StepFailed(
+                f"iteration {iteration}: {remote.deployment} run {flow_run.name} ended "
+                f"{flow_run.state.type.value}: {flow_run.state.message}"
+            )
+        return output

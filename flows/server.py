@@ -12,6 +12,7 @@ watchdog that exits the server as soon as its parent is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 # Runs `python -m uvicorn ARGS` in this process with a thread that ends it when the
 # parent process dies (its parent pid changes). Polling, not PR_SET_PDEATHSIG: that
@@ -65,6 +67,38 @@ def _healthy(api_url: str) -> bool:
 
 
 @contextmanager
+def prefect_server(
+    port: int, env: dict | None = None, log: Path | None = None, start_timeout: float = 120
+) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1:`port`; yields its API URL once /health answers.
+
+    env: the server's environment (its PREFECT_HOME); log: where its output goes
+    (discarded without one). The server is stopped on exit.
+    """
+    url = f"http://127.0.0.1:{port}/api"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    with open(log or os.devnull, "w") as output:
+        server = subprocess.Popen(
+            [*command, "--port", str(port)], env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text()[-3000:] if log else ""
+                raise RuntimeError(f"the Prefect server on port {port} did not start\n{tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@contextmanager
 def prefect_api(start_timeout: float = 120) -> Iterator[str]:
     """The Prefect API to register with: PREFECT_API_URL, else a local server started here.
 
@@ -79,27 +113,10 @@ def prefect_api(start_timeout: float = 120) -> Iterator[str]:
         return
     port = PREFECT_SERVER_API_PORT.value()
     url = f"http://127.0.0.1:{port}/api"
-    server = None
-    if not _healthy(url):
-        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        server = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + start_timeout
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                server.wait()
-                raise RuntimeError(f"the Prefect server on port {port} did not start")
-            time.sleep(0.5)
-    print(f"Prefect UI at {url.removesuffix('/api')}", flush=True)
-    os.environ["PREFECT_API_URL"] = url  # for the flow-run processes this one starts
-    try:
+    with contextlib.ExitStack() as stack:
+        if not _healthy(url):
+            stack.enter_context(prefect_server(port, start_timeout=start_timeout))
+        print(f"Prefect UI at {url.removesuffix('/api')}", flush=True)
+        os.environ["PREFECT_API_URL"] = url  # for the flow-run processes this one starts
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
-    finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()

@@ -22,6 +22,11 @@ class ConfigError(InputError):
     """A configuration that cannot be used; the message names the field."""
 
 
+# Marks a field that does not change what a run computes (batching, checkpoint cadence,
+# reporting, how far to go): a resumed run may change it, and cache keys leave it out.
+MAY_CHANGE_ON_RESUME = {"may_change_on_resume": True}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -120,13 +125,26 @@ class GenerationConfig(_Section):
         65_536,
         ge=64,
         description="token budget of one generation batch (prompt + new tokens per row)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
-    max_batch_size: int = Field(256, ge=1, description="most prompts in one generation batch")
+    max_batch_size: int = Field(
+        256,
+        ge=1,
+        description="most prompts in one generation batch",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     shard_size: int = Field(
-        1000, ge=1, description="rows per generated shard; finished shards survive a crash"
+        1000,
+        ge=1,
+        description="rows per generated shard; finished shards survive a crash",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     num_workers: int = Field(
-        1, ge=1, le=1024, description="parallel generation workers (one per GPU)"
+        1,
+        ge=1,
+        le=1024,
+        description="parallel generation workers (one per GPU)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size")
     seed: int = Field(0, ge=0, description="sampling seed")
@@ -196,18 +214,35 @@ class TrainingConfig(_Section):
         le=3,
         description="DeepSpeed ZeRO stage; unset: 3 on several ranks, 0 on one",
     )
-    save_steps: int = Field(50, ge=1, description="optimizer steps between DeepSpeed checkpoints")
+    save_steps: int = Field(
+        50,
+        ge=1,
+        description="optimizer steps between DeepSpeed checkpoints",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     eval_steps: int = Field(
         0,
         ge=0,
         description="held-out health check every this many optimizer steps (0 = at the end only)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
-    keep_checkpoints: int = Field(2, ge=1, description="DeepSpeed checkpoints kept in train_state/")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="DeepSpeed checkpoints kept in train_state/",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     logprob_chunk_size: int = Field(
-        1024, ge=1, description="response positions per chunk when computing log-probs"
+        1024,
+        ge=1,
+        description="response positions per chunk when computing log-probs",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     score_batch_tokens: int = Field(
-        32_768, ge=64, description="token budget of one opponent-scoring batch"
+        32_768,
+        ge=64,
+        description="token budget of one opponent-scoring batch",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     seed: int = Field(42, ge=0, description="seed of data order and initialisation")
     deepspeed: dict[str, Any] | None = Field(
@@ -313,20 +348,28 @@ class EvalConfig(_Section):
         None, ge=1, description="longest held-out generation; defaults to generation.max_new_tokens"
     )
     health_size: int = Field(
-        200, ge=1, description="held-out pairs scored by the in-training health check"
+        200,
+        ge=1,
+        description="held-out pairs scored by the in-training health check",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     lm_eval: LmEvalConfig | None = Field(
         None,
         description="also run lm-evaluation-harness (pip install 'spin[lm-eval]') on θ0 and "
         "every promoted θt (unset or no tasks: off)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
 
 
 class RunConfig(_Section):
     name: str = Field("spin", min_length=1, description="run name (runs/<name>/ by default)")
-    iterations: int = Field(3, ge=1, le=1000, description="SPIN iterations T")
+    iterations: int = Field(
+        3, ge=1, le=1000, description="SPIN iterations T", json_schema_extra=MAY_CHANGE_ON_RESUME
+    )
     early_stop_margin: float | None = Field(
-        None, description="stop when the held-out margin of the new model falls below this"
+        None,
+        description="stop when the held-out margin of the new model falls below this",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     collapse_tolerance: float = Field(
         0.5,
@@ -340,16 +383,24 @@ class RunConfig(_Section):
         "stop",
         description="after a collapsed iteration: stop, or retry it once at half the learning rate",
     )
-    sample_rows: int = Field(8, ge=0, le=100, description="sample generations shown in the report")
+    sample_rows: int = Field(
+        8,
+        ge=0,
+        le=100,
+        description="sample generations shown in the report",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     execution: Literal["local", "deployments"] = Field(
         "local",
         description="where generation and training run: in this process, or on GPU workers "
         "through the spin-generate / spin-train deployments",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     tracking: Literal["none", "mlflow", "wandb"] = Field(
         "none",
         description="also log step metrics and evaluations to MLflow (MLFLOW_TRACKING_URI, "
         "else sqlite in the run directory) or W&B (offline unless WANDB_MODE/WANDB_API_KEY)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     baseline: Literal["none", "sft"] = Field(
         "none",
@@ -517,24 +568,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Fields that do not change what a run computes; a resumed run may change them.
+def _may_change_on_resume(section: type[BaseModel]) -> set[str]:
+    return {
+        name
+        for name, field in section.model_fields.items()
+        if field.json_schema_extra is MAY_CHANGE_ON_RESUME
+    }
+
+
+# (section, field) of the fields marked MAY_CHANGE_ON_RESUME: they are not part of cache keys.
 RESULT_NEUTRAL_FIELDS = {
-    ("run", "sample_rows"),
-    ("run", "execution"),
-    ("run", "tracking"),
-    ("eval", "lm_eval"),  # the lm-eval step re-runs itself when its own spec changes
-    ("run", "iterations"),
-    ("run", "early_stop_margin"),
-    ("training", "save_steps"),
-    ("training", "eval_steps"),
-    ("eval", "health_size"),
-    ("training", "keep_checkpoints"),
-    ("generation", "shard_size"),
-    ("generation", "num_workers"),
-    ("generation", "batch_tokens"),
-    ("generation", "max_batch_size"),
-    ("training", "score_batch_tokens"),
-    ("training", "logprob_chunk_size"),
+    (section, name)
+    for section, field in SpinConfig.model_fields.items()
+    for name in _may_change_on_resume(field.annotation)
 }
 
 
@@ -564,6 +610,8 @@ def _reference_rows(prefix: str, model: type[BaseModel]) -> list[str]:
             if getattr(m, attr, None) is not None
         ]
         description = field.description + (f" ({', '.join(bounds)})" if bounds else "")
+        if field.json_schema_extra is MAY_CHANGE_ON_RESUME:
+            description += "; *may change on resume*"
         rows.append(
             f"| `{prefix}{name}` | {annotation.replace('|', chr(92) + '|')} | "
             f"`{json_default(default)}` | {description} |"

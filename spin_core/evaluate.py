@@ -20,6 +20,12 @@ from spin_core.prompts import encode_pairs
 from spin_core.score import examples_from_ids, score_named
 
 
+def collapsed(loglik: float, opponent_loglik: float, tolerance: float) -> bool:
+    """The health rule: the real responses' per-token log-likelihood fell more than
+    `tolerance` (run.collapse_tolerance) below the opponent's. Reward accuracy is never used."""
+    return bool(opponent_loglik - loglik > tolerance)
+
+
 def evaluate_model(
     model,
     tokenizer,

@@ -60,6 +60,21 @@ def installed_version() -> str | None:
         return None
 
 
+def table(result: dict) -> list[dict]:
+    """One row per (task, metric) of a result: task, num_fewshot, metric, value, stderr."""
+    return [
+        {
+            "task": task,
+            "num_fewshot": entry["num_fewshot"],
+            "metric": metric,
+            "value": score["value"],
+            "stderr": score["stderr"],
+        }
+        for task, entry in result["scores"].items()
+        for metric, score in entry["metrics"].items()
+    ]
+
+
 def read_result(out_dir: str | Path, settings: LmEvalConfig) -> dict | None:
     """out_dir/lm_eval.json when it holds the scores of `settings`' tasks, else None."""
     path = Path(out_dir) / RESULT_FILE

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ from spin_core.config import (
     schedule_at,
 )
 from spin_core.data import read_parquet_checked, write_parquet_atomic
+from spin_core.evaluate import collapsed
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_sft_loss
@@ -363,6 +365,25 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
+def run_rank(
+    cfg: SpinConfig,
+    *,
+    on_step: Callable[[dict], None] | None = None,
+    opponent_eval: str | None = None,
+    **kwargs,
+) -> TrainResult:
+    """`train_iteration` as the pipeline runs it, in process or on each launched rank.
+
+    opponent_eval: θt's eval.parquet; with `training.eval_steps` set, the held-out
+    real log-likelihood is checked against it during training (`health_probe`).
+    kwargs: train_iteration's other arguments.
+    """
+    health = None
+    if cfg.training.eval_steps and opponent_eval:
+        health = health_probe(cfg, kwargs["init_model"], opponent_eval)
+    return train_iteration(cfg=cfg, on_step=on_step, health=health, **kwargs)
+
+
 def train_iteration(
     *,
     init_model: str,
@@ -393,105 +414,141 @@ def train_iteration(
     engine scores them before its first step, every rank a share, and rank 0
     writes the scored set to `scored_path` (train.parquet), which a rerun reuses.
     """
-    import deepspeed
-    from transformers import get_scheduler
-
     training = cfg.training
     state_dir, model_out = Path(state_dir), Path(model_out)
     state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / STEP_LOG
     init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     seed_everything(training.seed + iteration)
-
-    bf16 = compute_dtype(cfg.model.precision) == torch.bfloat16
-    ds_config = deepspeed_config(training, bf16=bf16)
-    if training.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # Kept alive so from_pretrained partitions weights across ranks as it loads.
-        zero3_init = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    from transformers import AutoConfig
-
-    saved_dtype = _config_dtype(
-        AutoConfig.from_pretrained(init_model, trust_remote_code=cfg.model.trust_remote_code)
-    )
-    model, tokenizer = load_policy(init_model, cfg.model, for_training=True)
-    disable_dropout(model)
-    if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if training.lora is not None:
-        # θ(t+1) = θt + a fresh adapter; the opponent's log-probs are precomputed, so
-        # no adapter toggling is needed to score the reference.
-        model = with_adapter(model, training.lora)
     frame = pd.read_parquet(train_path)
     if objective == "spin" and "generated_ids" not in frame:
         raise ValueError(f"{train_path}: no generated_ids column to train SPIN on")
-
-    lr = schedule_at(training.learning_rate, iteration) * lr_scale
-    beta = schedule_at(training.beta, iteration)
     total_steps = num_steps or training.num_epochs * steps_per_epoch(
         len(frame), training.global_batch_size
     )
-    optimizer = _build_optimizer(model, training, lr)
-    scheduler = get_scheduler(
-        "linear",
-        optimizer,
-        num_warmup_steps=math.ceil(training.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=SequenceLogps(model, training.logprob_chunk_size),
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-    )
-    if world_size == 1 and training.zero_stage == 0:
-        # Alone, DeepSpeed would still flatten every gradient into a bucket, all-reduce it
-        # with itself and copy it back: a gradient-sized buffer and ~15% of each step.
-        engine.enable_backward_allreduce = False
-
-    pad_id = tokenizer.pad_token_id
+    # Set-up: θt under DeepSpeed, with the iteration's optimizer and schedule.
+    lr = schedule_at(training.learning_rate, iteration) * lr_scale
+    trainer = _Trainer.build(init_model, cfg, lr, total_steps)
     if objective == "spin" and "opponent_real_logps" not in frame:
         # Before any checkpoint is loaded: the engine's weights are still θt's.
-        frame = _score_opponent(engine, frame, training, pad_id, scored_path, world_size)
+        frame = _score_opponent(
+            trainer.engine, frame, training, trainer.pad_id, scored_path, trainer.world_size
+        )
     data = PairData(frame, training)
-
-    start_step = 0
-    checkpoints = complete_checkpoints(state_dir)
-    if checkpoints:
-        start_step, path = checkpoints[-1]
-        _, client_state = engine.load_checkpoint(str(state_dir), tag=path.name)
-        set_rng_state(client_state["rng"])
-        logger.info("resuming iteration %d from %s (step %d)", iteration, path, start_step)
-    if rank == 0:
-        _truncate_log(log_path, start_step)
-    writer = _tensorboard(state_dir) if rank == 0 else None
-
-    micro_batch_loss = make_objective(
-        objective, data, beta=beta, sft_weight=training.sft_weight if objective == "spin" else 0.0
+    sft_weight = training.sft_weight if objective == "spin" else 0.0
+    objective_loss = make_objective(
+        objective, data, beta=schedule_at(training.beta, iteration), sft_weight=sft_weight
     )
-    engine.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc=f"train {iteration}",
-        unit="step",
-        disable=rank != 0,
+    start_step = _resume(trainer.engine, state_dir, iteration)
+    # The loop: one optimizer step, its record to every sink, a checkpoint when due.
+    trainer.engine.train()
+    with StepSinks(state_dir, iteration, total_steps, start_step, trainer.rank, on_step) as sink:
+        for step in range(start_step, total_steps):
+            record = trainer.optimizer_step(data, step, objective_loss, objective, iteration)
+            if health is not None and ((step + 1) % health.every == 0 or step + 1 == total_steps):
+                record |= _check_health(
+                    trainer.engine, health, trainer.pad_id, training.logprob_chunk_size, step + 1
+                )
+            sink.write(record)
+            last = step + 1 == total_steps
+            if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
+                _save_checkpoint(
+                    trainer.engine, state_dir, step + 1, training.keep_checkpoints, trainer.rank
+                )
+            if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
+                return TrainResult(total_steps, start_step, sink.log_path, None)
+    export_model(
+        trainer.engine,
+        trainer.tokenizer,
+        model_out,
+        trainer.rank,
+        training.zero_stage,
+        trainer.saved_dtype,
+        lora=training.lora,
+        base=(init_model, cfg.model),
     )
-    for step in range(start_step, total_steps):
+    return TrainResult(total_steps, start_step, state_dir / STEP_LOG, model_out)
+
+
+@dataclass
+class _Trainer:
+    """θ(t+1) being trained: the DeepSpeed engine and what its steps need."""
+
+    engine: Any
+    tokenizer: Any
+    saved_dtype: torch.dtype  # the dtype θt was saved in, for the export
+    training: TrainingConfig
+    rank: int
+    world_size: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @classmethod
+    def build(cls, init_model: str, cfg: SpinConfig, lr: float, total_steps: int) -> _Trainer:
+        """θt loaded for training (dropout off, LoRA when set) under DeepSpeed."""
+        import deepspeed
+        from transformers import AutoConfig, get_scheduler
+
+        training = cfg.training
+        ds_config = deepspeed_config(
+            training, bf16=compute_dtype(cfg.model.precision) == torch.bfloat16
+        )
+        if training.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Kept alive so from_pretrained partitions weights across ranks as it loads.
+            zero3_init = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        saved_dtype = _config_dtype(
+            AutoConfig.from_pretrained(init_model, trust_remote_code=cfg.model.trust_remote_code)
+        )
+        model, tokenizer = load_policy(init_model, cfg.model, for_training=True)
+        disable_dropout(model)
+        if training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.config.use_cache = False
+        if training.lora is not None:
+            # θ(t+1) = θt + a fresh adapter; the opponent's log-probs are precomputed, so
+            # no adapter toggling is needed to score the reference.
+            model = with_adapter(model, training.lora)
+        optimizer = _build_optimizer(model, training, lr)
+        scheduler = get_scheduler(
+            "linear",
+            optimizer,
+            num_warmup_steps=math.ceil(training.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        engine, _, _, _ = deepspeed.initialize(
+            model=SequenceLogps(model, training.logprob_chunk_size),
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+        )
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if world_size == 1 and training.zero_stage == 0:
+            # Alone, DeepSpeed would still flatten every gradient into a bucket, all-reduce
+            # it with itself and copy it back: a gradient-sized buffer and ~15% of each step.
+            engine.enable_backward_allreduce = False
+        return cls(engine, tokenizer, saved_dtype, training, rank, world_size)
+
+    def optimizer_step(
+        self, data: PairData, step: int, objective_loss, objective: str, iteration: int
+    ) -> dict:
+        """One optimizer step over this rank's micro-batches; returns the step's record."""
+        training, engine = self.training, self.engine
         started = time.perf_counter()
         indices = step_indices(
             len(data), step, training.global_batch_size, training.seed + iteration
         )
-        step_lr = scheduler.get_last_lr()[0]
+        learning_rate = engine.lr_scheduler.get_last_lr()[0]
         sums: dict[str, float] = {}
         for batch in micro_batches(
-            indices, data.lengths, training.micro_batch_size, rank, world_size
+            indices, data.lengths, training.micro_batch_size, self.rank, self.world_size
         ):
-            logps, counts, batch_tokens = _policy_logps(engine, data, batch, pad_id, objective)
-            loss, batch_sums = micro_batch_loss(logps, counts, batch)
+            logps, counts, batch_tokens = _policy_logps(engine, data, batch, self.pad_id, objective)
+            loss, batch_sums = objective_loss(logps, counts, batch)
             for key, value in batch_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
             sums["tokens"] = sums.get("tokens", 0.0) + batch_tokens
@@ -502,45 +559,72 @@ def train_iteration(
             "iteration": iteration,
             "step": step + 1,
             "epoch": step / steps_per_epoch(len(data), training.global_batch_size),
-            **step_metrics(_reduce_sums(sums, world_size)),
-            "learning_rate": step_lr,
+            **step_metrics(_reduce_sums(sums, self.world_size)),
+            "learning_rate": learning_rate,
             "grad_norm": _float(engine.get_global_grad_norm()),
         }
         record["tokens_per_s"] = record.pop("tokens") / max(seconds, 1e-9)
-        if health is not None and ((step + 1) % health.every == 0 or step + 1 == total_steps):
-            record |= _check_health(engine, health, pad_id, training.logprob_chunk_size, step + 1)
-        if rank == 0:
-            with log_path.open("a") as log:
-                log.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if key not in ("iteration", "step", "healthy") and value is not None:
-                    writer.add_scalar(f"train/{key}", value, step + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}")
-        if on_step is not None and rank == 0:
-            on_step(record | {"total_steps": total_steps})
-        last = step + 1 == total_steps
-        if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
-            _save_checkpoint(engine, state_dir, step + 1, training.keep_checkpoints, rank)
-        if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
-            bar.close()
-            if writer:
-                writer.close()
-            return TrainResult(total_steps, start_step, log_path, None)
-    bar.close()
-    if writer:
-        writer.close()
-    export_model(
-        engine,
-        tokenizer,
-        model_out,
-        rank,
-        training.zero_stage,
-        saved_dtype,
-        lora=training.lora,
-        base=(init_model, cfg.model),
-    )
-    return TrainResult(total_steps, start_step, log_path, model_out)
+        return record
+
+
+def _resume(engine, state_dir: Path, iteration: int) -> int:
+    """Load the last complete checkpoint (weights, optimizer, schedule, RNG); its step, or 0."""
+    checkpoints = complete_checkpoints(state_dir)
+    if not checkpoints:
+        return 0
+    step, path = checkpoints[-1]
+    _, client_state = engine.load_checkpoint(str(state_dir), tag=path.name)
+    set_rng_state(client_state["rng"])
+    logger.info("resuming iteration %d from %s (step %d)", iteration, path, step)
+    return step
+
+
+class StepSinks:
+    """Where step records go on rank 0: metrics.jsonl, TensorBoard, a progress bar and
+    `on_step`. A context manager, so every exit path closes them."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        iteration: int,
+        total_steps: int,
+        start_step: int,
+        rank: int,
+        on_step: Callable[[dict], None] | None,
+    ):
+        self.log_path = state_dir / STEP_LOG
+        self.total_steps, self.on_step, self.main = total_steps, on_step, rank == 0
+        if self.main:
+            _truncate_log(self.log_path, start_step)  # steps after the checkpoint are redone
+        self.writer = _tensorboard(state_dir) if self.main else None
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=f"train {iteration}",
+            unit="step",
+            disable=not self.main,
+        )
+
+    def write(self, record: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}")
+        if not self.main:
+            return
+        with self.log_path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("iteration", "step", "healthy") and value is not None:
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.on_step is not None:
+            self.on_step(record | {"total_steps": self.total_steps})
+
+    def __enter__(self) -> StepSinks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _score_opponent(
@@ -604,7 +688,7 @@ def _check_health(engine, health: HealthProbe, pad_id: int, chunk: int, step: in
     )
     policy.train()
     loglik = float(logps.sum() / max(counts.sum(), 1))
-    healthy = loglik >= health.opponent_loglik - health.tolerance
+    healthy = not collapsed(loglik, health.opponent_loglik, health.tolerance)
     if not healthy:
         logger.warning(
             "step %d: held-out real log-likelihood %.4f nats/token is %.4f below the opponent's "

@@ -1,7 +1,7 @@
 """One training rank: `python -m spin_core.train_entry ARGS.json` (started by spin_core.launch).
 
-ARGS.json holds the keyword arguments of `train_iteration` with the config as a
-plain dict. Rank 0 prints every step record on a line of its own, prefixed with
+ARGS.json holds the keyword arguments of `run_rank` with the config as a plain
+dict, so a launched rank trains exactly as the in-process one does. Rank 0 prints every step record on a line of its own, prefixed with
 `SPIN_STEP `, for the launching task to log and report as progress.
 """
 
@@ -13,21 +13,17 @@ import sys
 
 from spin_core.config import SpinConfig
 from spin_core.launch import STEP_PREFIX
-from spin_core.train import health_probe, train_iteration
+from spin_core.train import run_rank
 
 
 def main(args_file: str) -> None:
     args = json.loads(open(args_file).read())
     cfg = SpinConfig.model_validate(args.pop("config"))
-    opponent_eval = args.pop("opponent_eval", None)
-    health = None
-    if cfg.training.eval_steps and opponent_eval:
-        health = health_probe(cfg, args["init_model"], opponent_eval)
 
     def on_step(record: dict) -> None:
         print(STEP_PREFIX + json.dumps(record), flush=True)
 
-    train_iteration(cfg=cfg, on_step=on_step, health=health, **args)
+    run_rank(cfg, on_step=on_step, **args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Resume by caching: a rerun (a new flow run) does not redo a finished step.
+"""Every step of spin_core/steps.py as a Prefect task, wrapped the same way (`run_local`).
+
+Resume by caching: a rerun (a new flow run) does not redo a finished step.
 
 Prefect's default cache policy includes the flow run id, so a new run would redo
 everything. Each step here is keyed on what it really depends on: the step, its
@@ -12,36 +14,35 @@ before each call `done(params)` checks them (Parquet footer and row count,
 complete model directory); if they are missing or truncated the step runs again
 (`refresh_cache`) and overwrites the stale cache entry.
 
-Every executed step appends to `steps.jsonl` in the run directory (started,
-finished or failed, with pid and time; "reused" when its outputs were complete but
-the cache record was lost, e.g. to a crash right after the step); a cached step
-writes nothing there, so the journal shows exactly what each run executed.
+Inside the task the step runs as everywhere (`spin_core.step.execute`): loaded
+from its outputs when they are complete but the cache record was lost (a crash
+right after the step; "reused" in `steps.jsonl`), else its body, journaled
+"started" and "finished" or "failed". A cached step writes nothing to the
+journal, so it shows exactly what each run executed.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
-import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
 from spin_core.errors import InputError
 from spin_core.rundir import RunDir
+from spin_core.step import Step, execute
+from tasks.context import PrefectContext
 
-JOURNAL = "steps.jsonl"
 HASHED_FILE_LIMIT = 64 * 2**20  # larger files (model weights) are fingerprinted by size and mtime
 
 _saved_storage: dict[str, str] = {}
+_tasks: dict[Step, Any] = {}
 
 
 def fingerprint(path: str | Path) -> str:
@@ -105,28 +106,6 @@ class StepInputs(CachePolicy):
         return f"{self.step}-{digest.hexdigest()}"
 
 
-def journal(run_dir: str | Path, step: str, iteration: int | None, event: str, **extra) -> None:
-    """Append one line to the run's step journal (O_APPEND: lines from ranks do not interleave)."""
-    record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "step": step,
-        "iteration": iteration,
-        "event": event,
-        "pid": os.getpid(),
-    } | extra
-    path = Path(run_dir) / JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def read_journal(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / JOURNAL
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def transient_only(task, task_run, state) -> bool:
     """Retry condition: retry a failure unless it is bad input (retrying cannot fix that)."""
     try:
@@ -150,69 +129,37 @@ def _result_storage(run: RunDir) -> str:
     return _saved_storage[root]
 
 
-def step(
-    name: str,
-    *,
-    sections: tuple[str, ...],
-    inputs: Callable[[dict], list[Path]],
-    done: Callable[[dict], bool],
-    load: Callable[[dict], Any] | None = None,
-    **task_options,
-):
-    """Make `fn(config, run_dir, ...)` a cached, journaled Prefect task.
+def prefect_task(step: Step):
+    """`step` as a Prefect task (made once per step): cached on its declared inputs and,
+    when they are complete, its declared outputs loaded without calling the body."""
+    if step not in _tasks:
 
-    sections: config sections its result depends on; inputs(params): the files it
-    reads; done(params): whether its outputs are complete on disk; load(params):
-    the step's result read back from those outputs. The body only computes: when
-    the outputs are complete it is not called, `load` answers.
-    Calling the decorated function runs the task (or returns its cached result).
-    """
-
-    def decorate(fn):
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
         def body(*args, **kwargs):
-            params = signature.bind(*args, **kwargs).arguments
-            iteration = params.get("iteration")
-            if done(params):
-                # Complete outputs without a cache record (a crash between the two): they
-                # are returned without recomputing.
-                journal(params["run_dir"], name, iteration, "reused")
-                return load(params) if load is not None else fn(*args, **kwargs)
-            journal(params["run_dir"], name, iteration, "started")
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                journal(params["run_dir"], name, iteration, "failed", error=repr(exc)[:500])
-                raise
-            journal(params["run_dir"], name, iteration, "finished")
-            return result
+            return execute(step, PrefectContext(), step.params(*args, **kwargs))
 
-        prefect_task = task(
-            name=name, persist_result=True, result_serializer="json", **task_options
-        )(body)
-        policy = StepInputs(step=name, sections=sections, files=inputs)
+        body.__signature__ = step.signature  # Prefect binds the step's own parameters
+        body.__doc__ = step.body.__doc__
+        options = {"retries": step.retries, "retry_delay_seconds": 5} if step.retries else {}
+        if step.done is None:  # a check or a report: always runs, nothing to cache
+            options["cache_policy"] = NO_CACHE
+        else:
+            options |= {"persist_result": True, "result_serializer": "json"}
+        _tasks[step] = task(name=step.name, retry_condition_fn=transient_only, **options)(body)
+    return _tasks[step]
 
-        @functools.wraps(fn)
-        def run_step(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            params = dict(bound.arguments)
-            params["config"] = as_config(params["config"])
-            run = RunDir(params["run_dir"])
-            configured = prefect_task.with_options(
-                cache_policy=policy.configure(
-                    key_storage=str(run.root / ".prefect" / "cache-keys")
-                ),
-                result_storage=_result_storage(run),
-                refresh_cache=not done(params),
-            )
-            return configured(**params)
 
-        run_step.task = prefect_task
-        run_step.done = done  # outputs complete on disk, from the call's parameters
-        run_step.load = load
-        return run_step
-
-    return decorate
+def run_local(step: Step, *args, **kwargs) -> Any:
+    """Run `step` as a Prefect task in this flow run (or return its cached result)."""
+    params = step.params(*args, **kwargs)
+    params["config"] = as_config(params["config"])
+    prefect_step = prefect_task(step)
+    if step.done is None:
+        return prefect_step(**params)
+    run = RunDir(params["run_dir"])
+    policy = StepInputs(step=step.name, sections=step.sections, files=step.inputs)
+    configured = prefect_step.with_options(
+        cache_policy=policy.configure(key_storage=str(run.root / ".prefect" / "cache-keys")),
+        result_storage=_result_storage(run),
+        refresh_cache=not step.complete(params),
+    )
+    return configured(**params)

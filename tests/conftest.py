@@ -42,16 +42,12 @@ def mistral_build(tmp_path_factory):
 def toy_config(toy_build):
     """A small config on the session's toy model and data."""
     from spin_core.config import load_config
+    from tests.overrides import overrides
 
-    return load_config(
-        "configs/demo.yaml",
-        [
-            *toy_build.config_overrides(),
-            "data.num_prompts=64",
-            "data.eval_size=40",
-            "training.global_batch_size=8",
-            "training.micro_batch_size=4",
-            "training.save_steps=4",
-            "generation.shard_size=32",
-        ],
-    )
+    changes = {
+        "data.num_prompts": 64,
+        "data.eval_size": 40,
+        "training.save_steps": 4,
+        "generation.shard_size": 32,
+    }
+    return load_config("configs/demo.yaml", overrides(toy_build, changes))

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.server import prefect_server as start_prefect_server
+from spin_core.launch import free_port
+from tests.overrides import overrides
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -29,12 +32,6 @@ BIN = Path(sys.executable).parent
 def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts a real Prefect server and workers (CI)")
     config.addinivalue_line("markers", "browser: drives the Prefect UI in headless Chromium (CI)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scaling_out_commands() -> list[str]:
@@ -166,22 +163,23 @@ class Server:
 def toy_overrides(toy_build):
     """`--set` overrides for one iteration on the session's toy model (well under a CPU minute)."""
 
-    def overrides(name: str) -> list[str]:
-        return [
-            *toy_build.config_overrides(),
-            f"run.name={name}",
-            "run.iterations=1",
-            "run.baseline=none",
-            "data.num_prompts=32",
-            "data.eval_size=24",
-            "training.global_batch_size=16",
-            "training.micro_batch_size=16",
-            "training.num_epochs=1",
-            "generation.max_new_tokens=16",
-            "generation.shard_size=16",
-        ]
+    def run_overrides(name: str) -> list[str]:
+        return overrides(
+            toy_build,
+            {
+                "run.name": name,
+                "run.iterations": 1,
+                "run.baseline": "none",
+                "data.eval_size": 24,
+                "training.global_batch_size": 16,
+                "training.micro_batch_size": 16,
+                "training.num_epochs": 1,
+                "generation.max_new_tokens": 16,
+                "generation.shard_size": 16,
+            },
+        )
 
-    return overrides
+    return run_overrides
 
 
 @pytest.fixture(scope="package")
@@ -202,27 +200,9 @@ def prefect_server(tmp_path_factory):
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick runs up quickly
         "TOKENIZERS_PARALLELISM": "false",
     }
-    server = Process.start(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-        home / "server.log",
-    )
-    api = Api(base_url=url, timeout=30)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if api.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.popen.poll() is None, server.tail()
-            assert time.monotonic() < deadline, "server did not start\n" + server.tail()
-            time.sleep(0.5)
-        yield Server(url=url, env=env, home=home, api=api)
-    finally:
-        api.close()
-        server.stop()
+    with start_prefect_server(port, env=env, log=home / "server.log", start_timeout=180) as url:
+        with Api(base_url=url, timeout=30) as api:
+            yield Server(url=url, env=env, home=home, api=api)
 
 
 @pytest.fixture(scope="package")

@@ -12,22 +12,23 @@ from flows.scheduled import next_iteration_config, spin_next_iteration
 from spin_core.config import load_config
 from spin_core.errors import InputError
 from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
-from tasks.generate import generate_responses
-from tasks.train import train_policy
+from spin_core.steps import generate_responses, train_policy
 from tests.deployments.conftest import ROOT, scaling_out_commands
 
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 
 
-def _parameters(fn) -> list[tuple[str, object]]:
-    fn = getattr(fn, "fn", fn)
-    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+def _parameters(signature: inspect.Signature) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in signature.parameters.values()]
 
 
 def test_deployed_flows_take_exactly_the_parameters_of_their_steps():
-    # run_step binds the step's arguments by the step's signature and sends them as they are.
-    assert _parameters(spin_generate) == _parameters(generate_responses)
-    assert _parameters(spin_train) == _parameters(train_policy)
+    # PrefectRunner binds the step's arguments by the step's signature and sends them as
+    # they are.
+    assert _parameters(inspect.signature(spin_generate.fn)) == _parameters(
+        generate_responses.signature
+    )
+    assert _parameters(inspect.signature(spin_train.fn)) == _parameters(train_policy.signature)
 
 
 def test_prefect_yaml_puts_the_heavy_steps_on_the_gpu_pool():

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from spin_core.config import load_config
-from tests.deployments.conftest import ROOT, free_port
+from spin_core.launch import free_port
+from tests.deployments.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(600)]
 

@@ -1,4 +1,5 @@
-"""tasks/caching.py: fingerprints, cache keys, and a step whose outputs exist is not run."""
+"""tasks/caching.py and spin_core/step.py: fingerprints, cache keys, and a step whose outputs
+exist is loaded, not run, under Prefect and under the plain driver alike."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
 from spin_core.config import load_config
+from spin_core.driver import PlainRunner
+from spin_core.step import read_journal, step
 from tasks import caching
 
 
@@ -59,21 +62,20 @@ def test_a_step_with_complete_outputs_is_loaded_not_run(harness, tmp_path):
     calls = []
     out = tmp_path / "out.txt"
 
-    @caching.step(
+    @step(
         "demo-step",
         sections=("training",),
-        inputs=lambda params: [],
         done=lambda params: out.exists(),
         load=lambda params: "loaded " + out.read_text(),
     )
-    def demo_step(config, run_dir: str, iteration: int) -> str:
+    def demo_step(ctx, config, run_dir: str, iteration: int) -> str:
         calls.append(iteration)
         out.write_text("computed")
         return "computed"
 
     @flow
     def run_it(config, run_dir: str) -> str:
-        return demo_step(config, run_dir, 0)
+        return caching.run_local(demo_step, config, run_dir, 0)
 
     config = load_config("configs/demo.yaml")
     assert run_it(config, str(tmp_path)) == "computed"
@@ -83,5 +85,11 @@ def test_a_step_with_complete_outputs_is_loaded_not_run(harness, tmp_path):
     shutil.rmtree(tmp_path / ".prefect")
     assert run_it(config, str(tmp_path)) == "loaded computed"
     assert calls == [0]
-    events = [e["event"] for e in caching.read_journal(tmp_path)]
+    events = [e["event"] for e in read_journal(tmp_path)]
     assert events == ["started", "finished", "reused"]
+    # The plain driver runs the same definition the same way: loaded, not run.
+    assert PlainRunner().step(demo_step, config, str(tmp_path), 0) == "loaded computed"
+    out.unlink()
+    assert PlainRunner().step(demo_step, config, str(tmp_path), 1) == "computed"
+    assert calls == [0, 1]
+    assert [e["event"] for e in read_journal(tmp_path)][3:] == ["reused", "started", "finished"]

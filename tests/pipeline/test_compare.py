@@ -22,6 +22,7 @@ from spin_core import significance as sig
 from spin_core.config import ConfigError, load_config
 from spin_core.errors import InputError
 from spin_core.rundir import RunDir, save_config, write_json_atomic
+from tests.overrides import overrides, set_args
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -367,15 +368,14 @@ def test_compare_refuses_bad_arguments_before_anything_runs(
 
 # --- the flow on the toy model --------------------------------------------------------------
 
-TINY = [
-    "data.num_prompts=32",
-    "data.eval_size=20",
-    "run.iterations=1",
-    "training.global_batch_size=16",
-    "training.micro_batch_size=8",
-    "training.num_epochs=1",
-    "generation.max_new_tokens=16",
-]
+TINY = {
+    "data.eval_size": 20,
+    "run.iterations": 1,
+    "training.global_batch_size": 16,
+    "training.micro_batch_size": 8,
+    "training.num_epochs": 1,
+    "generation.max_new_tokens": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +426,7 @@ def first_compare(harness, toy_build, recipes, tmp_path_factory):
         seeds=2,
         out_dir=str(out),
         max_parallel=1,
-        overrides=[*toy_build.config_overrides(), *TINY],
+        overrides=overrides(toy_build, TINY),
     )
     return out, Path(path)
 
@@ -477,7 +477,7 @@ def test_a_third_seed_runs_only_the_two_new_runs(
     out, path = first_compare
     before = _report_stamps(out)
     journals = {d: (d / "steps.jsonl").read_text() for d in before}
-    sets = [a for s in [*toy_build.config_overrides(), *TINY] for a in ("--set", s)]
+    sets = set_args(overrides(toy_build, TINY))
     # The two new runs at once, each in a worker process.
     args = ["compare", *recipes, "--seeds", "3", "--out", str(out), "--max-parallel", "2"]
     assert main([*args, *sets]) == 0

@@ -7,6 +7,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from spin_core.rundir import RunDir
+from tests.overrides import overrides
 
 
 def _collapsing_run(toy_build, run_dir, extra: list[str]):
@@ -16,17 +17,21 @@ def _collapsing_run(toy_build, run_dir, extra: list[str]):
     cfg = load_config(
         "configs/demo.yaml",
         [
-            *toy_build.config_overrides(),
-            "data.num_prompts=48",
-            "data.eval_size=24",
-            "run.iterations=2",
-            "run.baseline=none",
-            "training.global_batch_size=16",
-            "training.micro_batch_size=16",
-            "training.learning_rate=1e-3",  # 100× the toy default
-            "training.optimizer=rmsprop",  # the paper's optimizer
-            "training.warmup_ratio=0",
-            "generation.max_new_tokens=16",
+            *overrides(
+                toy_build,
+                {
+                    "data.num_prompts": 48,
+                    "data.eval_size": 24,
+                    "run.iterations": 2,
+                    "run.baseline": "none",
+                    "training.global_batch_size": 16,
+                    "training.micro_batch_size": 16,
+                    "training.learning_rate": "1e-3",  # 100× the toy default
+                    "training.optimizer": "rmsprop",  # the paper's optimizer
+                    "training.warmup_ratio": 0,
+                    "generation.max_new_tokens": 16,
+                },
+            ),
             *extra,
         ],
     )

@@ -138,12 +138,14 @@ def test_task_writes_lm_eval_json_and_a_rerun_is_cached(toy_build, task_dir, off
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.caching import read_journal
-    from tasks.lm_eval import run_lm_eval
+    from flows.dispatch import PrefectRunner
+    from spin_core.step import read_journal
+    from spin_core.steps import run_lm_eval
 
     @flow
     def benchmark(config, run_dir: str, model: str, out_dir: str) -> dict | None:
-        return run_lm_eval(config, run_dir, model, out_dir)  # as spin_pipeline calls it for θ0
+        # as spin_pipeline calls it for θ0
+        return run_lm_eval(PrefectRunner(), config, run_dir, model, out_dir)
 
     config = load_config(
         "configs/demo.yaml",

@@ -8,6 +8,7 @@ from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
 
 from spin_core.rundir import RunDir
+from tests.overrides import overrides
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +25,19 @@ def finished_run(harness, toy_build, tmp_path_factory):
     cfg = load_config(
         "configs/demo.yaml",
         [
-            *toy_build.config_overrides(),
-            "data.num_prompts=64",
-            "data.eval_size=40",
-            "run.iterations=2",
-            "training.global_batch_size=16",
-            "training.micro_batch_size=8",
-            "training.learning_rate=5e-5",
-            "generation.shard_size=24",
-            "generation.max_new_tokens=24",
+            *overrides(
+                toy_build,
+                {
+                    "data.num_prompts": 64,
+                    "data.eval_size": 40,
+                    "run.iterations": 2,
+                    "training.global_batch_size": 16,
+                    "training.micro_batch_size": 8,
+                    "training.learning_rate": "5e-5",
+                    "generation.shard_size": 24,
+                    "generation.max_new_tokens": 24,
+                },
+            ),
             # The paper's data recipe (the demo samples fresh prompts and negatives instead).
             "data.history=1",
             "data.resample_each_iteration=false",

@@ -21,6 +21,7 @@ from spin_core.config import ModelConfig, load_config
 from spin_core.generate import Decoding, HFBackend, generate_shards
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
 from spin_core.rundir import RunDir
+from tests.overrides import overrides
 
 STARTS = {
     "letter": "Leaves fall in autumn.",
@@ -143,21 +144,19 @@ def one_iteration(mistral_build, tmp_path_factory):
 
     cfg = load_config(
         "configs/demo.yaml",
-        [
-            *mistral_build.config_overrides(),
-            "data.num_prompts=32",
-            "data.eval_size=16",
-            "data.prompt_turns=all",
-            "run.iterations=1",
-            "run.baseline=none",
-            "training.global_batch_size=8",
-            "training.micro_batch_size=4",
-            "training.max_length=256",
-            "training.max_prompt_length=160",
-            "generation.max_new_tokens=12",
-            "generation.shard_size=16",
-            "generation.do_sample=true",
-        ],
+        overrides(
+            mistral_build,
+            {
+                "data.prompt_turns": "all",
+                "run.iterations": 1,
+                "run.baseline": "none",
+                "training.max_length": 256,
+                "training.max_prompt_length": 160,
+                "generation.max_new_tokens": 12,
+                "generation.shard_size": 16,
+                "generation.do_sample": True,
+            },
+        ),
     )
     run_dir = tmp_path_factory.mktemp("realtok-run") / "run"
     with prefect_test_harness():

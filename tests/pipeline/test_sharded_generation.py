@@ -16,9 +16,10 @@ pytestmark = pytest.mark.slow
 
 @flow
 def _generate(config, run_dir: str, opponent: str) -> str:
-    from tasks.generate import generate_responses
+    from spin_core.steps import generate_responses
+    from tasks.caching import run_local
 
-    return generate_responses(config, run_dir, 0, opponent)
+    return run_local(generate_responses, config, run_dir, 0, opponent)
 
 
 def test_two_workers_write_the_same_generations_as_one(toy_config, toy_build, tmp_path):

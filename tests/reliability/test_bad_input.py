@@ -20,6 +20,7 @@ import pytest
 from flows.cli import main
 from spin_core.config import load_config
 from spin_core.rundir import RunDir, save_config
+from tests.overrides import overrides
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +50,7 @@ def prefect_console_to_this_test():
 
 @pytest.fixture
 def base(toy_build) -> list[str]:
-    return [
-        *toy_build.config_overrides(),
-        "data.num_prompts=32",
-        "data.eval_size=16",
-        "training.global_batch_size=8",
-        "training.micro_batch_size=4",
-    ]
+    return overrides(toy_build)
 
 
 @pytest.fixture

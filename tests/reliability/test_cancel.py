@@ -16,6 +16,8 @@ import time
 import psutil
 import pytest
 
+from tests.overrides import overrides, set_args
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,20 +25,16 @@ def test_sigterm_stops_every_training_rank(toy_build, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml"]
     command += ["--run-dir", str(run_dir)]
-    for item in [
-        *toy_build.config_overrides(),
-        "data.num_prompts=64",
-        "data.eval_size=16",
-        "run.iterations=1",
-        "run.baseline=none",
-        "generation.max_new_tokens=16",
-        "training.num_processes=2",
-        "training.zero_stage=2",
-        "training.global_batch_size=8",
-        "training.micro_batch_size=4",
-        "training.num_epochs=50",  # long enough to be cancelled mid-training
-    ]:
-        command += ["--set", item]
+    changes = {
+        "data.num_prompts": 64,
+        "run.iterations": 1,
+        "run.baseline": "none",
+        "generation.max_new_tokens": 16,
+        "training.num_processes": 2,
+        "training.zero_stage": 2,
+        "training.num_epochs": 50,  # long enough to be cancelled mid-training
+    }
+    command += set_args(overrides(toy_build, changes))
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     log = (tmp_path / "spin.log").open("w")
     spin = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)

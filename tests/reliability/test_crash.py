@@ -20,25 +20,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.caching import read_journal
+from spin_core.step import read_journal
+from tests import overrides as small
 
 pytestmark = pytest.mark.slow
 
 
 def overrides(toy_build) -> list[str]:
-    return [
-        *toy_build.config_overrides(),
-        "data.num_prompts=64",
-        "data.eval_size=24",
-        "run.iterations=2",
-        "run.baseline=none",
-        "generation.shard_size=8",
-        "generation.max_new_tokens=16",
-        "generation.do_sample=false",  # greedy: the resumed output must be identical
-        "training.global_batch_size=8",
-        "training.micro_batch_size=4",
-        "training.save_steps=2",
-    ]
+    return small.overrides(
+        toy_build,
+        {
+            "data.num_prompts": 64,
+            "data.eval_size": 24,
+            "run.iterations": 2,
+            "run.baseline": "none",
+            "generation.shard_size": 8,
+            "generation.max_new_tokens": 16,
+            "generation.do_sample": False,  # greedy: the resumed output must be identical
+            "training.save_steps": 2,
+        },
+    )
 
 
 def spin_run(run_dir: Path, toy_build, home: Path) -> subprocess.Popen:

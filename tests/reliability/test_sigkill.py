@@ -11,14 +11,15 @@ import time
 import psutil
 import pytest
 
+from tests.overrides import overrides, set_args
+
 pytestmark = pytest.mark.slow
 
 
 def test_sigkill_of_spin_leaves_no_process_behind(toy_build, tmp_path):
     command = [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml"]
     command += ["--run-dir", str(tmp_path / "run")]
-    for item in [*toy_build.config_overrides(), "data.num_prompts=32", "data.eval_size=16"]:
-        command += ["--set", item]
+    command += set_args(overrides(toy_build))
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)  # Prefect's temporary server, started by spin itself
     log = (tmp_path / "spin.log").open("w")

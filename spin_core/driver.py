@@ -1,0 +1,62 @@
+"""The pipeline without an orchestrator: the same steps, run in turn in this process.
+
+    from spin_core import driver
+    from spin_core.config import load_config
+
+    report = driver.run(load_config("configs/demo.yaml"), "runs/plain")
+
+This is what `spin run` does without Prefect: the same step definitions
+(`spin_core/steps.py`), the same run directory, journal and resume (a step whose
+outputs are complete is loaded, not rerun), the same collapse / retry / stop
+policy. Nothing is cached beyond the outputs themselves, there is no UI, and
+generation workers run one after the other. The benchmarks use it as the
+Prefect-free reference; a notebook can use it to step through an iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from spin_core import steps
+from spin_core.config import SpinConfig
+from spin_core.errors import InputError
+from spin_core.step import Context, PlainContext, Step, execute
+
+
+class PlainRunner:
+    """Runs each step in this process (`spin_core.step.execute`), retrying transient failures."""
+
+    def __init__(self, ctx: Context | None = None):
+        self.ctx = ctx or PlainContext()
+        self.log = self.ctx.log
+
+    def step(self, step: Step, *args, **kwargs) -> Any:
+        params = step.params(*args, **kwargs)
+        for attempt in range(step.retries + 1):
+            try:
+                return execute(step, self.ctx, params)
+            except InputError:
+                raise  # retrying cannot fix bad input
+            except Exception as exc:
+                if attempt == step.retries:
+                    raise
+                self.log.warning("%s failed (%r); retrying", step.name, exc)
+
+    def iteration(
+        self,
+        config: SpinConfig,
+        run_dir: str,
+        iteration: int,
+        opponent: str,
+        opponent_eval: str,
+        lr_scale: float = 1.0,
+    ) -> dict:
+        return steps.run_iteration(
+            self, config, run_dir, iteration, opponent, opponent_eval, lr_scale
+        )
+
+
+def run(config: SpinConfig, run_dir: str, log: logging.Logger | None = None) -> str:
+    """All iterations of `config` in `run_dir` (resuming what is there); returns report.md."""
+    return steps.run_pipeline(PlainRunner(PlainContext(log)), config, run_dir)

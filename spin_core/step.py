@@ -1,0 +1,171 @@
+"""What a pipeline step is: a body with declared inputs and outputs, run by an executor.
+
+A `Step` (made with `@step`) is a function `body(ctx, config, run_dir, ...)` plus:
+
+- `sections`: the config sections its result depends on;
+- `inputs(params)`: the files it reads (cache keys fingerprint them);
+- `done(params)`: whether its outputs are complete on disk;
+- `load(params)`: its result read back from those outputs.
+
+`execute(step, ctx, params)` is the one way a step runs: when `done` says the
+outputs are complete, `load` answers and the body is not called; otherwise the
+body runs between "started" and "finished" (or "failed") lines of the run's
+journal, `steps.jsonl`. The plain driver (`spin_core/driver.py`) calls it
+directly; the Prefect layer (`tasks/caching.py`) calls it inside a cached task.
+
+The body talks to whoever runs it through `ctx` (a `Context`): a logger, progress
+reporting, artifacts, and `map` to fan work out (generation workers).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+JOURNAL = "steps.jsonl"
+
+
+class Progress(Protocol):
+    def update(self, done: float, total: float) -> None: ...
+
+
+class Context(Protocol):
+    """What a step body may ask of the orchestrator running it."""
+
+    log: logging.Logger | logging.LoggerAdapter
+
+    def progress(self, key: str, description: str) -> Progress: ...
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable, name: str) -> list:
+        """fn(item) for each item; `name` names the shares (e.g. Prefect task runs)."""
+
+    def table(self, key: str, rows: list[dict], description: str) -> None: ...
+
+    def markdown(self, key: str, text: str, description: str) -> None: ...
+
+
+class _NoProgress:
+    def update(self, done: float, total: float) -> None:
+        pass
+
+
+class PlainContext:
+    """The context without an orchestrator: Python logging, work mapped in turn, no artifacts."""
+
+    def __init__(self, log: logging.Logger | None = None):
+        self.log = log or logging.getLogger("spin")
+
+    def progress(self, key: str, description: str) -> Progress:
+        return _NoProgress()
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable, name: str) -> list:
+        return [fn(item) for item in items]
+
+    def table(self, key: str, rows: list[dict], description: str) -> None:
+        pass
+
+    def markdown(self, key: str, text: str, description: str) -> None:
+        pass
+
+
+Params = dict[str, Any]
+
+
+def _no_files(params: Params) -> list[Path]:
+    return []
+
+
+@dataclass(eq=False)
+class Step:
+    """One step of the pipeline; see the module docstring."""
+
+    name: str
+    body: Callable[..., Any]
+    sections: tuple[str, ...] = ()
+    inputs: Callable[[Params], list] = _no_files
+    done: Callable[[Params], bool] | None = None  # None: the step always runs (a check)
+    load: Callable[[Params], Any] | None = None
+    retries: int = 0  # extra attempts after a failure that is not bad input
+    journaled: bool = True  # written to steps.jsonl (checks and reports are not)
+    signature: inspect.Signature = field(init=False, repr=False)
+
+    def __post_init__(self):
+        parameters = list(inspect.signature(self.body).parameters.values())[1:]  # minus ctx
+        self.signature = inspect.Signature(parameters)
+        self.__doc__ = self.body.__doc__
+
+    def params(self, *args, **kwargs) -> Params:
+        """The call's arguments by name, defaults applied (`config`, `run_dir`, ...)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def complete(self, params: Params) -> bool:
+        """Whether the outputs for these parameters are complete on disk."""
+        return self.done is not None and self.done(params)
+
+
+def step(
+    name: str,
+    *,
+    sections: tuple[str, ...] = (),
+    inputs: Callable[[Params], list] = _no_files,
+    done: Callable[[Params], bool] | None = None,
+    load: Callable[[Params], Any] | None = None,
+    retries: int = 0,
+    journaled: bool = True,
+) -> Callable[[Callable], Step]:
+    """Declare `body(ctx, config, run_dir, ...)` as a Step (see the module docstring)."""
+
+    def decorate(body: Callable) -> Step:
+        return Step(name, body, sections, inputs, done, load, retries, journaled)
+
+    return decorate
+
+
+def execute(step: Step, ctx: Context, params: Params) -> Any:
+    """Run `step` once: `load` when its outputs are complete, else the body, journaled."""
+    run_dir, iteration = params["run_dir"], params.get("iteration")
+    if step.complete(params):
+        if step.journaled:
+            journal(run_dir, step.name, iteration, "reused")
+        return step.load(params) if step.load is not None else None
+    if not step.journaled:
+        return step.body(ctx, **params)
+    journal(run_dir, step.name, iteration, "started")
+    try:
+        result = step.body(ctx, **params)
+    except BaseException as exc:
+        journal(run_dir, step.name, iteration, "failed", error=repr(exc)[:500])
+        raise
+    journal(run_dir, step.name, iteration, "finished")
+    return result
+
+
+def journal(run_dir: str | Path, step: str, iteration: int | None, event: str, **extra) -> None:
+    """Append one line to the run's step journal (O_APPEND: lines from ranks do not interleave)."""
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "step": step,
+        "iteration": iteration,
+        "event": event,
+        "pid": os.getpid(),
+    } | extra
+    path = Path(run_dir) / JOURNAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_journal(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / JOURNAL
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

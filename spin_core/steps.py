@@ -1,0 +1,749 @@
+"""The SPIN pipeline: every step, defined once, and the order they run in.
+
+Algorithm 1 of Chen et al. (2024), one iteration θt → θ(t+1) (`run_iteration` below):
+
+1. `sample_prompts`: the SFT (prompt, real) pairs of the iteration, tokenized once;
+2. `generate_responses`: the opponent θt writes y' for every prompt;
+3. `build_training_set`: D_t = {(x, y, y')}, with `data.history` earlier iterations;
+4. `train_policy`: θ(t+1) from θt on the SPIN loss (θt's log-probs are scored by the
+   training ranks before their first step);
+5. `evaluate`: θ(t+1)'s held-out metrics against θt, and the collapse decision.
+
+`run_pipeline` runs the checks, θ0's evaluation, the iterations with the collapse /
+retry / early-stop policy (`after_iteration`), and the report. Each step is a
+`spin_core.step.Step`: its inputs, outputs and body declared together. A runner
+executes them: `spin_core/driver.py` in plain Python (benchmarks, notebooks),
+`flows/` as cached Prefect tasks and flows, or on GPU workers. docs/DESIGN.md has
+the run directory layout and the step table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from spin_core import data, generate, lm_eval, report, toy, train
+from spin_core.checkpoint import check_causal_lm, compute_dtype, is_model_dir, load_policy
+from spin_core.checkpoint import load_tokenizer as _load_tokenizer
+from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
+from spin_core.errors import InputError
+from spin_core.evaluate import collapsed, evaluate_model
+from spin_core.prompts import drop_overlong_prompts, encode_pairs
+from spin_core.rundir import RunDir, RunLock, check_config, save_config, write_json_atomic
+from spin_core.step import Context, Params, Step, step
+
+RETRY_LR_SCALE = 0.5  # run.on_collapse=retry_half_lr: the retry's learning-rate factor
+
+
+class Runner(Protocol):
+    """Executes steps (`Step`) and iterations; `spin_core/driver.py` and `flows/` are runners."""
+
+    log: Any
+
+    def step(self, step: Step, *args, **kwargs) -> Any: ...
+
+    def iteration(
+        self,
+        config: SpinConfig,
+        run_dir: str,
+        iteration: int,
+        opponent: str,
+        opponent_eval: str,
+        lr_scale: float = 1.0,
+    ) -> dict: ...
+
+
+def _run(params: Params) -> RunDir:
+    return RunDir(params["run_dir"])
+
+
+def _tokenizer(config: SpinConfig, model: str):
+    return _load_tokenizer(model, trust_remote_code=config.model.trust_remote_code)
+
+
+# ------------------------------------------------------------------ before iteration 0
+
+
+def check_tracking_available(config: SpinConfig) -> None:
+    """InputError naming run.tracking when its package is not installed."""
+    package = {"mlflow": "mlflow", "wandb": "wandb"}.get(config.run.tracking)
+    if package and importlib.util.find_spec(package) is None:
+        raise InputError(
+            f"run.tracking: {config.run.tracking!r} needs the {package} package, which is not "
+            "installed (pip install 'spin[tracking]'), or set run.tracking: none"
+        )
+
+
+def _check_model_data(
+    config: SpinConfig, model: str | None, data_config: DataConfig | None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict] | None:
+    """The checks shared by both input checks: (training pairs, held-out pairs, stats) of
+    `data_config`, None without one."""
+    check_tracking_available(config)
+    tokenizer = None
+    if model is not None:
+        check_causal_lm(model, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = _tokenizer(config, model)
+    if config.run.execution == "local":  # with deployments, the GPU workers have the backend
+        generate.check_backend_available(config)
+    if data_config is None:
+        return None
+    train_pairs, heldout, stats = data.load_sft_data(data_config)
+    # Raises, naming data.num_prompts, when the data holds fewer usable rows.
+    data.sample_prompts(train_pairs, config.data.num_prompts, seed=config.data.seed)
+    if tokenizer is not None:
+        # Raises, naming the tokenizer, when its template cannot split prompt from response.
+        encode_pairs(tokenizer, train_pairs.head(8), config.training.max_prompt_length)
+    return train_pairs, heldout, stats
+
+
+@step("check-own-inputs", journaled=False)
+def check_own_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> None:
+    """The user's own inputs, checked before the embedded default is built.
+
+    With one input the embedded default and the other the user's (a missing
+    dataset with the toy model, a missing model with the toy data), the mistake is
+    reported in seconds, before minutes of SFT warm-up and before anything is
+    written into the run directory.
+    """
+    model = None if config.model.name_or_path == TOY else config.model.name_or_path
+    _check_model_data(config, model, None if config.data.dataset == TOY else config.data)
+
+
+@step("build-embedded-default", journaled=False)
+def build_embedded_default(ctx: Context, config: SpinConfig, run_dir: str) -> str:
+    """The toy data and the weak SFT model θ0 (docs/DESIGN.md §6); kept once built."""
+    artifacts = toy.build_from_config(RunDir(run_dir).toy, config.toy)
+    ctx.log.info("embedded default ready: θ0 at %s", artifacts.model_dir)
+    return str(artifacts.model_dir)
+
+
+@step("check-inputs", retries=2, journaled=False)
+def check_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> str:
+    """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
+    run = RunDir(run_dir)
+    train_pairs, heldout, stats = _check_model_data(
+        config, run.base_model(config), run.data_config(config)
+    )
+    ctx.log.info("data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats)
+    if data.read_parquet_checked(run.heldout) is None:
+        columns = [c for c in [*data.PAIR_COLUMNS, *data.OPTIONAL_COLUMNS] if c in heldout]
+        data.write_parquet_atomic(heldout[columns], run.heldout)
+    return str(run.heldout)
+
+
+# ------------------------------------------------------------- 1. sample the prompts
+
+
+def _dataset(params: Params) -> list:
+    dataset = _run(params).dataset(params["config"])
+    return [dataset] if Path(dataset).exists() else []
+
+
+@step(
+    "sample-prompts",
+    sections=("data", "model", "toy", "training"),
+    inputs=_dataset,
+    done=lambda p: data.parquet_complete(_run(p).prompts(p["iteration"])),
+    load=lambda p: str(_run(p).prompts(p["iteration"])),
+    retries=2,
+)
+def sample_prompts(ctx: Context, config: SpinConfig, run_dir: str, iteration: int) -> str:
+    """SFT data → iter_t/prompts.parquet (id, prompt, real, prompt_ids, real_ids); seeded,
+    the same every iteration unless data.resample_each_iteration."""
+    run = RunDir(run_dir)
+    train_pairs, _, stats = data.load_sft_data(run.data_config(config))
+    tokenizer = _tokenizer(config, run.base_model(config))
+    max_prompt = config.training.max_prompt_length
+    if config.data.overlong_prompts == "drop":
+        train_pairs, dropped = drop_overlong_prompts(train_pairs, tokenizer, max_prompt)
+        ctx.log.info("dropped %d prompts longer than %d tokens", dropped, max_prompt)
+    sample = data.sample_prompts(
+        train_pairs,
+        config.data.num_prompts,
+        seed=config.data.seed,
+        iteration=iteration,
+        resample=config.data.resample_each_iteration,
+    )
+    ctx.log.info(
+        "iteration %d: sampled %d of %d pairs (%s)", iteration, len(sample), len(train_pairs), stats
+    )
+    # Tokenized once, here, as the SFT trainer tokenized the chat; later steps use these ids.
+    prompt_ids, real_ids = encode_pairs(tokenizer, sample, max_prompt)
+    sample = sample.assign(prompt_ids=prompt_ids, real_ids=real_ids)
+    return str(data.write_parquet_atomic(sample, run.prompts(iteration)))
+
+
+# ------------------------------------------------------ 2. the opponent's responses
+
+
+def _generated_done(params: Params) -> bool:
+    run, t = _run(params), params["iteration"]
+    return data.parquet_complete(run.generated(t), data.parquet_rows(run.prompts(t)))
+
+
+@step(
+    "generate-responses",
+    sections=("generation", "model", "training"),
+    inputs=lambda p: [_run(p).prompts(p["iteration"]), p["opponent"]],
+    done=_generated_done,
+    load=lambda p: str(_run(p).generated(p["iteration"])),
+)
+def generate_responses(
+    ctx: Context, config: SpinConfig, run_dir: str, iteration: int, opponent: str
+) -> str:
+    """prompts.parquet + θt → generated/part-*.parquet → generated.parquet.
+
+    `generation.num_workers` workers (one device each) write every num_workers-th
+    shard; finished shards are kept, so a crash costs at most one shard.
+    """
+    run = RunDir(run_dir)
+    prompts = pd.read_parquet(run.prompts(iteration))
+    workers = config.generation.num_workers
+
+    def worker_shards(worker: int) -> int:
+        mine = generate.worker_shards(len(prompts), config.generation.shard_size, workers, worker)
+        progress = ctx.progress(
+            f"generate-iter-{iteration}-worker-{worker}",
+            f"iteration {iteration}, generation worker {worker}: shards",
+        )
+        generate.generate_from_model(
+            opponent,
+            config,
+            prompts,
+            run.generated_shards(iteration),
+            worker=worker,
+            shard_indices=mine,
+            show_progress=workers == 1,
+            on_shard=progress.update,
+        )
+        return len(mine)
+
+    ctx.map(worker_shards, range(workers), name="generate-shards")
+    out = run.generated(iteration)
+    generate.merge_shards(
+        run.generated_shards(iteration), len(prompts), config.generation.shard_size, out
+    )
+    finished = pd.read_parquet(out, columns=["finish_reason"])["finish_reason"]
+    ctx.log.info(
+        "iteration %d: %d responses, %.1f%% stopped at EOS",
+        iteration,
+        len(finished),
+        100 * (finished == "stop").mean(),
+    )
+    return str(out)
+
+
+# ---------------------------------------------------------- 3. the training set D_t
+
+
+def history_window(config: SpinConfig, iteration: int) -> range:
+    """The iterations whose generations form D_t: t and `data.history` before it."""
+    return range(max(0, iteration - config.data.history), iteration + 1)
+
+
+def _pairs_counts(params: Params) -> dict:
+    return json.loads((_run(params).iteration(params["iteration"]) / "pairs.json").read_text())
+
+
+@step(
+    "build-training-set",
+    sections=("data",),
+    inputs=lambda p: [_run(p).generated(s) for s in history_window(p["config"], p["iteration"])],
+    done=lambda p: (
+        data.parquet_complete(_run(p).pairs(p["iteration"]))
+        and (_run(p).iteration(p["iteration"]) / "pairs.json").exists()
+    ),
+    load=_pairs_counts,
+)
+def build_training_set(ctx: Context, config: SpinConfig, run_dir: str, iteration: int) -> dict:
+    """generated.parquet of t, t-1, ... → iter_t/pairs.parquet; returns the counts."""
+    run = RunDir(run_dir)
+    sources = history_window(config, iteration)
+    generated = {t: pd.read_parquet(run.generated(t)) for t in sources}
+    pairs, stats = data.build_training_set(generated, drop_identical=config.data.drop_identical)
+    data.write_parquet_atomic(pairs, run.pairs(iteration))
+    counts = {
+        "train_pairs": stats.rows,
+        "identical_dropped": stats.identical_dropped,
+        "identical_fraction": stats.identical_fraction,
+    }
+    write_json_atomic(counts, run.iteration(iteration) / "pairs.json")
+    ctx.log.info(
+        "iteration %d: %d training pairs from iterations %s; %d identical pairs dropped (%.1f%%)",
+        iteration,
+        stats.rows,
+        list(sources),
+        stats.identical_dropped,
+        100 * stats.identical_fraction,
+    )
+    return counts
+
+
+# ------------------------------------------------------------------- 4. train θ(t+1)
+
+
+@step(
+    "train-policy",
+    sections=("model", "training"),
+    inputs=lambda p: [_run(p).pairs(p["iteration"]), p["opponent"]],
+    done=lambda p: is_model_dir(_run(p).model(p["iteration"])),
+    load=lambda p: str(_run(p).model(p["iteration"])),
+)
+def train_policy(
+    ctx: Context,
+    config: SpinConfig,
+    run_dir: str,
+    iteration: int,
+    opponent: str,
+    opponent_eval: str | None = None,
+    lr_scale: float = 1.0,
+) -> str:
+    """pairs.parquet + θt → train.parquet (θt's log-probs, scored by the training ranks
+    before their first step) → train_state/ (checkpoints, metrics.jsonl) → model/ (θ(t+1)).
+
+    opponent_eval: the directory of θt's held-out evaluation; with
+    `training.eval_steps` set, the held-out real log-likelihood is checked against
+    it during training. lr_scale: multiplies the learning rate (collapse retry).
+    """
+    run = RunDir(run_dir)
+    _train(
+        ctx,
+        config,
+        ctx.progress(f"train-iter-{iteration}", f"iteration {iteration}: optimizer steps"),
+        init_model=opponent,
+        train_path=run.pairs(iteration),
+        scored_path=run.train(iteration),
+        state_dir=run.train_state(iteration),
+        model_out=run.model(iteration),
+        iteration=iteration,
+        opponent_eval=str(Path(opponent_eval) / "eval.parquet") if opponent_eval else None,
+        lr_scale=lr_scale,
+    )
+    return str(run.model(iteration))
+
+
+def _train(ctx: Context, config: SpinConfig, progress, **kwargs) -> None:
+    """`train.run_rank` in this process, or on `num_processes` ranks launched as a group.
+
+    kwargs: run_rank's arguments other than cfg and on_step.
+    """
+    from spin_core import launch
+
+    iteration = kwargs["iteration"]
+
+    def on_step(record: dict) -> None:
+        progress.update(record["step"], record["total_steps"])
+        accuracy = record["reward_accuracy"]
+        ctx.log.info(
+            "iter %d step %d/%d loss %.4f margin %.3f acc %s lr %.2e %.0f tok/s",
+            iteration,
+            record["step"],
+            record["total_steps"],
+            record["loss"],
+            record["margin"],
+            "–" if accuracy is None else f"{accuracy:.2f}",
+            record["learning_rate"],
+            record["tokens_per_s"],
+        )
+        if "heldout_real_loglik" in record:
+            ctx.log.info(
+                "iter %d step %d: held-out real log-lik %.4f nats/token (%s)",
+                iteration,
+                record["step"],
+                record["heldout_real_loglik"],
+                "healthy" if record["healthy"] else "BELOW the opponent's by more than tolerance",
+            )
+
+    training = config.training
+    if training.num_processes > 1 or training.hostfile:
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+        ctx.log.info(
+            "iteration %d: launching %d training ranks (ZeRO-%d)",
+            iteration,
+            training.num_processes,
+            training.zero_stage,
+        )
+        launch.launch_training(
+            args | {"config": config.model_dump(mode="json")},
+            training,
+            on_step=on_step,
+            on_log=ctx.log.info,
+        )
+        return
+    result = train.run_rank(config, on_step=on_step, **kwargs)
+    if result.resumed_from:
+        ctx.log.info("iteration %d: resumed training from step %d", iteration, result.resumed_from)
+
+
+# ------------------------------------------------------------------- 5. evaluate
+
+
+def _eval_inputs(params: Params) -> list:
+    run = _run(params)
+    files = [run.heldout, params["model"]]
+    if params.get("opponent_dir"):
+        files.append(Path(params["opponent_dir"]) / "eval.parquet")
+    if params.get("iteration") is not None:
+        t = params["iteration"]
+        files += [run.iteration(t) / "pairs.json", run.train_state(t) / "metrics.jsonl"]
+    return files
+
+
+def _eval_done(params: Params) -> bool:
+    out = Path(params["out_dir"])
+    return (out / "metrics.json").exists() and data.parquet_complete(out / "eval.parquet")
+
+
+@step(
+    "evaluate-model",
+    sections=("eval", "generation", "model", "training", "run"),
+    inputs=_eval_inputs,
+    done=_eval_done,
+    load=lambda p: json.loads((Path(p["out_dir"]) / "metrics.json").read_text()),
+)
+def evaluate(
+    ctx: Context,
+    config: SpinConfig,
+    run_dir: str,
+    model: str,
+    out_dir: str,
+    opponent_dir: str | None = None,
+    iteration: int | None = None,
+) -> dict:
+    """model + heldout.parquet → out_dir/eval.parquet and out_dir/metrics.json.
+
+    opponent_dir: where the opponent's own evaluation lives; its generations are the
+    held-out y' for reward accuracy and margin. With `iteration`, the metrics also
+    hold the training summary and `collapsed` (docs/DESIGN.md §5).
+    """
+    run, out_dir = RunDir(run_dir), Path(out_dir)
+    heldout = pd.read_parquet(run.heldout)
+    opponent_eval = pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
+    policy, tokenizer = load_policy(model, config.model)
+    frame, metrics = evaluate_model(
+        policy,
+        tokenizer,
+        heldout,
+        config,
+        opponent_eval=opponent_eval,
+        beta=schedule_at(config.training.beta, iteration or 0),
+        group_of=_toy_task_of(heldout),
+    )
+    data.write_parquet_atomic(frame, out_dir / "eval.parquet")
+    metrics["model"] = model
+    if iteration is not None:
+        metrics |= training_summary(run, iteration)
+        # The health signal: real responses must not become less likely.
+        metrics["collapsed"] = collapsed(
+            metrics["real_loglik_per_token"],
+            metrics["opponent_real_loglik_per_token"],
+            config.run.collapse_tolerance,
+        )
+    write_json_atomic(metrics, out_dir / "metrics.json")
+    ctx.log.info(
+        "%s: exact match %.3f, real log-lik %.4f nats/token%s",
+        model,
+        metrics["exact_match"],
+        metrics["real_loglik_per_token"],
+        f", margin {metrics['margin']:.3f}" if "margin" in metrics else "",
+    )
+    return metrics
+
+
+def training_summary(run: RunDir, iteration: int) -> dict:
+    """Counts of the training set and the last epoch's mean training metrics."""
+    summary = json.loads((run.iteration(iteration) / "pairs.json").read_text())
+    steps = pd.read_json(run.train_state(iteration) / "metrics.jsonl", lines=True)
+    last_epoch = steps[steps["epoch"] >= steps["epoch"].max() // 1]
+    summary["train_steps"] = int(steps["step"].max())
+    for key in ("loss", "margin", "reward_accuracy"):
+        summary[f"train_{key}"] = float(last_epoch[key].mean())
+    if "healthy" in steps:
+        checked = steps.dropna(subset=["healthy"])
+        summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
+    summary["lr_scale"] = run.lr_scale(iteration)
+    return summary
+
+
+def _toy_task_of(heldout: pd.DataFrame) -> Callable[[str], str] | None:
+    """toy.task_of when the held-out prompts are the embedded default's (per-task breakdown)."""
+    try:
+        heldout["prompt"].map(toy.task_of)
+    except ValueError:
+        return None
+    return toy.task_of
+
+
+# ------------------------------------------------------------ the comparison baseline
+
+
+@step(
+    "train-sft-baseline",
+    sections=("model", "training"),
+    inputs=lambda p: [
+        _run(p).prompts(p["iteration"]),
+        _run(p).iteration_metrics(p["iteration"]),
+        p["previous"],
+    ],
+    done=lambda p: is_model_dir(_run(p).baseline(p["iteration"]) / "model"),
+    load=lambda p: str(_run(p).baseline(p["iteration"]) / "model"),
+)
+def train_sft_baseline(
+    ctx: Context, config: SpinConfig, run_dir: str, iteration: int, previous: str
+) -> str:
+    """prompts.parquet (real responses) + the previous baseline → iter_t/baseline/model.
+
+    Continued SFT with the same steps and learning rate as SPIN's iteration.
+    """
+    run = RunDir(run_dir)
+    out = run.baseline(iteration) / "model"
+    spin_steps = json.loads(run.iteration_metrics(iteration).read_text())["train_steps"]
+    _train(
+        ctx,
+        config,
+        ctx.progress(f"baseline-iter-{iteration}", f"iteration {iteration}: SFT baseline steps"),
+        init_model=previous,
+        train_path=run.prompts(iteration),
+        state_dir=run.baseline(iteration) / "train_state",
+        model_out=out,
+        iteration=iteration,
+        objective="sft",
+        num_steps=spin_steps,
+    )
+    ctx.log.info("iteration %d: SFT baseline trained for %d steps", iteration, spin_steps)
+    return str(out)
+
+
+# ------------------------------------------------------------------- lm-eval, report
+
+
+def _lm_eval_inputs(params: Params) -> list:
+    settings = params["config"].eval.lm_eval
+    files = [Path(params["model"])]
+    if settings is not None and settings.include_path:
+        files.append(Path(settings.include_path))  # custom task YAMLs and their data
+    return files
+
+
+def _lm_eval_done(params: Params) -> bool:
+    settings = params["config"].eval.lm_eval
+    return settings is not None and lm_eval.read_result(params["out_dir"], settings) is not None
+
+
+def _lm_eval_summary(result: dict) -> dict:
+    return {key: result[key] for key in ("model", "lm_eval_version", "scores")}
+
+
+@step(
+    "lm-eval",
+    sections=("model",),
+    inputs=_lm_eval_inputs,
+    done=_lm_eval_done,
+    load=lambda p: _lm_eval_summary(lm_eval.read_result(p["out_dir"], p["config"].eval.lm_eval)),
+)
+def lm_eval_model(
+    ctx: Context,
+    config: SpinConfig,
+    run_dir: str,
+    model: str,
+    out_dir: str,
+    iteration: int | None = None,
+) -> dict:
+    """model → out_dir/lm_eval.json (`eval.lm_eval`); returns {model, lm_eval_version, scores}.
+
+    iteration: t for θ(t+1) (the journal's iteration), None for θ0.
+    """
+    settings = config.eval.lm_eval
+    dtype = str(compute_dtype(config.model.precision)).removeprefix("torch.")
+    result = lm_eval.evaluate_model(
+        model, settings, dtype=dtype, trust_remote_code=config.model.trust_remote_code
+    )
+    lm_eval.write_result(result, out_dir)
+    rows = lm_eval.table(result)
+    name = "θ0" if iteration is None else f"θ{iteration + 1}"
+    ctx.table(
+        "lm-eval-theta0" if iteration is None else f"lm-eval-theta{iteration + 1}",
+        rows,
+        f"lm-evaluation-harness {result['lm_eval_version']} scores of {name}",
+    )
+    ctx.log.info(
+        "%s: lm-eval %s in %.0f s: %s",
+        model,
+        result["lm_eval_version"],
+        result["seconds"],
+        ", ".join(f"{row['task']} {row['metric']} {row['value']:.4f}" for row in rows),
+    )
+    return _lm_eval_summary(result)
+
+
+@step("write-report", journaled=False)
+def write_report(ctx: Context, config: SpinConfig, run_dir: str) -> str:
+    """metrics.parquet, report.md and plots, and the same tables as artifacts."""
+    path, metrics = report.write_report(run_dir, sample_rows=config.run.sample_rows)
+    if len(metrics):
+        columns = ["model_name"] + [key for key, _ in report.COLUMNS if key in metrics]
+        table = metrics[columns].astype(object).where(metrics[columns].notna(), None)
+        ctx.table("spin-metrics", table.to_dict(orient="records"), "held-out metrics per model")
+    ctx.markdown("spin-report", path.read_text(), str(path))
+    ctx.log.info("report written to %s", path)
+    return str(path)
+
+
+@step("track-experiment", retries=2, journaled=False)
+def track_experiment(ctx: Context, config: SpinConfig, run_dir: str) -> None:
+    """Copy what is new in the run directory to MLflow or W&B (`run.tracking`); else nothing."""
+    if config.run.tracking == "none":
+        return
+    from spin_core import tracking
+
+    params = tracking.config_params(config.model_dump(mode="json"))
+    if config.run.tracking == "wandb":
+        state = tracking.track_wandb(RunDir(run_dir), params)
+        ctx.log.info("W&B (%s): logged %s", state["mode"], state["logged"])
+        return
+    state = tracking.track(RunDir(run_dir), params)
+    ctx.log.info("MLflow run %s at %s: logged %s", state["parent"], state["uri"], state["logged"])
+
+
+# ------------------------------------------------------------------------ the order
+
+
+def run_iteration(
+    run: Runner,
+    config: SpinConfig,
+    run_dir: str,
+    iteration: int,
+    opponent: str,
+    opponent_eval: str,
+    lr_scale: float = 1.0,
+) -> dict:
+    """One SPIN iteration: train θ(t+1) against the opponent θt; returns its metrics.
+
+    opponent_eval: the directory holding θt's held-out evaluation.
+    lr_scale: multiplies the learning rate (RETRY_LR_SCALE when retrying a collapse).
+    """
+    rundir = RunDir(run_dir)
+    run.step(sample_prompts, config, run_dir, iteration)
+    run.step(generate_responses, config, run_dir, iteration, opponent)
+    run.step(build_training_set, config, run_dir, iteration)
+    model = run.step(train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale)
+    metrics = run.step(
+        evaluate, config, run_dir, model, str(rundir.iteration(iteration)), opponent_eval, iteration
+    )
+    if config.run.baseline == "sft":
+        # The question users have: does SPIN beat continued SFT with the same steps?
+        previous = (
+            rundir.base_model(config)
+            if iteration == 0
+            else str(rundir.baseline(iteration - 1) / "model")
+        )
+        baseline = run.step(train_sft_baseline, config, run_dir, iteration, previous)
+        run.step(evaluate, config, run_dir, baseline, str(rundir.baseline(iteration)))
+    return metrics
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the pipeline does after an iteration (`after_iteration`)."""
+
+    action: str  # "promote", "retry" (once, at RETRY_LR_SCALE) or "stop"
+    reason: str = ""
+    promote: bool = False  # with "stop": θ(t+1) is still the new opponent (early stop)
+
+
+def after_iteration(config: SpinConfig, run: RunDir, iteration: int, metrics: dict) -> Decision:
+    """The collapse / retry / early-stop policy (`run.on_collapse`, `run.promote_collapsed`,
+    `run.early_stop_margin`)."""
+    loglik = (
+        f"held-out real log-likelihood {metrics['real_loglik_per_token']:.4f} "
+        f"vs opponent {metrics['opponent_real_loglik_per_token']:.4f}"
+    )
+    if metrics.get("collapsed"):
+        if config.run.on_collapse == "retry_half_lr" and not run.retry(iteration).exists():
+            return Decision(
+                "retry",
+                f"iteration {iteration} collapsed ({loglik}); retrying once at "
+                f"{RETRY_LR_SCALE}× the learning rate, the attempt kept in "
+                f"{run.collapsed_attempt(iteration)}",
+            )
+        if not config.run.promote_collapsed:
+            return Decision(
+                "stop",
+                f"iteration {iteration} collapsed: {loglik} (tolerance "
+                f"{config.run.collapse_tolerance:.2f}); θ{iteration + 1} is not promoted and "
+                "the run stops",
+            )
+    margin = config.run.early_stop_margin
+    if margin is not None and metrics["margin"] < margin:
+        return Decision(
+            "stop",
+            f"held-out margin {metrics['margin']:.4f} < early_stop_margin {margin:.4f}: "
+            f"stopping after iteration {iteration}",
+            promote=True,
+        )
+    return Decision("promote")
+
+
+def run_lm_eval(
+    run: Runner,
+    config: SpinConfig,
+    run_dir: str,
+    model: str,
+    out_dir: str,
+    iteration: int | None = None,
+) -> dict | None:
+    """The lm-eval step when `eval.lm_eval.tasks` is set; None (nothing runs) otherwise."""
+    if not lm_eval.enabled(config.eval.lm_eval):
+        return None
+    return run.step(lm_eval_model, config, run_dir, model, out_dir, iteration)
+
+
+def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
+    """θ0 → θ1 → ... → θT (`run.iterations`); returns the path of report.md.
+
+    Rerunning on the same run directory resumes: finished steps are not redone.
+    """
+    rundir = RunDir(run_dir)
+    run_dir = str(rundir.root)
+    with RunLock(rundir):
+        check_config(rundir, config)
+        if config.uses_toy():
+            run.step(check_own_inputs, config, run_dir)  # before minutes of toy build
+            run.step(build_embedded_default, config, run_dir)
+        # Data and model are checked before anything is written for the run, so a
+        # corrected rerun is not refused as a changed config.
+        run.step(check_inputs, config, run_dir)
+        save_config(rundir, config)
+        opponent, opponent_eval = rundir.base_model(config), str(rundir.base_eval())
+        run.step(evaluate, config, run_dir, opponent, opponent_eval)
+        run_lm_eval(run, config, run_dir, opponent, opponent_eval)
+        run.step(track_experiment, config, run_dir)
+        for t in range(config.run.iterations):
+            args = (config, run_dir, t, opponent, opponent_eval)
+            metrics = run.iteration(*args, lr_scale=rundir.lr_scale(t))
+            decision = after_iteration(config, rundir, t, metrics)
+            if decision.action == "retry":
+                run.log.warning(decision.reason)
+                rundir.archive_collapsed(t, lr_scale=RETRY_LR_SCALE)
+                metrics = run.iteration(*args, lr_scale=rundir.lr_scale(t))
+                decision = after_iteration(config, rundir, t, metrics)
+            if decision.action == "stop" and not decision.promote:
+                run.log.warning(decision.reason)
+                break
+            opponent, opponent_eval = metrics["model"], str(rundir.iteration(t))
+            # θ(t+1) is promoted: benchmark it (a collapsed, unpromoted model is not)
+            run_lm_eval(run, config, run_dir, opponent, opponent_eval, t)
+            run.step(track_experiment, config, run_dir)
+            if decision.action == "stop":
+                run.log.info(decision.reason)
+                break
+        path = run.step(write_report, config, run_dir)
+        run.step(track_experiment, config, run_dir)
+        return path
