@@ -198,7 +198,7 @@ def run_stage(args) -> None:
         step("load_clean", timer)
         with _common.Timer() as timer:
             sample = data.sample_prompts(train, args.sample, seed=cfg.seed)
-            # The sample step's one tokenization of every pair (tasks/sample.py).
+            # The sample step's one tokenization of every pair (spin_core/steps.py: sample_prompts).
             with _common.Timer() as encoding:
                 tokenizer = load_tokenizer(str(args.tokenizer))
                 prompt_ids, real_ids = encode_pairs(
