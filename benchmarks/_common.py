@@ -1,6 +1,6 @@
 """What every benchmark shares: the cached toy θ0, thread settings, peak memory, JSON output,
-the pipeline's sample / generate / build steps as plain calls (`sample_with_ids`,
-`generate_and_build`), and `TrainPhases`, the phase split of one `train_iteration`.
+the pipeline's sample / generate / build steps run by the plain driver
+(`sample_with_ids`, `generate_and_build`), and `TrainPhases`, the phase split of one `train_iteration`.
 
 Every benchmark prints exactly one JSON line on stdout (its figures, the ratio or
 the target it is held to, the machine, the date and the command) and appends the
@@ -19,6 +19,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,33 +149,36 @@ def with_ids(sample, cfg, tokenizer=None):
 
 
 def sample_with_ids(cfg, num_prompts: int, *, seed: int | None = None):
-    """prompts.parquet of the pipeline: `num_prompts` seeded pairs of the config's data, with ids."""
-    from spin_core import data
+    """prompts.parquet of the pipeline: `num_prompts` seeded pairs of the config's data, with
+    ids, written by the pipeline's own sample step (spin_core/steps.py: sample_prompts)."""
+    import pandas as pd
 
-    train, _, _ = data.load_sft_data(cfg.data)
-    sample = data.sample_prompts(train, num_prompts, seed=cfg.data.seed if seed is None else seed)
-    return with_ids(sample, cfg)
+    from spin_core import steps
+    from spin_core.driver import PlainRunner
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.num_prompts = num_prompts
+    if seed is not None:
+        cfg.data.seed = seed
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        return pd.read_parquet(PlainRunner().step(steps.sample_prompts, cfg, tmp, 0))
 
 
 def generate_and_build(cfg, prompts, out_dir: Path, *, opponent: str | None = None):
-    """(D_t, stats): the opponent's generations for `prompts` (with ids), identical pairs dropped.
-
-    The pipeline's generate and build steps: `generate_from_model` into shards,
-    `merge_shards`, `build_training_set` of this one iteration.
-    """
+    """(D_t, counts): the opponent's generations for `prompts` (with ids), identical pairs
+    dropped, by the pipeline's own generate and build steps (iteration 0 in `out_dir`)."""
     import pandas as pd
 
-    from spin_core import data, generate
+    from spin_core import data, steps
+    from spin_core.driver import PlainRunner
+    from spin_core.rundir import RunDir
 
+    run, runner = RunDir(out_dir), PlainRunner()
+    data.write_parquet_atomic(prompts, run.prompts(0))
     opponent = opponent or str(cfg.model.name_or_path)
-    shards = Path(out_dir) / "generated"
-    generate.generate_from_model(opponent, cfg, prompts, shards, show_progress=False)
-    merged = generate.merge_shards(
-        shards, len(prompts), cfg.generation.shard_size, Path(out_dir) / "generated.parquet"
-    )
-    return data.build_training_set(
-        {0: pd.read_parquet(merged)}, drop_identical=cfg.data.drop_identical
-    )
+    runner.step(steps.generate_responses, cfg, str(run.root), 0, opponent)
+    counts = runner.step(steps.build_training_set, cfg, str(run.root), 0)
+    return pd.read_parquet(run.pairs(0)), counts
 
 
 class TrainPhases:

@@ -345,7 +345,7 @@ def check_zero3(work: Path, sizes: Sizes, dry: bool) -> dict:
         "loss_range": max(losses["zero0"]) - min(losses["zero0"]),
         "first_loss_minus_ln2": {k: v - math.log(2) for k, v in first.items()},
         "steps": len(losses["zero0"]),
-        "pairs": stats.rows,
+        "pairs": stats["train_pairs"],
         "losses_zero0": losses["zero0"],
         "losses_zero3": losses["zero3"],
         "model": f"realtok MistralForCausalLM, {parameters(rt.model_dir)[0] / 1e6:.2f}M parameters",

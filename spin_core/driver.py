@@ -43,18 +43,9 @@ class PlainRunner:
                     raise
                 self.log.warning("%s failed (%r); retrying", step.name, exc)
 
-    def iteration(
-        self,
-        config: SpinConfig,
-        run_dir: str,
-        iteration: int,
-        opponent: str,
-        opponent_eval: str,
-        lr_scale: float = 1.0,
-    ) -> dict:
-        return steps.run_iteration(
-            self, config, run_dir, iteration, opponent, opponent_eval, lr_scale
-        )
+    def iteration(self, *args, **kwargs) -> dict:
+        """One iteration in this process (`steps.run_iteration`'s arguments after the runner)."""
+        return steps.run_iteration(self, *args, **kwargs)
 
 
 def run(config: SpinConfig, run_dir: str, log: logging.Logger | None = None) -> str:

@@ -48,15 +48,8 @@ class Runner(Protocol):
 
     def step(self, step: Step, *args, **kwargs) -> Any: ...
 
-    def iteration(
-        self,
-        config: SpinConfig,
-        run_dir: str,
-        iteration: int,
-        opponent: str,
-        opponent_eval: str,
-        lr_scale: float = 1.0,
-    ) -> dict: ...
+    def iteration(self, *args, **kwargs) -> dict:
+        """`run_iteration` with this runner and these arguments (maybe as a subflow)."""
 
 
 def _run(params: Params) -> RunDir:
