@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from spin_core.config import ModelConfig
 from spin_core.errors import InputError
 from spin_core.prompts import ensure_pad_token
 
@@ -126,7 +127,11 @@ def load_model(
 
 
 def load_policy(
-    path: str, model_cfg, *, for_training: bool = False, on_device: torch.device | None = None
+    path: str,
+    model_cfg: ModelConfig,
+    *,
+    for_training: bool = False,
+    on_device: torch.device | None = None,
 ):
     """Model and tokenizer of `path` in the configured compute dtype, on this rank's device
     (or `on_device`, e.g. one generation worker's GPU)."""

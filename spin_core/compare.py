@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from spin_core.config import (  # noqa: E402
 )
 from spin_core.data import write_parquet_atomic  # noqa: E402
 from spin_core.errors import InputError  # noqa: E402
+from spin_core.files import write_text_atomic  # noqa: E402
 from spin_core.rundir import RunDir  # noqa: E402
 from spin_core.toy import toy_artifacts  # noqa: E402
 
@@ -796,12 +796,7 @@ def plot_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "compare_metrics.png"
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return [path]
+    return [report.save_figure(fig, out_dir / "compare_metrics.png")]
 
 
 def write_compare(
@@ -820,10 +815,7 @@ def write_compare(
         write_parquet_atomic(comparison.summary, out / "compare.parquet")
     text = compare_markdown(comparison, title=out.name, plots=plots)
     path = out / "compare.md"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".compare.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(text, path)
     return path, comparison
 
 

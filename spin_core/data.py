@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ import pyarrow.parquet as pq
 
 from spin_core.config import DataConfig
 from spin_core.errors import InputError
+from spin_core.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -62,40 +61,12 @@ _EVAL_SUBSET_STREAM = 3
 
 
 def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
-    """Write `df` to `path` atomically: a temp file in the same directory, fsync, rename.
-
-    Parent directories are created. A crash leaves either the old file or none,
-    never a partial one, so a file that exists is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `df` to `path` atomically (`spin_core.files.atomic_path`): a file that exists
+    is complete. Parent directories are created."""
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
 
 
 def read_parquet_checked(

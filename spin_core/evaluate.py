@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from spin_core.config import SpinConfig
 from spin_core.generate import Decoding, HFBackend
 from spin_core.prompts import encode_pairs
 from spin_core.score import examples_from_ids, score_named
@@ -30,16 +31,16 @@ def evaluate_model(
     model,
     tokenizer,
     heldout: pd.DataFrame,
-    cfg,
+    cfg: SpinConfig,
     *,
-    opponent_eval: pd.DataFrame | None = None,
+    opponent_frame: pd.DataFrame | None = None,
     beta: float | None = None,
     group_of: Callable[[str], str] | None = None,
     show_progress: bool = False,
 ) -> tuple[pd.DataFrame, dict]:
     """Evaluate `model` on `heldout` (id, prompt, real[, context]).
 
-    opponent_eval: the opponent's own evaluation frame (same ids), whose
+    opponent_frame: the opponent's own evaluation frame (same ids), whose
     `generated_ids`, `real_logps` and `generated_logps` give the held-out pairs
     and the opponent's log-probs; pairs whose y' equals y token for token are
     ties, reported apart (`ties`) and left out of reward accuracy and margin. group_of: maps a prompt to a group (e.g. the toy
@@ -73,8 +74,8 @@ def evaluate_model(
         "real": examples_from_ids(prompt_ids, real_ids, **limits),
         "generated": examples_from_ids(prompt_ids, [g.token_ids for g in generated], **limits),
     }
-    if opponent_eval is not None:
-        opponent = opponent_eval.set_index("id").loc[frame["id"]].reset_index()
+    if opponent_frame is not None:
+        opponent = opponent_frame.set_index("id").loc[frame["id"]].reset_index()
         opponent_ids = [list(ids) for ids in opponent["generated_ids"]]
         frame["opponent_generated"] = opponent["generated"].to_numpy()
         # y' = y token for token: the margin is 0 whatever the model, so it is a tie.
@@ -104,7 +105,7 @@ def evaluate_model(
         metrics["exact_match_by_group"] = {
             str(k): float(v) for k, v in frame["exact_match"].groupby(groups).mean().items()
         }
-    if opponent_eval is not None:
+    if opponent_frame is not None:
         if beta is None:
             raise ValueError("beta is needed to compute rewards against the opponent")
         real_reward = beta * (frame["real_logps"].to_numpy() - opponent["real_logps"].to_numpy())

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 
-from spin_core.config import ConfigError
+from spin_core.config import ConfigError, SpinConfig
 from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
 from spin_core.decoding import Decoding, Generated, GenerationBackend, token_budget_batches
 
@@ -148,7 +148,7 @@ def greedy_decode(
     return new_tokens
 
 
-def check_backend_available(cfg) -> None:
+def check_backend_available(cfg: SpinConfig) -> None:
     """ConfigError, naming the field, when the selected backend is not installed."""
     import importlib.util
 
@@ -161,7 +161,7 @@ def check_backend_available(cfg) -> None:
 
 def make_backend(
     model_path: str,
-    cfg,
+    cfg: SpinConfig,
     tokenizer,
     *,
     max_new_tokens: int | None = None,
@@ -255,7 +255,7 @@ def generate_shards(
 
 def generate_from_model(
     opponent: str,
-    cfg,
+    cfg: SpinConfig,
     prompts: pd.DataFrame,
     shards_dir: str | Path,
     *,

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from spin_core.config import TrainingConfig
+
 STEP_PREFIX = "SPIN_STEP "  # rank 0 prints each step record after this prefix
 
 # "[rank1]: FileNotFoundError: ..." or "ValueError: ...", not the launcher's own summary.
@@ -59,7 +61,7 @@ _DIE_WITH_PARENT = (
 )
 
 
-def launcher_command(training, args_file: Path) -> list[str]:
+def launcher_command(training: TrainingConfig, args_file: Path) -> list[str]:
     """torchrun on one node; the deepspeed launcher across the hosts of a hostfile."""
     module = ["-m", "spin_core.train_entry", str(args_file)]
     if training.hostfile:
@@ -158,7 +160,7 @@ def run_group(
 
 def launch_training(
     training_args: dict,
-    training,
+    training: TrainingConfig,
     *,
     on_step: Callable[[dict], None] | None = None,
     on_log: Callable[[str], None] | None = None,

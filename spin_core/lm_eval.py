@@ -24,7 +24,7 @@ from typing import Any
 
 from spin_core.config import LmEvalConfig
 from spin_core.errors import InputError
-from spin_core.rundir import write_json_atomic
+from spin_core.files import write_json_atomic
 
 RESULT_FILE = "lm_eval.json"
 PAPER_VERSION = "0.4.0"  # the harness version behind the paper's Open LLM Leaderboard numbers

@@ -7,7 +7,6 @@ run, finished or not.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml  # noqa: E402
 from spin_core import lm_eval  # noqa: E402
 from spin_core import significance as sig  # noqa: E402
 from spin_core.data import write_parquet_atomic  # noqa: E402
+from spin_core.files import atomic_path, write_text_atomic
 from spin_core.rundir import RunDir  # noqa: E402
 
 COLUMNS = [
@@ -360,7 +360,7 @@ def plot_lm_eval(metrics: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
-        paths.append(_save(fig, out_dir / f"lm_eval_{safe}.png"))
+        paths.append(save_figure(fig, out_dir / f"lm_eval_{safe}.png"))
     return paths
 
 
@@ -413,7 +413,7 @@ def plot_metrics(metrics: pd.DataFrame, steps: pd.DataFrame, out_dir: Path) -> l
             ax.set_xlabel("model θt")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / "metrics_per_iteration.png"))
+        paths.append(save_figure(fig, out_dir / "metrics_per_iteration.png"))
     if len(steps):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for iteration, group in steps.groupby("iteration"):
@@ -426,7 +426,7 @@ def plot_metrics(metrics: pd.DataFrame, steps: pd.DataFrame, out_dir: Path) -> l
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / "train_steps.png"))
+        paths.append(save_figure(fig, out_dir / "train_steps.png"))
     return paths
 
 
@@ -448,11 +448,11 @@ def _plot_line(
     ax.errorbar(x + dodge, y, yerr=yerr, capsize=3, **style)
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+def save_figure(fig, path: Path) -> Path:
+    """`fig` as a PNG at `path`, written atomically; the figure is closed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -543,7 +543,5 @@ def write_report(
     if samples:
         parts += ["## Sample generations (held-out prompts)", "", samples, ""]
     text = "\n".join(parts)
-    tmp = run.report.with_name(".report.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, run.report)
+    write_text_atomic(text, run.report)
     return run.report, metrics

@@ -20,6 +20,7 @@ import yaml
 
 from spin_core.config import TOY, SpinConfig, result_changing_differences, validate_config
 from spin_core.errors import InputError
+from spin_core.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +149,6 @@ class RunDir:
         return cfg.model.name_or_path
 
 
-def write_json_atomic(data: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-    return path
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -251,9 +244,7 @@ def check_config(run: RunDir, cfg: SpinConfig) -> None:
 def save_config(run: RunDir, cfg: SpinConfig) -> None:
     """Write spin.yaml (the resolved config); on a rerun, the neutral fields are updated."""
     run.root.mkdir(parents=True, exist_ok=True)
-    tmp = run.config.with_name(".spin.yaml.tmp")
-    tmp.write_text(cfg.dump_yaml())
-    os.replace(tmp, run.config)
+    write_text_atomic(cfg.dump_yaml(), run.config)
 
 
 def check_or_save_config(run: RunDir, cfg: SpinConfig) -> None:

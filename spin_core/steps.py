@@ -34,8 +34,9 @@ from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.errors import InputError
 from spin_core.evaluate import collapsed, evaluate_model
+from spin_core.files import write_json_atomic
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
-from spin_core.rundir import RunDir, RunLock, check_config, save_config, write_json_atomic
+from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from spin_core.step import Context, Params, Step, step
 
 RETRY_LR_SCALE = 0.5  # run.on_collapse=retry_half_lr: the retry's learning-rate factor
@@ -316,7 +317,7 @@ def train_policy(
         state_dir=run.train_state(iteration),
         model_out=run.model(iteration),
         iteration=iteration,
-        opponent_eval=str(Path(opponent_eval) / "eval.parquet") if opponent_eval else None,
+        opponent_eval_file=str(Path(opponent_eval) / "eval.parquet") if opponent_eval else None,
         lr_scale=lr_scale,
     )
     return str(run.model(iteration))
@@ -418,14 +419,14 @@ def evaluate(
     """
     run, out_dir = RunDir(run_dir), Path(out_dir)
     heldout = pd.read_parquet(run.heldout)
-    opponent_eval = pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
+    opponent_frame = pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
     policy, tokenizer = load_policy(model, config.model)
     frame, metrics = evaluate_model(
         policy,
         tokenizer,
         heldout,
         config,
-        opponent_eval=opponent_eval,
+        opponent_frame=opponent_frame,
         beta=schedule_at(config.training.beta, iteration or 0),
         group_of=_toy_task_of(heldout),
     )

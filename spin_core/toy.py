@@ -31,6 +31,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from spin_core.config import ToyConfig
+from spin_core.files import atomic_path, write_json_atomic
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss
 from spin_core.prompts import build_example, encode_conversations, prompt_messages
@@ -138,9 +140,8 @@ def task_of(prompt: str) -> str:
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     """Write via a temporary name in the same directory, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def write_dataset(
@@ -324,7 +325,7 @@ class ToyArtifacts:
         ]
 
 
-def build_from_config(out_dir: str | os.PathLike, spec) -> ToyArtifacts:
+def build_from_config(out_dir: str | os.PathLike, spec: ToyConfig) -> ToyArtifacts:
     """`build_toy` with the settings of a config's `toy` section (spin_core.config.ToyConfig)."""
     return build_toy(
         out_dir,
@@ -440,8 +441,6 @@ def build_toy(
         "final_sft_loss": losses[-1] if losses else None,
         "build_seconds": round(time.monotonic() - started, 1),
     }
-    tmp_marker = marker.with_name(f".{MARKER}.tmp")
-    tmp_marker.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp_marker, marker)
+    write_json_atomic(summary, marker)
     logger.info("built the toy in %s in %.0f s", out_dir, summary["build_seconds"])
     return artifacts

@@ -29,7 +29,8 @@ import json
 import os
 from pathlib import Path
 
-from spin_core.rundir import RunDir, write_json_atomic
+from spin_core.files import write_json_atomic
+from spin_core.rundir import RunDir
 
 STATE = "tracking.json"  # what has been logged, and the MLflow run ids
 

@@ -67,11 +67,11 @@ class HealthProbe:
     batch_tokens: int = 16_384
 
 
-def health_probe(cfg: SpinConfig, opponent: str, opponent_eval: str | Path) -> HealthProbe:
+def health_probe(cfg: SpinConfig, opponent: str, opponent_eval_file: str | Path) -> HealthProbe:
     """The first `eval.health_size` held-out pairs of θt's evaluation, with θt's log-likelihood."""
     from spin_core.checkpoint import load_tokenizer
 
-    scored = pd.read_parquet(opponent_eval).head(cfg.eval.health_size)
+    scored = pd.read_parquet(opponent_eval_file).head(cfg.eval.health_size)
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
     examples = tokenize_responses(
         tokenizer,
@@ -267,7 +267,7 @@ def _policy_logps(engine, data: PairData, batch: list[int], pad_id: int, objecti
     return logps, counts, int(mask.sum())
 
 
-def _build_optimizer(model, training, lr: float):
+def _build_optimizer(model, training: TrainingConfig, lr: float):
     params = [p for p in model.parameters() if p.requires_grad]
     if training.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=training.weight_decay)
@@ -369,18 +369,18 @@ def run_rank(
     cfg: SpinConfig,
     *,
     on_step: Callable[[dict], None] | None = None,
-    opponent_eval: str | None = None,
+    opponent_eval_file: str | None = None,
     **kwargs,
 ) -> TrainResult:
     """`train_iteration` as the pipeline runs it, in process or on each launched rank.
 
-    opponent_eval: θt's eval.parquet; with `training.eval_steps` set, the held-out
+    opponent_eval_file: θt's eval.parquet; with `training.eval_steps` set, the held-out
     real log-likelihood is checked against it during training (`health_probe`).
     kwargs: train_iteration's other arguments.
     """
     health = None
-    if cfg.training.eval_steps and opponent_eval:
-        health = health_probe(cfg, kwargs["init_model"], opponent_eval)
+    if cfg.training.eval_steps and opponent_eval_file:
+        health = health_probe(cfg, kwargs["init_model"], opponent_eval_file)
     return train_iteration(cfg=cfg, on_step=on_step, health=health, **kwargs)
 
 
@@ -726,9 +726,9 @@ def _save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) -
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _config_dtype(config) -> torch.dtype:
+def _config_dtype(hf_config) -> torch.dtype:
     """The dtype the checkpoint was stored in (weights are exported in it again)."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else torch.float32

@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from spin_core.checkpoint import compute_dtype
+from spin_core.config import SpinConfig
 from spin_core.decoding import Decoding, Generated
 
 
 class VLLMBackend:
     """Offline `vllm.LLM` over prompt token ids; tensor parallel size from the config."""
 
-    def __init__(self, model_path: str, tokenizer, decoding: Decoding, cfg):
+    def __init__(self, model_path: str, tokenizer, decoding: Decoding, cfg: SpinConfig):
         import vllm  # an ImportError here becomes a config error in make_backend
 
         self.vllm = vllm

@@ -11,7 +11,8 @@ from flows.dispatch import REMOTE_STEPS, spin_generate, spin_train
 from flows.scheduled import next_iteration_config, spin_next_iteration
 from spin_core.config import load_config
 from spin_core.errors import InputError
-from spin_core.rundir import RunDir, check_or_save_config, write_json_atomic
+from spin_core.files import write_json_atomic
+from spin_core.rundir import RunDir, check_or_save_config
 from spin_core.steps import generate_responses, train_policy
 from tests.deployments.conftest import ROOT, scaling_out_commands
 

@@ -21,7 +21,8 @@ from spin_core import compare
 from spin_core import significance as sig
 from spin_core.config import ConfigError, load_config
 from spin_core.errors import InputError
-from spin_core.rundir import RunDir, save_config, write_json_atomic
+from spin_core.files import write_json_atomic
+from spin_core.rundir import RunDir, save_config
 from tests.overrides import overrides, set_args
 
 ROOT = Path(__file__).resolve().parents[2]

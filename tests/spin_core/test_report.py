@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spin_core.files import write_json_atomic
 from spin_core.report import write_report
-from spin_core.rundir import RunDir, write_json_atomic
+from spin_core.rundir import RunDir
 
 N = 40
 IDS = [f"p{i:02d}" for i in range(N)]
