@@ -2,7 +2,7 @@
 
 The per-prompt loop is how public SPIN write-ups generate y': format the prompt
 with the chat template, call `model.generate` on it alone, decode. spin's step is
-`spin_core.generate` as the pipeline runs it: the prompts' ids from
+`spin_core.generation` as the pipeline runs it: the prompts' ids from
 `spin_core.prompts.encode_prompts` (what the sample step stores as `prompt_ids`),
 `make_backend` (batched, length-sorted, left-padded greedy decoding), `generate_shards`
 writing the Parquet shards with the generated ids. Same toy θ0, same prompts, same
@@ -54,7 +54,7 @@ def per_prompt_loop(model, tokenizer, prompts: list[str], max_new_tokens: int):
 
 def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
     """(texts, generated token ids): spin_core's generation step into Parquet shards."""
-    from spin_core import generate
+    from spin_core import generation
     from spin_core.prompts import encode_prompts
 
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.training.max_prompt_length)
@@ -66,9 +66,9 @@ def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
             "prompt_ids": prompt_ids,
         }
     )
-    backend = generate.make_backend(str(cfg.model.name_or_path), cfg, tokenizer, model=model)
-    decoding = generate.Decoding.from_config(cfg.generation, tokenizer)
-    paths = generate.generate_shards(
+    backend = generation.make_backend(str(cfg.model.name_or_path), cfg, tokenizer, model=model)
+    decoding = generation.Decoding.from_config(cfg.generation, tokenizer)
+    paths = generation.generate_shards(
         backend,
         frame,
         prompt_ids,

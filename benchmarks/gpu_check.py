@@ -1,7 +1,7 @@
 """GPU check: ZeRO-3 accumulation in bf16, one SPIN iteration of a ~0.35B Mistral, HF vs vLLM.
 
 Three checks on one CUDA device, through the library as the pipeline calls it
-(`spin_core.train.train_iteration` on unscored pairs, `spin_core.generate`
+(`spin_core.train.train_iteration` on unscored pairs, `spin_core.generation`
 backends, configs/zephyr-7b-ultrachat.yaml with `--set`-style overrides), with
 Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
 
@@ -389,17 +389,17 @@ def timed_generation(cfg, model_dir: Path, prompts, out_dir: Path) -> tuple[Path
     """Generate `prompts` (prompts.parquet rows) with the configured backend; (parquet, figures)."""
     import pandas as pd
 
-    from spin_core import generate
+    from spin_core import generation
     from spin_core.checkpoint import load_tokenizer
 
     shutil.rmtree(out_dir, ignore_errors=True)  # finished shards would be kept, not timed
     tokenizer = load_tokenizer(str(model_dir))
     with _common.Timer() as load:
-        backend = generate.make_backend(str(model_dir), cfg, tokenizer)
+        backend = generation.make_backend(str(model_dir), cfg, tokenizer)
         synchronize()
-    decoding = generate.Decoding.from_config(cfg.generation, tokenizer)
+    decoding = generation.Decoding.from_config(cfg.generation, tokenizer)
     with _common.Timer() as run:
-        generate.generate_shards(
+        generation.generate_shards(
             backend,
             prompts,
             [list(ids) for ids in prompts["prompt_ids"]],
@@ -410,7 +410,7 @@ def timed_generation(cfg, model_dir: Path, prompts, out_dir: Path) -> tuple[Path
             show_progress=False,
         )
         synchronize()
-    merged = generate.merge_shards(
+    merged = generation.merge_shards(
         out_dir / "shards", len(prompts), len(prompts), out_dir / "generated.parquet"
     )
     del backend

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from spin_core.config import SpinConfig
-from spin_core.generate import Decoding, HFBackend
+from spin_core.generation import Decoding, HFBackend
 from spin_core.prompts import encode_pairs
 from spin_core.score import examples_from_ids, score_named
 

@@ -11,7 +11,7 @@ sequence must be the one the model itself saw or produced:
   tokenizers (Llama, Mistral, zephyr) encoding y on its own would give its first
   word the word-start marker (`▁Le` instead of `Le`) and drop BOS;
 - a generated response y' is never re-encoded: generation stores the ids it
-  produced (see `spin_core.generate`).
+  produced (see `spin_core.generation`).
 
 BOS follows the tokenizer (what `add_special_tokens=True` puts before the text)
 unless the rendered template already starts with it. `encode_conversation` is

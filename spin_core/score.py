@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from spin_core.config import TrainingConfig
-from spin_core.decoding import token_budget_batches
+from spin_core.generation.decoding import token_budget_batches
 from spin_core.logprobs import check_logprob_path, pad_batch, sequence_logps
 from spin_core.prompts import Truncation, build_example, encode_conversations, prompt_messages
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,13 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from spin_core import data, generate, lm_eval, report, toy, train
+from spin_core import data, generation, lm_eval, report, toy, train
 from spin_core.checkpoint import check_causal_lm, compute_dtype, is_model_dir, load_policy
 from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.errors import InputError
 from spin_core.evaluate import collapsed, evaluate_model
-from spin_core.files import write_json_atomic
+from spin_core.files import atomic_path, write_json_atomic
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from spin_core.step import Context, Params, Step, step
@@ -85,7 +86,7 @@ def _check_model_data(
         check_causal_lm(model, trust_remote_code=config.model.trust_remote_code)
         tokenizer = _tokenizer(config, model)
     if config.run.execution == "local":  # with deployments, the GPU workers have the backend
-        generate.check_backend_available(config)
+        generation.check_backend_available(config)
     if data_config is None:
         return None
     train_pairs, heldout, stats = data.load_sft_data(data_config)
@@ -152,6 +153,13 @@ def sample_prompts(ctx: Context, config: SpinConfig, run_dir: str, iteration: in
     """SFT data → iter_t/prompts.parquet (id, prompt, real, prompt_ids, real_ids); seeded,
     the same every iteration unless data.resample_each_iteration."""
     run = RunDir(run_dir)
+    first = run.prompts(0)
+    if iteration > 0 and not config.data.resample_each_iteration and data.parquet_complete(first):
+        # The paper's fixed sample: iteration 0 drew and tokenized these very rows.
+        with atomic_path(run.prompts(iteration)) as tmp:
+            shutil.copyfile(first, tmp)
+        ctx.log.info("iteration %d: the fixed sample of iteration 0, reused", iteration)
+        return str(run.prompts(iteration))
     train_pairs, _, stats = data.load_sft_data(run.data_config(config))
     tokenizer = _tokenizer(config, run.base_model(config))
     max_prompt = config.training.max_prompt_length
@@ -202,12 +210,12 @@ def generate_responses(
     workers = config.generation.num_workers
 
     def worker_shards(worker: int) -> int:
-        mine = generate.worker_shards(len(prompts), config.generation.shard_size, workers, worker)
+        mine = generation.worker_shards(len(prompts), config.generation.shard_size, workers, worker)
         progress = ctx.progress(
             f"generate-iter-{iteration}-worker-{worker}",
             f"iteration {iteration}, generation worker {worker}: shards",
         )
-        generate.generate_from_model(
+        generation.generate_from_model(
             opponent,
             config,
             prompts,
@@ -221,7 +229,7 @@ def generate_responses(
 
     ctx.map(worker_shards, range(workers), name="generate-shards")
     out = run.generated(iteration)
-    generate.merge_shards(
+    generation.merge_shards(
         run.generated_shards(iteration), len(prompts), config.generation.shard_size, out
     )
     finished = pd.read_parquet(out, columns=["finish_reason"])["finish_reason"]

@@ -92,9 +92,8 @@ def test_run_directory_matches_the_spec(finished_run):
 def test_ids_are_consistent_and_iteration_one_used_theta1_and_history(finished_run):
     run, cfg, _ = finished_run
     prompts = pd.read_parquet(run.prompts(0))
-    assert (
-        pd.read_parquet(run.prompts(1))["id"].tolist() == prompts["id"].tolist()
-    )  # the fixed sample
+    # the fixed sample, drawn and tokenized once
+    pd.testing.assert_frame_equal(pd.read_parquet(run.prompts(1)), prompts)
     assert pd.read_parquet(run.generated(0))["id"].tolist() == prompts["id"].tolist()
     # Iteration 1's opponent is iteration 0's model, and its data mixes iteration 0's pairs.
     assert set(pd.read_parquet(run.generated(1))["opponent"]) == {str(run.model(0))}

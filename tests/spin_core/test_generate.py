@@ -6,7 +6,7 @@ import torch
 
 from spin_core.checkpoint import load_policy
 from spin_core.data import read_parquet_checked
-from spin_core.generate import (
+from spin_core.generation import (
     Decoding,
     Generated,
     HFBackend,
@@ -153,7 +153,7 @@ def test_a_cut_off_generation_keeps_its_ids_without_eos(opponent, prompts):
 
 
 def test_vllm_completions_map_to_the_ids_generated(opponent):
-    from spin_core.vllm_backend import generated_from_vllm
+    from spin_core.generation.vllm import generated_from_vllm
 
     _, tokenizer = opponent
     eos = tokenizer.eos_token_id
@@ -176,7 +176,7 @@ def test_vllm_requests_get_distinct_seeds(opponent, monkeypatch):
     """One seed per request (seed + run-wide row), so sampled negatives are not correlated."""
     import sys
 
-    from spin_core import vllm_backend
+    from spin_core.generation import vllm as vllm_backend
 
     _, tokenizer = opponent
     seen = {}

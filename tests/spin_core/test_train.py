@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spin_core.checkpoint import load_policy
-from spin_core.generate import Decoding, HFBackend
+from spin_core.generation import Decoding, HFBackend
 from spin_core.prompts import encode_pairs
 from spin_core.score import score_with_opponent
 from spin_core.train import COMPLETE_MARKER, complete_checkpoints, step_indices, train_iteration

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from spin_core.checkpoint import compute_dtype
 from spin_core.config import SpinConfig
-from spin_core.decoding import Decoding, Generated
+from spin_core.generation.decoding import Decoding, Generated
 
 
 class VLLMBackend:

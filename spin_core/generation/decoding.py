@@ -1,6 +1,6 @@
 """What generation produces, independent of the engine: decoding settings, responses, batching.
 
-`spin_core.generate` (Hugging Face) and `spin_core.vllm_backend` implement
+`spin_core.generation` (Hugging Face) and `spin_core.generation.vllm` implement
 `GenerationBackend` over these; scoring and evaluation share `token_budget_batches`.
 """
 
