@@ -49,8 +49,10 @@ from spin_core.config import (  # noqa: E402
 from spin_core.data import write_parquet_atomic  # noqa: E402
 from spin_core.errors import InputError  # noqa: E402
 from spin_core.files import write_text_atomic  # noqa: E402
-from spin_core.rundir import RunDir  # noqa: E402
-from spin_core.toy import toy_artifacts  # noqa: E402
+from spin_core.rundir import (
+    RunDir,  # noqa: E402
+    toy_artifacts,  # noqa: E402
+)
 
 # The fields a comparison seed sets (toy.seed is left alone: θ0 is shared).
 SEEDED_FIELDS = (("data", "seed"), ("generation", "seed"), ("training", "seed"))

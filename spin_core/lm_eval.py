@@ -196,6 +196,9 @@ def evaluate_model(
         by_shots.setdefault(shots, []).append(name)
     scores: dict[str, dict] = {}
     runs = []
+    from spin_core.train import rng_state, set_rng_state
+
+    rng = rng_state()  # simple_evaluate seeds Python's, NumPy's and torch's global generators
     try:
         for shots, names in by_shots.items():
             output = lm_eval.simple_evaluate(
@@ -222,6 +225,7 @@ def evaluate_model(
             output["config"] = {**output.get("config", {}), "model_args": model_args}
             runs.append(_nan_to_none(_plain(output)))
     finally:
+        set_rng_state(rng)  # the pipeline's own seeding is left as it was
         del lm
         gc.collect()
         if torch.cuda.is_available():

@@ -31,6 +31,7 @@ import numpy as np
 
 from spin_core.config import TOY, SpinConfig, deepspeed_config
 from spin_core.errors import InputError
+from spin_core.rundir import toy_artifacts
 
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_GIB = 80.0
@@ -656,7 +657,7 @@ def _pct(part: int, whole: int) -> str:
 def _toy_built(toy_dir: Path) -> bool:
     from spin_core.toy import MARKER
 
-    return (toy_dir / MARKER).is_file() and (toy_dir / "theta0").is_dir()
+    return (toy_dir / MARKER).is_file() and toy_artifacts(toy_dir).model_dir.is_dir()
 
 
 def preflight(

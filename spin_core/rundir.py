@@ -25,6 +25,36 @@ from spin_core.files import write_json_atomic, write_text_atomic
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class ToyArtifacts:
+    """Where the embedded default (`spin_core.toy.build_toy`) puts its dataset and θ0."""
+
+    data_dir: Path
+    train_path: Path
+    eval_path: Path
+    model_dir: Path
+
+    def config_overrides(self) -> list[str]:
+        """`--set` overrides that point a config at this build's data and θ0."""
+        return [
+            f"data.dataset={self.train_path}",
+            f"data.eval_dataset={self.eval_path}",
+            f"model.name_or_path={self.model_dir}",
+        ]
+
+
+def toy_artifacts(out_dir: str | os.PathLike) -> ToyArtifacts:
+    """The embedded default's layout in `out_dir` (RUN/toy/): data/train.parquet,
+    data/eval.parquet and theta0/."""
+    data_dir = Path(out_dir) / "data"
+    return ToyArtifacts(
+        data_dir=data_dir,
+        train_path=data_dir / "train.parquet",
+        eval_path=data_dir / "eval.parquet",
+        model_dir=Path(out_dir) / "theta0",
+    )
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -124,15 +154,13 @@ class RunDir:
 
     # inputs, with the embedded default resolved
     def dataset(self, cfg: SpinConfig) -> str:
-        return (
-            str(self.toy / "data" / "train.parquet")
-            if cfg.data.dataset == TOY
-            else cfg.data.dataset
-        )
+        if cfg.data.dataset == TOY:
+            return str(toy_artifacts(self.toy).train_path)
+        return cfg.data.dataset
 
     def eval_dataset(self, cfg: SpinConfig) -> str | None:
         if cfg.data.dataset == TOY and cfg.data.eval_dataset in (None, TOY):
-            return str(self.toy / "data" / "eval.parquet")
+            return str(toy_artifacts(self.toy).eval_path)
         return cfg.data.eval_dataset
 
     def data_config(self, cfg: SpinConfig):
@@ -145,7 +173,7 @@ class RunDir:
 
     def base_model(self, cfg: SpinConfig) -> str:
         if cfg.model.name_or_path == TOY:
-            return str(self.toy / "theta0")
+            return str(toy_artifacts(self.toy).model_dir)
         return cfg.model.name_or_path
 
 

@@ -23,7 +23,6 @@ import shutil
 import string
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +35,7 @@ from spin_core.files import atomic_path, write_json_atomic
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss
 from spin_core.prompts import build_example, encode_conversations, prompt_messages
+from spin_core.rundir import ToyArtifacts, toy_artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -307,24 +307,6 @@ def sft_warmup(
 # -------------------------------------------------------------------------- build
 
 
-@dataclass
-class ToyArtifacts:
-    """Where `build_toy` put the dataset and θ0."""
-
-    data_dir: Path
-    train_path: Path
-    eval_path: Path
-    model_dir: Path
-
-    def config_overrides(self) -> list[str]:
-        """`--set` overrides that point a config at this build's data and θ0."""
-        return [
-            f"data.dataset={self.train_path}",
-            f"data.eval_dataset={self.eval_path}",
-            f"model.name_or_path={self.model_dir}",
-        ]
-
-
 def build_from_config(out_dir: str | os.PathLike, spec: ToyConfig) -> ToyArtifacts:
     """`build_toy` with the settings of a config's `toy` section (spin_core.config.ToyConfig)."""
     return build_toy(
@@ -336,21 +318,6 @@ def build_from_config(out_dir: str | os.PathLike, spec: ToyConfig) -> ToyArtifac
         seed=spec.seed,
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
-    )
-
-
-def toy_artifacts(out_dir: str | os.PathLike) -> ToyArtifacts:
-    """Where `build_toy(out_dir)` puts (or put) the dataset and θ0."""
-    return _artifacts(Path(out_dir))
-
-
-def _artifacts(out_dir: Path) -> ToyArtifacts:
-    data_dir = out_dir / "data"
-    return ToyArtifacts(
-        data_dir=data_dir,
-        train_path=data_dir / "train.parquet",
-        eval_path=data_dir / "eval.parquet",
-        model_dir=out_dir / "theta0",
     )
 
 
@@ -375,7 +342,7 @@ def build_toy(
     for a finished one.
     """
     out_dir = Path(out_dir)
-    artifacts = _artifacts(out_dir)
+    artifacts = toy_artifacts(out_dir)
     params = {
         "num_train": num_train,
         "num_eval": num_eval,
@@ -396,7 +363,7 @@ def build_toy(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".toy-build-") as tmp:
-        staged = _artifacts(Path(tmp))
+        staged = toy_artifacts(Path(tmp))
         logger.info("writing %d train and %d eval pairs", num_train, num_eval)
         write_dataset(staged.data_dir, num_train=num_train, num_eval=num_eval, seed=seed)
         train = pd.read_parquet(staged.train_path)

@@ -119,8 +119,20 @@ def test_parse_metrics_names_filters_and_drops_non_numbers():
 
 @needs_lm_eval
 def test_library_scores_the_toy_model_offline(toy_build, task_dir, offline, tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
     settings = LmEvalConfig(tasks=[f"{TASK}:2"], include_path=str(task_dir), batch_size=16)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
     result = lm_eval.evaluate_model(toy_build.model_dir, settings)
+    # lm-eval seeds the global generators (1234): the pipeline's seeding is restored.
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    lm_eval.evaluate_model(toy_build.model_dir, settings)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert result["lm_eval_version"] == lm_eval.installed_version()
     assert result["paper_lm_eval_version"] == "0.4.0"
     score = result["scores"][TASK]
