@@ -1,9 +1,16 @@
 """One SPIN iteration (Algorithm 1 of Chen et al., 2024), θt → θ(t+1), as a Prefect flow.
 
-The steps and their order are `spin_core.steps.run_iteration`: sample the prompts,
-the opponent's responses, the training set, training, evaluation (and the SFT
-baseline with `run.baseline: sft`). Here each runs as a cached Prefect task, or
-on a GPU worker (`flows/dispatch.py`).
+The iteration is `spin_core.steps.run_iteration`, five steps each defined once in
+spin_core/steps.py:
+
+1. `sample_prompts`      the SFT (prompt, real) pairs, tokenized once;
+2. `generate_responses`  the opponent θt writes y' for every prompt;
+3. `build_training_set`  D_t = {(x, y, y')}, with `data.history` earlier iterations;
+4. `train_policy`        θ(t+1) from θt on the SPIN loss (θt scored before step 1);
+5. `evaluate`            θ(t+1) against θt on held-out pairs; collapsed or not;
+
+and `train_sft_baseline` with `run.baseline: sft`. Here each step is a cached
+Prefect task, or a run on a GPU worker (`flows/dispatch.py`).
 """
 
 from __future__ import annotations

@@ -632,10 +632,16 @@ def run_iteration(
     lr_scale: multiplies the learning rate (RETRY_LR_SCALE when retrying a collapse).
     """
     rundir = RunDir(run_dir)
+    # 1. Sample the SFT prompts (the same fixed sample every iteration by default).
     run.step(sample_prompts, config, run_dir, iteration)
+    # 2. The opponent θt writes y' for every prompt.
     run.step(generate_responses, config, run_dir, iteration, opponent)
+    # 3. D_t = {(x, y, y')} with `data.history` earlier iterations.
     run.step(build_training_set, config, run_dir, iteration)
+    # 4. Train θ(t+1) from θt on the SPIN loss; θt's log-probs of D_t are scored once,
+    #    by the training ranks before their first step (θ(t+1) starts as θt).
     model = run.step(train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale)
+    # 5. θ(t+1) is an HF model directory; evaluate it against θt (and decide `collapsed`).
     metrics = run.step(
         evaluate, config, run_dir, model, str(rundir.iteration(iteration)), opponent_eval, iteration
     )
