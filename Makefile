@@ -36,7 +36,7 @@ test: browser
 test: lint
 	$(BIN)/pytest -q
 
-# Performance claims (docs/PERFORMANCE.md): one JSON line per benchmark, ~5 min on 2 CPU
+# Performance claims (docs/PERFORMANCE.md): one JSON line per benchmark, ~12 min on 2 CPU
 # cores, at lowest priority; then the results table in docs/PERFORMANCE.md is rewritten.
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install -e '.[bench]'
