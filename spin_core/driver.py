@@ -20,7 +20,7 @@ from typing import Any
 
 from spin_core import steps
 from spin_core.config import SpinConfig
-from spin_core.errors import InputError
+from spin_core.errors import retryable
 from spin_core.step import Context, PlainContext, Step, execute
 
 
@@ -36,12 +36,10 @@ class PlainRunner:
         for attempt in range(step.retries + 1):
             try:
                 return execute(step, self.ctx, params)
-            except InputError:
-                raise  # retrying cannot fix bad input
-            except Exception as exc:
-                if attempt == step.retries:
+            except Exception as error:
+                if attempt == step.retries or not retryable(error):
                     raise
-                self.log.warning("%s failed (%r); retrying", step.name, exc)
+                self.log.warning("%s failed (%r); retrying", step.name, error)
 
     def iteration(self, *args, **kwargs) -> dict:
         """One iteration in this process (`steps.run_iteration`'s arguments after the runner)."""

@@ -7,3 +7,9 @@ which names the field or file and what was expected.
 
 class InputError(ValueError):
     """Input that cannot be used; the message names the field or file."""
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether retrying a step that raised `error` may help: not for bad input, nor for an
+    interrupt; any other failure may be transient (I/O, a network filesystem, the hub)."""
+    return isinstance(error, Exception) and not isinstance(error, InputError)

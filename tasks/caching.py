@@ -34,7 +34,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
-from spin_core.errors import InputError
+from spin_core.errors import retryable
 from spin_core.rundir import RunDir
 from spin_core.step import Step, execute
 from tasks.context import PrefectContext
@@ -107,13 +107,11 @@ class StepInputs(CachePolicy):
 
 
 def transient_only(task, task_run, state) -> bool:
-    """Retry condition: retry a failure unless it is bad input (retrying cannot fix that)."""
+    """Retry condition: retry a failure unless retrying cannot help (`errors.retryable`)."""
     try:
         state.result()
-    except InputError:
-        return False
-    except Exception:  # noqa: BLE001 - any other failure may be transient (I/O, the hub)
-        return True
+    except BaseException as error:  # noqa: BLE001 - classified, not swallowed
+        return retryable(error)
     return True
 
 

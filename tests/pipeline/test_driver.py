@@ -53,6 +53,31 @@ def test_after_iteration_policy(tmp_path, changes, metrics, retried, expected):
         assert "iteration 0" in decision.reason or "early_stop_margin" in decision.reason
 
 
+def test_plain_runner_retries_a_transient_failure_but_not_bad_input(tmp_path):
+    from spin_core.driver import PlainRunner
+    from spin_core.errors import InputError
+    from spin_core.step import step
+
+    config = load_config("configs/demo.yaml")
+    failures = {"io": [OSError("disk busy")], "input": [InputError("data.dataset: missing")]}
+
+    @step("flaky", retries=2)
+    def flaky(ctx, config, run_dir: str, kind: str) -> str:
+        if failures[kind]:
+            raise failures[kind].pop()
+        return "done"
+
+    assert PlainRunner().step(flaky, config, str(tmp_path), "io") == "done"
+    with pytest.raises(InputError):
+        PlainRunner().step(flaky, config, str(tmp_path), "input")
+    events = [(e["step"], e["event"]) for e in read_journal(tmp_path)]
+    assert events == [("flaky", "started"), ("flaky", "failed"), ("flaky", "started")] + [
+        ("flaky", "finished"),
+        ("flaky", "started"),
+        ("flaky", "failed"),
+    ]
+
+
 @pytest.mark.slow
 def test_plain_driver_run_is_resumed_by_prefect_without_redoing_a_step(toy_build, tmp_path):
     from flows.pipeline import spin_pipeline
