@@ -57,6 +57,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return args
 
 
+def training_parser(description: str, sides: list[str]) -> argparse.ArgumentParser:
+    """`parser` plus the hidden arguments a training benchmark passes to each side's process."""
+    args = parser(description)
+    args.add_argument("--side", choices=sides, help=argparse.SUPPRESS)
+    args.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
+    args.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    return args
+
+
 def setup(threads: int) -> None:
     """Quiet logging and a fixed torch thread count."""
     import torch

@@ -15,7 +15,6 @@ also CUDA's max allocated memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -88,13 +87,7 @@ def run_side(args) -> None:
 
 
 def main() -> None:
-    args = _common.parser(__doc__.splitlines()[0])
-    args.add_argument("--side", choices=["full", "lora"], help=argparse.SUPPRESS)
-    args.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
-    args.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    args.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    args.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
-    args = args.parse_args()
+    args = _common.training_parser(__doc__.splitlines()[0], ["full", "lora"]).parse_args()
     if args.side:
         run_side(args)
         return

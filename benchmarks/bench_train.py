@@ -401,12 +401,7 @@ def _parameters(model_dir: Path) -> int:
 
 
 def main() -> None:
-    args = _common.parser(__doc__.splitlines()[0])
-    args.add_argument("--side", choices=["spin", "trl"], help=argparse.SUPPRESS)
-    args.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
-    args.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    args.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    args.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    args = _common.training_parser(__doc__.splitlines()[0], ["spin", "trl"])
     args.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args.add_argument(
         "--profile", action="store_true", help="write a cProfile summary of each side to .cache/"
