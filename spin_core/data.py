@@ -139,12 +139,13 @@ def load_pairs(
     prompt_column: str | None = None,
     response_column: str | None = None,
     prompt_turns: str = "first",
+    revision: str | None = None,
 ) -> tuple[pd.DataFrame, LoadStats]:
     """(prompt, real) pairs of a dataset, in source order, with columns id, prompt, real.
 
     `source` is a .parquet / .jsonl / .json file, a directory of them (every such
     file, sorted by name), or else a Hugging Face dataset name loaded with
-    `datasets.load_dataset(source, split=split)`.
+    `datasets.load_dataset(source, split=split, revision=revision)`.
 
     With `prompt_column` and `response_column` those two columns are used;
     otherwise `messages_column` holds chats in UltraChat format: the first user
@@ -168,7 +169,7 @@ def load_pairs(
     reals: list[str] = []
     contexts: list[str] = []
     rows_read = 0
-    for where, batches in _read_source(source, split, columns):
+    for where, batches in _read_source(source, split, columns, revision):
         # One batch of chats at a time, keeping only the first exchange as Python strings,
         # so the chats' full text (GBs for UltraChat) is never in memory at once.
         for table in batches:
@@ -239,7 +240,7 @@ def load_pairs(
 
 
 def _read_source(
-    source: str, split: str, columns: list[str]
+    source: str, split: str, columns: list[str], revision: str | None = None
 ) -> list[tuple[str, Iterable[pa.Table]]]:
     """(name, tables) per file of `source`: its rows in batches, each holding `columns`."""
     path = Path(source).expanduser()
@@ -255,7 +256,7 @@ def _read_source(
         return [(str(path), _read_file(path, columns))]
     if path.suffix in DATA_SUFFIXES or source.startswith(("/", ".", "~")):
         raise InputError(f"{source}: file not found")
-    return [(source, [_read_hub(source, split, columns)])]
+    return [(source, [_read_hub(source, split, columns, revision)])]
 
 
 def _read_file(path: Path, columns: list[str]) -> Iterable[pa.Table]:
@@ -298,11 +299,11 @@ def _read_json(path: Path) -> pa.Table:
             ) from None
 
 
-def _read_hub(source: str, split: str, columns: list[str]) -> pa.Table:
+def _read_hub(source: str, split: str, columns: list[str], revision: str | None) -> pa.Table:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, split=split, revision=revision)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
         raise InputError(
             f"{source}: not a local file or directory, and loading it as a Hugging Face "
@@ -470,6 +471,7 @@ def load_sft_data(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         prompt_column=cfg.prompt_column,
         response_column=cfg.response_column,
         prompt_turns=cfg.prompt_turns,
+        revision=cfg.revision,
     )
     pairs, load_stats = load_pairs(cfg.dataset, split=cfg.split, **columns)
     stats: dict = {"dataset": load_stats.as_dict()}

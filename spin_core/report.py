@@ -250,6 +250,24 @@ def significance_section(result: Significance) -> list[str]:
     return lines + [""]
 
 
+PROVENANCE_COLUMNS = [
+    ("model_name", "model"),
+    ("model_fingerprint", "fingerprint"),
+    ("generation_backend", "generation backend"),
+    ("torch_version", "torch"),
+    ("transformers_version", "transformers"),
+    ("deepspeed_version", "DeepSpeed"),
+]
+
+
+def provenance_section(metrics: pd.DataFrame) -> list[str]:
+    """Which weights, generator and library versions produced each row (reproducibility)."""
+    if "model_fingerprint" not in metrics:
+        return []
+    note = "Fingerprints: spin_core/provenance.py (a model directory's files, weights by edges)."
+    return ["## Provenance", "", markdown_table(metrics, PROVENANCE_COLUMNS), "", note, ""]
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
@@ -542,6 +560,7 @@ def write_report(
     samples = samples_table(run, sample_rows) if sample_rows else None
     if samples:
         parts += ["## Sample generations (held-out prompts)", "", samples, ""]
+    parts += provenance_section(metrics)
     text = "\n".join(parts)
     write_text_atomic(text, run.report)
     return run.report, metrics

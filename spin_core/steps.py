@@ -29,8 +29,14 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from spin_core import data, generation, lm_eval, report, toy, train
-from spin_core.checkpoint import check_causal_lm, compute_dtype, is_model_dir, load_policy
+from spin_core import chat_tasks, data, generation, lm_eval, provenance, report, toy, train
+from spin_core.checkpoint import (
+    check_causal_lm,
+    compute_dtype,
+    is_model_dir,
+    load_policy,
+    pinned_model,
+)
 from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.errors import InputError
@@ -107,7 +113,11 @@ def check_own_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> None:
     reported in seconds, before minutes of SFT warm-up and before anything is
     written into the run directory.
     """
-    model = None if config.model.name_or_path == TOY else config.model.name_or_path
+    model = None
+    if config.model.name_or_path != TOY:
+        model = pinned_model(config.model.name_or_path, config.model.revision)
+    if config.uses_toy() and config.toy.base_model is not None:
+        check_causal_lm(config.toy.base_model, field="toy.base_model")
     _check_model_data(config, model, None if config.data.dataset == TOY else config.data)
 
 
@@ -440,6 +450,7 @@ def evaluate(
     )
     data.write_parquet_atomic(frame, out_dir / "eval.parquet")
     metrics["model"] = model
+    metrics |= provenance.record(config.generation.backend, model)
     if iteration is not None:
         metrics |= training_summary(run, iteration)
         # The health signal: real responses must not become less likely.
@@ -475,12 +486,15 @@ def training_summary(run: RunDir, iteration: int) -> dict:
 
 
 def _toy_task_of(heldout: pd.DataFrame) -> Callable[[str], str] | None:
-    """toy.task_of when the held-out prompts are the embedded default's (per-task breakdown)."""
-    try:
-        heldout["prompt"].map(toy.task_of)
-    except ValueError:
-        return None
-    return toy.task_of
+    """The task of each held-out prompt when they are the embedded default's toy or chat
+    tasks (a per-task breakdown), else None."""
+    for task_of in (toy.task_of, chat_tasks.task_of):
+        try:
+            heldout["prompt"].map(task_of)
+        except ValueError:
+            continue
+        return task_of
+    return None
 
 
 # ------------------------------------------------------------ the comparison baseline

@@ -30,6 +30,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from spin_core import chat_tasks
+from spin_core.checkpoint import load_model, load_tokenizer, save_model_dir
 from spin_core.config import ToyConfig
 from spin_core.files import atomic_path, write_json_atomic
 from spin_core.logprobs import pad_batch, sequence_logps
@@ -145,13 +147,21 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 
 def write_dataset(
-    out_dir: str | os.PathLike, *, num_train: int = 4000, num_eval: int = 500, seed: int = 0
+    out_dir: str | os.PathLike,
+    *,
+    num_train: int = 4000,
+    num_eval: int = 500,
+    seed: int = 0,
+    chat: bool = False,
 ) -> tuple[Path, Path]:
-    """Write out_dir/train.parquet and out_dir/eval.parquet; no eval prompt is in train."""
+    """Write out_dir/train.parquet and out_dir/eval.parquet; no eval prompt is in train.
+
+    `chat`: the natural-language chat tasks of spin_core/chat_tasks.py instead of the
+    toy's strings (for a real chat model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One draw of distinct prompts, split in two, keeps the held-out prompts unseen.
-    pairs = make_pairs(num_train + num_eval, seed)
+    pairs = (chat_tasks.make_pairs if chat else make_pairs)(num_train + num_eval, seed)
     train_path, eval_path = out_dir / "train.parquet", out_dir / "eval.parquet"
     _write_parquet(pairs.iloc[:num_train].reset_index(drop=True), train_path)
     _write_parquet(pairs.iloc[num_train:].reset_index(drop=True), eval_path)
@@ -318,6 +328,8 @@ def build_from_config(out_dir: str | os.PathLike, spec: ToyConfig) -> ToyArtifac
         seed=spec.seed,
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
+        sft_batch_size=spec.sft_batch_size,
+        base_model=spec.base_model,
     )
 
 
@@ -332,9 +344,15 @@ def build_toy(
     seed: int = 0,
     hidden_size: int = 128,
     num_layers: int = 4,
+    base_model: str | None = None,
     force: bool = False,
 ) -> ToyArtifacts:
     """Write out_dir/data/{train,eval}.parquet and the weak SFT model out_dir/theta0/.
+
+    With `base_model` (a chat model directory), the data are spin_core/chat_tasks.py's
+    natural-language tasks and θ0 is that model after the SFT warm-up, its tokenizer and
+    chat template unchanged; otherwise a character-level tokenizer and a small Llama
+    (`hidden_size`, `num_layers`) are built for the toy's string tasks.
 
     A completed build with the same parameters is returned as is (unless `force`).
     Everything is built in a temporary directory and moved into place; the marker
@@ -353,6 +371,8 @@ def build_toy(
     }
     if (hidden_size, num_layers) != (128, 4):  # a default build keeps its old marker valid
         params |= {"hidden_size": hidden_size, "num_layers": num_layers}
+    if base_model is not None:
+        params["base_model"] = str(base_model)
     marker = out_dir / MARKER
     if not force and marker.exists() and artifacts.model_dir.is_dir():
         if json.loads(marker.read_text()).get("params") == params:
@@ -365,22 +385,33 @@ def build_toy(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".toy-build-") as tmp:
         staged = toy_artifacts(Path(tmp))
         logger.info("writing %d train and %d eval pairs", num_train, num_eval)
-        write_dataset(staged.data_dir, num_train=num_train, num_eval=num_eval, seed=seed)
+        write_dataset(
+            staged.data_dir,
+            num_train=num_train,
+            num_eval=num_eval,
+            seed=seed,
+            chat=base_model is not None,
+        )
         train = pd.read_parquet(staged.train_path)
         prompts = [messages[0]["content"] for messages in train["messages"]]
         responses = [messages[1]["content"] for messages in train["messages"]]
 
-        tokenizer = train_tokenizer(prompts + responses, staged.model_dir)
-        model = build_model(
-            tokenizer,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            intermediate_size=4 * hidden_size,
-            seed=seed,
-        )
+        if base_model is None:
+            tokenizer = train_tokenizer(prompts + responses, staged.model_dir)
+            model = build_model(
+                tokenizer,
+                hidden_size=hidden_size,
+                num_layers=num_layers,
+                intermediate_size=4 * hidden_size,
+                seed=seed,
+            )
+        else:
+            tokenizer = load_tokenizer(base_model)
+            model = load_model(base_model, dtype=torch.float32)
         logger.info(
-            "built a %.2fM-parameter Llama, vocabulary %d",
+            "θ0 before warm-up: a %.2fM-parameter %s, vocabulary %d",
             model.num_parameters() / 1e6,
+            type(model).__name__,
             len(tokenizer),
         )
         losses = sft_warmup(
@@ -393,7 +424,10 @@ def build_toy(
             batch_size=sft_batch_size,
             seed=seed,
         )
-        model.save_pretrained(staged.model_dir)
+        if base_model is None:
+            model.save_pretrained(staged.model_dir)
+        else:
+            save_model_dir(model, tokenizer, staged.model_dir)
 
         # The old build goes first (marker before contents), then the new one moves in.
         marker.unlink(missing_ok=True)

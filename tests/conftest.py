@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,17 @@ def toy_config(toy_build):
         "generation.shard_size": 32,
     }
     return load_config("configs/demo.yaml", overrides(toy_build, changes))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF directory: `make setup`'s import when it is of the
+    installed wheel's file, else imported once for this session (~35 s)."""
+    from spin_core.gguf_import import SMOLLM2_DIR, import_gguf, imported_from, sha256, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    made = Path(__file__).resolve().parent.parent / SMOLLM2_DIR
+    done = imported_from(made)
+    if done is not None and done["sha256"] == sha256(gguf):
+        return made
+    return import_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "model")
