@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test lint bench clean browser gpu-check
+.PHONY: setup demo demo-real test lint bench clean browser gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ setup: $(VENV)/.installed $(SMOLLM2)/gguf_import.json
 
 demo: setup
 	$(BIN)/spin demo
+
+# The real-model example (README "A real chat model"): SmolLM2-135M-Instruct, SPIN beside
+# continued SFT on natural-language chat tasks.
+demo-real: setup
+	$(BIN)/spin run configs/smollm2-chat.yaml
 
 lint: setup
 	$(BIN)/ruff check .
