@@ -1,6 +1,6 @@
-"""GPU check: ZeRO-3 accumulation in bf16, one SPIN iteration of a ~0.35B Mistral, HF vs vLLM.
+"""GPU check: ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks, one SPIN iteration, HF vs vLLM.
 
-Three checks on one CUDA device, through the library as the pipeline calls it
+Four checks, through the library as the pipeline calls it
 (`spin_core.train.train_iteration` on unscored pairs, `spin_core.generation`
 backends, configs/zephyr-7b-ultrachat.yaml with `--set`-style overrides), with
 Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
@@ -12,6 +12,9 @@ Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
     the loss move, so a lost micro-batch gradient would show; the figure is the
     largest per-step loss difference (tolerance 1e-2 in bf16), next to how far the
     loss moved.
+(d) ZeRO-3 on 2 launched ranks (2+ GPUs; NCCL runs one rank per GPU) with
+    `logprob_chunk_size` 16, so each forward computes log-probs in several chunks,
+    against ZeRO-0 on one rank: the same global batch, per-step losses compared.
 (b) One SPIN iteration of a random-init MistralForCausalLM (hidden 1024, 24 layers,
     16 heads, 8 kv heads, intermediate 2816, vocabulary 32000: ~0.35B parameters):
     512 prompts with ~256-token real responses, θ0's greedy answers (256 new tokens)
@@ -28,15 +31,18 @@ Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
     token (and the mean common prefix). Skipped, saying so, when vllm is not
     importable. With a random-init model the next-token distribution is nearly
     flat, so bf16 near-ties make some greedy outputs part ways; the prefix figure
-    shows where.
+    shows where. Then the handoff: vLLM's engine shut down as the pipeline does,
+    the free GPU memory measured, and 2 training steps in the same process.
 
 Each check runs in its own process (clean GPU memory and DeepSpeed state). Results:
 one JSON line per check appended to benchmarks/results/gpu_check.jsonl, and a
-markdown table for docs/PERFORMANCE.md printed at the end. Without a CUDA device
-it prints "no CUDA device: GPU check skipped" and exits 0. About 5 minutes on one
-H200 (limit: 10).
+markdown table for docs/PERFORMANCE.md printed at the end. Without any NVIDIA
+device node (/dev/nvidia0, ...) it says the check is skipped and exits 0; with one
+and a torch that cannot use it, it exits 2 saying why (`--install-cuda-torch` first
+replaces a CPU build by the CUDA build of the same version). About 6 minutes on
+one H200 (limit: 10).
 
-    make gpu-check                               # python -m benchmarks.gpu_check
+    make gpu-check                 # python -m benchmarks.gpu_check --install-cuda-torch
     python -m benchmarks.gpu_check --dry-run     # tiny sizes on the CPU in fp32, no results file
 """
 
@@ -64,7 +70,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.jsonl"
 DRY_RESULTS = _common.CACHE / "gpu_check_dry_run.jsonl"
 CONFIG = _common.ROOT / "configs" / "zephyr-7b-ultrachat.yaml"
 BUDGET_S = 570  # the whole check, parts included; each part gets what is left
-PART_LIMIT_S = {"zero3": 240, "zero3_ranks": 240, "spin": 420, "vllm": 300}
+PART_LIMIT_S = {"zero3": 240, "zero3_ranks": 240, "spin": 420, "vllm": 360}
 DEVICE_NODES = "/dev/nvidia[0-9]*"  # one node per NVIDIA GPU the kernel driver exposes
 # Where `--install-cuda-torch` gets the CUDA build: PyPI's Linux torch wheels are CUDA builds.
 TORCH_INDEX_URL = os.environ.get("SPIN_TORCH_INDEX_URL", "https://pypi.org/simple")

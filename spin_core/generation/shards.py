@@ -155,8 +155,10 @@ def generate_from_model(
 
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
     device = worker_device(worker)
-    # Workers are threads; CUDA's current device is per thread, so each sets its own.
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    # Workers are threads; CUDA's current device is per thread, so each sets its own
+    # (vLLM places its engine itself, in its own process).
+    on_device = device.type == "cuda" and cfg.generation.backend == "hf"
+    with torch.cuda.device(device) if on_device else contextlib.nullcontext():
         backend = make_backend(opponent, cfg, tokenizer, worker=worker)
         try:
             return generate_shards(
