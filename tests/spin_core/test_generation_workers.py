@@ -354,3 +354,41 @@ def test_vllm_with_several_workers_is_refused_naming_the_field(toy_config):
         ],
     )
     assert one_engine.generation.tensor_parallel_size == 2
+
+
+def test_evaluation_frees_the_model_then_empties_the_cuda_cache(monkeypatch, tmp_path):
+    """The evaluate step drops θ before torch.cuda.empty_cache: the next step (vLLM's
+    start-up check, in-process training) finds the memory free."""
+    import weakref
+
+    from spin_core import steps
+    from spin_core.config import load_config
+    from spin_core.rundir import RunDir
+    from spin_core.step import PlainContext
+
+    loaded, emptied = [], []
+
+    def load_policy(model, model_config):
+        policy = torch.nn.Linear(2, 2)
+        policy.self_reference = [policy]  # freed by the cyclic collector only
+        loaded.append(weakref.ref(policy))
+        return policy, None
+
+    def evaluate_model(policy, tokenizer, heldout, config, **kwargs):
+        return pd.DataFrame({"id": ["a"]}), {"exact_match": 0.5, "real_loglik_per_token": -1.0}
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir(parents=True)
+    pd.DataFrame({"id": ["a"], "prompt": ["What is 2 + 3?"]}).to_parquet(run.heldout)
+    monkeypatch.setattr(steps, "load_policy", load_policy)
+    monkeypatch.setattr(steps, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(loaded[0]() is None))
+    metrics = steps.evaluate.body(
+        PlainContext(),
+        config=load_config("configs/demo.yaml"),
+        run_dir=str(run.root),
+        model="θ1",
+        out_dir=str(tmp_path / "eval"),
+    )
+    assert metrics["exact_match"] == 0.5
+    assert emptied == [True]
