@@ -100,7 +100,8 @@ class Sizes:
     global_batch: int  # (b)
     zero3_prompts: int  # (a): pairs, global batch 8, so pairs / 8 steps
     zero3_new_tokens: int  # (a): y' length
-    zero3_tolerance: float  # (a): largest per-step loss difference allowed
+    zero3_tolerance: float  # (a) and (d): largest per-step loss difference allowed
+    logprob_chunk_size: int = 16  # (d): several chunks per forward
 
 
 FULL = Sizes(
@@ -386,7 +387,7 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
         "training.warmup_ratio=0.0",
         "training.max_length=256",
         "training.max_prompt_length=128",
-        "training.logprob_chunk_size=16",
+        f"training.logprob_chunk_size={sizes.logprob_chunk_size}",
     ]
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         tmp = Path(tmp)
@@ -442,7 +443,7 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
         "loss_range": max(a) - min(a),
         "steps": len(a),
         "pairs": stats["train_pairs"],
-        "logprob_chunk_size": 16,
+        "logprob_chunk_size": sizes.logprob_chunk_size,
         **losses,
         "precision": cfg.model.precision,
     }
@@ -850,7 +851,8 @@ def main() -> None:
     args.add_argument(
         "--dry-run",
         action="store_true",
-        help="tiny sizes on the CPU in fp32 (checks (a) and (b), (c) if vllm is there); "
+        help="tiny sizes on the CPU in fp32 (checks (a), (d) on 2 gloo ranks and (b), (c) if "
+        "vllm is there); "
         "results go to benchmarks/.cache, not benchmarks/results",
     )
     args.add_argument("--work", type=Path, help="where inputs are built and kept")
