@@ -65,11 +65,14 @@ bench: setup $(VENV)/.bench-installed
 	$(BENCH) benchmarks.bench_lora
 	$(BIN)/python -m benchmarks.report
 
-# GPU check (docs/PERFORMANCE.md "GPU check"): ZeRO-3 accumulation in bf16, one SPIN iteration of
-# a ~0.35B Mistral (tokens/s, MFU, peak memory), HF vs vLLM generation; < 10 min on one H200.
-# Needs a CUDA build of torch; without a CUDA device it says so and exits 0.
+# GPU check (docs/PERFORMANCE.md "GPU check"): ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks with
+# chunked log-probs (2+ GPUs), one SPIN iteration of a ~0.35B Mistral (tokens/s, MFU, peak memory),
+# HF vs vLLM generation and vLLM's memory handed to training; < 10 min on one H200. On a GPU machine
+# with the CPU build of torch (what setup installs) it first installs the CUDA build of the same
+# version from PyPI (or SPIN_TORCH_INDEX_URL); a GPU torch cannot use fails (exit 2); without any
+# NVIDIA device it says so and exits 0.
 gpu-check: setup
-	$(BIN)/python -m benchmarks.gpu_check
+	$(BIN)/python -m benchmarks.gpu_check --install-cuda-torch
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
-"""GPU check: ZeRO-3 accumulation in bf16, one SPIN iteration of a ~0.35B Mistral, HF vs vLLM.
+"""GPU check: ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks, one SPIN iteration, HF vs vLLM.
 
-Three checks on one CUDA device, through the library as the pipeline calls it
+Four checks, through the library as the pipeline calls it
 (`spin_core.train.train_iteration` on unscored pairs, `spin_core.generation`
 backends, configs/zephyr-7b-ultrachat.yaml with `--set`-style overrides), with
 Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
@@ -12,6 +12,9 @@ Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
     the loss move, so a lost micro-batch gradient would show; the figure is the
     largest per-step loss difference (tolerance 1e-2 in bf16), next to how far the
     loss moved.
+(d) ZeRO-3 on 2 launched ranks (2+ GPUs; NCCL runs one rank per GPU) with
+    `logprob_chunk_size` 16, so each forward computes log-probs in several chunks,
+    against ZeRO-0 on one rank: the same global batch, per-step losses compared.
 (b) One SPIN iteration of a random-init MistralForCausalLM (hidden 1024, 24 layers,
     16 heads, 8 kv heads, intermediate 2816, vocabulary 32000: ~0.35B parameters):
     512 prompts with ~256-token real responses, θ0's greedy answers (256 new tokens)
@@ -28,15 +31,18 @@ Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
     token (and the mean common prefix). Skipped, saying so, when vllm is not
     importable. With a random-init model the next-token distribution is nearly
     flat, so bf16 near-ties make some greedy outputs part ways; the prefix figure
-    shows where.
+    shows where. Then the handoff: vLLM's engine shut down as the pipeline does,
+    the free GPU memory measured, and 2 training steps in the same process.
 
 Each check runs in its own process (clean GPU memory and DeepSpeed state). Results:
 one JSON line per check appended to benchmarks/results/gpu_check.jsonl, and a
-markdown table for docs/PERFORMANCE.md printed at the end. Without a CUDA device
-it prints "no CUDA device: GPU check skipped" and exits 0. About 5 minutes on one
-H200 (limit: 10).
+markdown table for docs/PERFORMANCE.md printed at the end. Without any NVIDIA
+device node (/dev/nvidia0, ...) it says the check is skipped and exits 0; with one
+and a torch that cannot use it, it exits 2 saying why (`--install-cuda-torch` first
+replaces a CPU build by the CUDA build of the same version). About 6 minutes on
+one H200 (limit: 10).
 
-    make gpu-check                               # python -m benchmarks.gpu_check
+    make gpu-check                 # python -m benchmarks.gpu_check --install-cuda-torch
     python -m benchmarks.gpu_check --dry-run     # tiny sizes on the CPU in fp32, no results file
 """
 
@@ -64,7 +70,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.jsonl"
 DRY_RESULTS = _common.CACHE / "gpu_check_dry_run.jsonl"
 CONFIG = _common.ROOT / "configs" / "zephyr-7b-ultrachat.yaml"
 BUDGET_S = 570  # the whole check, parts included; each part gets what is left
-PART_LIMIT_S = {"zero3": 240, "spin": 420, "vllm": 300}
+PART_LIMIT_S = {"zero3": 240, "zero3_ranks": 240, "spin": 420, "vllm": 360}
+DEVICE_NODES = "/dev/nvidia[0-9]*"  # one node per NVIDIA GPU the kernel driver exposes
+# Where `--install-cuda-torch` gets the CUDA build: PyPI's Linux torch wheels are CUDA builds.
+TORCH_INDEX_URL = os.environ.get("SPIN_TORCH_INDEX_URL", "https://pypi.org/simple")
 ZERO3_ALL_PARTITIONED = '{"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s; the first name contained in
@@ -72,6 +81,7 @@ ZERO3_ALL_PARTITIONED = '{"zero_optimization": {"stage3_param_persistence_thresh
 PEAK_BF16_DENSE = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),  # before "H200": the NVL part runs at a lower clock and power
     ("GH200", 989e12),
     ("H200", 989e12),
     ("H100", 989e12),
@@ -90,7 +100,8 @@ class Sizes:
     global_batch: int  # (b)
     zero3_prompts: int  # (a): pairs, global batch 8, so pairs / 8 steps
     zero3_new_tokens: int  # (a): y' length
-    zero3_tolerance: float  # (a): largest per-step loss difference allowed
+    zero3_tolerance: float  # (a) and (d): largest per-step loss difference allowed
+    logprob_chunk_size: int = 16  # (d): several chunks per forward
 
 
 FULL = Sizes(
@@ -353,6 +364,91 @@ def check_zero3(work: Path, sizes: Sizes, dry: bool) -> dict:
     }
 
 
+def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
+    """(d) ZeRO-3 on 2 ranks, several log-prob chunks per forward, against ZeRO-0 on 1 rank.
+
+    The same global batch of 8 (2 ranks × micro-batch 4 against 1 rank × 8), nothing
+    resident (stage3_param_persistence_threshold 0) and `logprob_chunk_size` 16, so every
+    forward computes its log-probs in several chunks: ranks whose chunk counts differ
+    would issue different numbers of collectives and hang or mix up weight shards.
+    """
+    from spin_core import data
+    from spin_core.launch import launch_training
+    from spin_core.train import train_iteration
+
+    rt = realtok(work)
+    common = [
+        *rt.config_overrides(),
+        f"data.num_prompts={sizes.zero3_prompts}",
+        f"generation.max_new_tokens={sizes.zero3_new_tokens}",
+        "training.global_batch_size=8",
+        "training.optimizer=adamw",
+        "training.learning_rate=1.0e-3",
+        "training.warmup_ratio=0.0",
+        "training.max_length=256",
+        "training.max_prompt_length=128",
+        f"training.logprob_chunk_size={sizes.logprob_chunk_size}",
+    ]
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        tmp = Path(tmp)
+        cfg = config([*common, "training.zero_stage=0", "training.micro_batch_size=8"], dry)
+        sample = _common.sample_with_ids(cfg, sizes.zero3_prompts)
+        pairs, stats = _common.generate_and_build(cfg, sample, tmp)
+        pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
+        one = train_iteration(
+            init_model=str(rt.model_dir),
+            train_path=pairs_path,
+            scored_path=tmp / "one" / "train.parquet",
+            state_dir=tmp / "one" / "state",
+            model_out=tmp / "one" / "model",
+            cfg=cfg,
+            iteration=0,
+        )
+        losses = {"one_rank_zero0": [r["loss"] for r in read_log(one.log_path)]}
+        free_memory()
+        two = config(
+            [
+                *common,
+                "training.num_processes=2",
+                "training.zero_stage=3",
+                "training.micro_batch_size=4",
+                f"training.deepspeed={ZERO3_ALL_PARTITIONED}",
+            ],
+            dry,
+        )
+        steps: list[dict] = []
+        launch_training(
+            {
+                "config": two.model_dump(mode="json"),
+                "init_model": str(rt.model_dir),
+                "train_path": str(pairs_path),
+                "scored_path": str(tmp / "two" / "train.parquet"),
+                "state_dir": str(tmp / "two" / "state"),
+                "model_out": str(tmp / "two" / "model"),
+                "iteration": 0,
+            },
+            two.training,
+            on_step=steps.append,
+        )
+        losses["two_ranks_zero3"] = [r["loss"] for r in steps]
+    a, b = losses["one_rank_zero0"], losses["two_ranks_zero3"]
+    if len(a) != len(b):
+        raise RuntimeError(f"step counts differ: {len(a)} on 1 rank, {len(b)} on 2")
+    difference = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    return {
+        "check": "zero3_two_ranks_chunked",
+        "passed": difference <= sizes.zero3_tolerance,
+        "max_abs_loss_diff": difference,
+        "tolerance": sizes.zero3_tolerance,
+        "loss_range": max(a) - min(a),
+        "steps": len(a),
+        "pairs": stats["train_pairs"],
+        "logprob_chunk_size": sizes.logprob_chunk_size,
+        **losses,
+        "precision": cfg.model.precision,
+    }
+
+
 def spin_inputs(work: Path, sizes: Sizes, dry: bool):
     """(model dir, config) of checks (b) and (c): the model, its data and the config."""
     rt = realtok(work)
@@ -413,7 +509,10 @@ def timed_generation(cfg, model_dir: Path, prompts, out_dir: Path) -> tuple[Path
     merged = generation.merge_shards(
         out_dir / "shards", len(prompts), len(prompts), out_dir / "generated.parquet"
     )
-    del backend
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()  # vLLM: stop the engine, as generate_from_model does
+    del backend, close
     free_memory()
     frame = pd.read_parquet(merged, columns=["generated_tokens", "finish_reason"])
     new_tokens = int(frame["generated_tokens"].sum())
@@ -515,6 +614,7 @@ def check_vllm(work: Path, sizes: Sizes, dry: bool, hf: dict) -> dict:
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         generated, vllm = timed_generation(cfg, model_dir, prompts, Path(tmp))
         ours = pd.read_parquet(generated)
+        handoff = memory_handoff(cfg, model_dir, generated, Path(tmp))
     theirs = pd.read_parquet(work / "spin-hf" / "generated.parquet")
     same, prefixes = 0, []
     for a, b in zip(theirs["generated_ids"], ours["generated_ids"], strict=True):
@@ -526,7 +626,8 @@ def check_vllm(work: Path, sizes: Sizes, dry: bool, hf: dict) -> dict:
         prefixes.append(common / max(len(a), len(b), 1))
     return {
         "check": "generation_hf_vs_vllm",
-        "passed": True,
+        "passed": handoff["passed"],
+        "handoff": handoff,
         "prompts": len(prompts),
         "max_new_tokens": sizes.max_new_tokens,
         "hf_tokens_per_s": hf["tokens_per_s"],
@@ -539,7 +640,107 @@ def check_vllm(work: Path, sizes: Sizes, dry: bool, hf: dict) -> dict:
     }
 
 
+def memory_handoff(cfg, model_dir: Path, generated: Path, tmp: Path) -> dict:
+    """After vLLM's engine is shut down: how much of the GPU is free, and 2 training steps
+    on its generations in the same process (as on one GPU the pipeline trains next)."""
+    import pandas as pd
+    import torch
+
+    from spin_core import data, train
+
+    free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
+    pairs, _ = data.build_training_set(
+        {0: pd.read_parquet(generated)}, drop_identical=cfg.data.drop_identical
+    )
+    result = {
+        "gpu_memory_utilization": cfg.generation.gpu_memory_utilization,
+        "free_after_shutdown_gib": round(free / 2**30, 2),
+        "total_gib": round(total / 2**30, 2),
+    }
+    try:
+        train.train_iteration(
+            init_model=str(model_dir),
+            train_path=data.write_parquet_atomic(pairs, tmp / "pairs.parquet"),
+            scored_path=tmp / "train.parquet",
+            state_dir=tmp / "train_state",
+            model_out=tmp / "model",
+            cfg=cfg,
+            iteration=0,
+            num_steps=2,
+        )
+        result["training_after_vllm"] = "ran 2 steps"
+    except torch.OutOfMemoryError as exc:
+        result["training_after_vllm"] = f"out of memory: {str(exc).splitlines()[0]}"
+    # Most of the GPU must be back: vLLM alone took gpu_memory_utilization of it.
+    free_enough = total == 0 or free / total > 1 - cfg.generation.gpu_memory_utilization / 2
+    result["passed"] = free_enough and result["training_after_vllm"] == "ran 2 steps"
+    return result
+
+
 # ------------------------------------------------------------------ driver
+
+
+def device_nodes() -> list[str]:
+    import glob
+
+    return sorted(glob.glob(DEVICE_NODES))
+
+
+def cuda_verdict(nodes: list[str], torch_version: str, cuda_build: str | None, usable: bool):
+    """(exit code or None to go on, message) from what the machine and torch say.
+
+    nodes: NVIDIA device nodes; cuda_build: torch.version.cuda (None: the CPU build);
+    usable: torch.cuda.is_available(). A GPU machine whose torch cannot use it is an
+    error, never a skip: a skip there would read as a pass.
+    """
+    if usable:
+        return None, ""
+    if not nodes:
+        return 0, "no NVIDIA device (no /dev/nvidia0): GPU check skipped"
+    if cuda_build is None:
+        return 2, (
+            f"{', '.join(nodes)} present but torch {torch_version} is the CPU build: install "
+            f"the CUDA build (make gpu-check does: python -m benchmarks.gpu_check "
+            f"--install-cuda-torch, which runs pip install --force-reinstall "
+            f"--index-url {TORCH_INDEX_URL} torch=={torch_version.split('+')[0]})"
+        )
+    return 2, (
+        f"{', '.join(nodes)} present but torch {torch_version} (CUDA {cuda_build}) finds no "
+        "usable GPU: check the driver (nvidia-smi; it must support CUDA "
+        f"{cuda_build}) and CUDA_VISIBLE_DEVICES ({os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    )
+
+
+def install_cuda_torch(torch_version: str) -> None:
+    """Replace the CPU build of torch by the CUDA build of the same version (from PyPI,
+    whose Linux wheels are CUDA builds, or SPIN_TORCH_INDEX_URL), then check it."""
+    version = torch_version.split("+")[0]
+    command = [sys.executable, "-m", "pip", "install", "--force-reinstall"]
+    command += ["--index-url", TORCH_INDEX_URL, f"torch=={version}"]
+    print("GPU found, CPU build of torch installed:", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    probe = "import torch; print(torch.version.cuda or '')"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if not found.stdout.strip():
+        raise SystemExit(f"gpu-check: {TORCH_INDEX_URL} gave a CPU build of torch {version}")
+
+
+def check_machine(args) -> None:
+    """Exit (0: nothing to check; 2: a GPU torch cannot use) unless the GPU check can run;
+    with --install-cuda-torch, first swap a CPU build of torch for the CUDA one."""
+    import torch
+
+    verdict = cuda_verdict(
+        device_nodes(), torch.__version__, torch.version.cuda, torch.cuda.is_available()
+    )
+    if verdict[0] == 2 and torch.version.cuda is None and args.install_cuda_torch:
+        install_cuda_torch(torch.__version__)
+        argv = [a for a in sys.argv[1:] if a != "--install-cuda-torch"]
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.gpu_check", *argv])
+    code, message = verdict
+    if code is not None:
+        print(f"gpu-check: {message}", file=sys.stderr if code else sys.stdout)
+        sys.exit(code)
 
 
 def run_part(args) -> None:
@@ -551,6 +752,8 @@ def run_part(args) -> None:
     sizes = DRY if args.dry_run else FULL
     if args.part == "zero3":
         record = check_zero3(args.work, sizes, args.dry_run)
+    elif args.part == "zero3_ranks":
+        record = check_zero3_ranks(args.work, sizes, args.dry_run)
     elif args.part == "spin":
         record = check_spin(args.work, sizes, args.dry_run)
     else:
@@ -597,6 +800,14 @@ def markdown(records: list[dict]) -> str:
                 f"{r['first_loss_minus_ln2']['zero0']:.1e}, ZeRO-3 "
                 f"{r['first_loss_minus_ln2']['zero3']:.1e}"
             )
+        elif r["check"] == "zero3_two_ranks_chunked":
+            result = "pass" if r["passed"] else "**fail**"
+            figures = (
+                f"{r['steps']} steps, {r['precision']}, logprob_chunk_size "
+                f"{r['logprob_chunk_size']}: 2 ranks ZeRO-3 vs 1 rank ZeRO-0, max per-step loss "
+                f"difference {r['max_abs_loss_diff']:.2e} (tolerance {r['tolerance']:g}; the "
+                f"loss moved {r['loss_range']:.3f})"
+            )
         elif r["check"] == "spin_iteration":
             mfu = "n/a (no peak figure for this device)" if r["mfu"] is None else f"{r['mfu']:.1%}"
             memory = "n/a"
@@ -617,12 +828,17 @@ def markdown(records: list[dict]) -> str:
                 f"({phases} s)"
             )
         else:
+            handoff = r["handoff"]
             result = f"vLLM {r['speedup']}× HF tokens/s"
+            result += "" if handoff["passed"] else "; **handoff fail**"
             figures = (
                 f"{r['prompts']} prompts, greedy, ≤ {r['max_new_tokens']} new tokens: HF "
                 f"{r['hf_tokens_per_s']} tok/s, vLLM {r['vllm_tokens_per_s']} tok/s; identical "
                 f"outputs {r['identical_fraction']:.1%} (mean common prefix "
-                f"{r['mean_common_prefix_fraction']:.1%})"
+                f"{r['mean_common_prefix_fraction']:.1%}); after shutdown "
+                f"{handoff['free_after_shutdown_gib']} of {handoff['total_gib']} GiB free "
+                f"(gpu_memory_utilization {handoff['gpu_memory_utilization']}), training "
+                f"after vLLM: {handoff['training_after_vllm']}"
             )
         lines.append(
             f"| {r['check']} | {result} | {figures} | {r.get('device', '')} | {r['date']} |"
@@ -635,11 +851,17 @@ def main() -> None:
     args.add_argument(
         "--dry-run",
         action="store_true",
-        help="tiny sizes on the CPU in fp32 (checks (a) and (b), (c) if vllm is there); "
+        help="tiny sizes on the CPU in fp32 (checks (a), (d) on 2 gloo ranks and (b), (c) if "
+        "vllm is there); "
         "results go to benchmarks/.cache, not benchmarks/results",
     )
     args.add_argument("--work", type=Path, help="where inputs are built and kept")
     args.add_argument("--threads", type=int, help="torch CPU threads (default: all; 1 dry)")
+    args.add_argument(
+        "--install-cuda-torch",
+        action="store_true",
+        help="on a GPU machine with the CPU build of torch, install the CUDA build first",
+    )
     args.add_argument("--part", choices=sorted(PART_LIMIT_S), help=argparse.SUPPRESS)
     args.add_argument("--hf", help=argparse.SUPPRESS)
     args = args.parse_args()
@@ -650,12 +872,16 @@ def main() -> None:
 
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("no CUDA device: GPU check skipped")
-        return
+    if not args.dry_run:
+        check_machine(args)
     args.work.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + BUDGET_S
     records = [{"check": "zero3_accumulation", **run_child("zero3", args, deadline)}]
+    if args.dry_run or torch.cuda.device_count() >= 2:
+        ranks = run_child("zero3_ranks", args, deadline)
+    else:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected")
+        ranks = {"passed": True, "skipped": "needs 2 GPUs (NCCL runs one rank per GPU)"}
+    records.append({"check": "zero3_two_ranks_chunked", **ranks})
     spin = run_child("spin", args, deadline)
     records.append({"check": "spin_iteration", **spin})
     if importlib.util.find_spec("vllm") is None:

@@ -5,7 +5,8 @@ Runs are subflows of `spin-compare`. One at a time (max_parallel 1) they run in 
 process; with max_parallel K > 1, K at a time, each in its own worker process of a
 `ProcessPoolTaskRunner`: the pipeline seeds torch's global generator (sampled
 generation, the toy θ0), so two runs sharing one process would draw from each other's
-random streams and their results would depend on timing.
+random streams and their results would depend on timing. Each worker process sees its own
+share of the GPUs (CUDA_VISIBLE_DEVICES), so parallel runs do not all land on cuda:0.
 """
 
 from __future__ import annotations
@@ -39,14 +40,45 @@ def run_in_worker(config: dict, run_dir: str, recipe: str, seed: int) -> str:
     return _pipeline(planned)(validated, run_dir)
 
 
-def _one_rank_worker() -> None:
-    """Set up a worker process as in-process training leaves a process after its first run.
+def gpu_shares(workers: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each of `workers` worker processes: this process's GPUs
+    (CUDA_VISIBLE_DEVICES, else all that torch counts) split into equal contiguous shares;
+    with fewer GPUs than workers they are dealt round robin (runs then share a GPU).
+    None where no GPU is visible (the variable is left alone)."""
+    import torch
 
-    Training on one rank initialises torch.distributed once per process and sets RANK,
-    LOCAL_RANK and WORLD_SIZE (spin_core.train.init_distributed), which DeepSpeed reads
-    again at every later run. The runner restores a worker's environment after each task,
-    which would drop them while the process group stays initialised: set them for good.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    if not ids:
+        return [None] * workers
+    if len(ids) < workers:
+        return [ids[w % len(ids)] for w in range(workers)]
+    per = len(ids) // workers
+    return [",".join(ids[w * per : (w + 1) * per]) for w in range(workers)]
+
+
+def _one_rank_worker(shares=None) -> None:
+    """Set up a worker process: its GPUs, and the environment in-process training leaves.
+
+    shares: a queue of CUDA_VISIBLE_DEVICES values (`gpu_shares`); each worker process
+    takes one before anything touches CUDA. Training on one rank initialises
+    torch.distributed once per process and sets RANK, LOCAL_RANK and WORLD_SIZE
+    (spin_core.train.init_distributed), which DeepSpeed reads again at every later run.
+    The runner restores a worker's environment after each task, which would drop them
+    while the process group stays initialised: set them for good.
     """
+    import queue
+
+    if shares is not None:
+        try:
+            share = shares.get(timeout=5)
+        except queue.Empty:  # a replacement for a crashed worker keeps this process's GPUs
+            share = None
+        if share is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = share
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
 
@@ -81,14 +113,22 @@ def _run_all(pending: list[compare.PlannedRun], max_parallel: int) -> dict[str, 
                 log.error("%s failed: %s", run.label, exc)
                 failures[run.label] = exc
         return failures
+    import multiprocessing
+
     from prefect.task_runners import ProcessPoolTaskRunner
 
     workers = min(max_parallel, len(pending))
     log.info("running %d runs, %d at a time, in worker processes", len(pending), workers)
-    with (
-        _shared_api(),
-        ProcessPoolTaskRunner(max_workers=workers, initializer=_one_rank_worker) as runner,
-    ):
+    planned = gpu_shares(workers)
+    shares = multiprocessing.get_context("spawn").Queue()  # the runner's workers are spawned
+    for share in planned:
+        shares.put(share)
+    if any(planned):
+        log.info("CUDA_VISIBLE_DEVICES of the worker processes: %s", "; ".join(map(str, planned)))
+    runner = ProcessPoolTaskRunner(
+        max_workers=workers, initializer=_one_rank_worker, initargs=(shares,)
+    )
+    with _shared_api(), runner:
         futures = {
             run.label: runner.submit(
                 run_in_worker,

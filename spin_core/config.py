@@ -154,7 +154,25 @@ class GenerationConfig(_Section):
         json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="fraction of each GPU's memory vLLM may take (weights, activations, KV cache)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     seed: int = Field(0, ge=0, description="sampling seed")
+
+    @model_validator(mode="after")
+    def _check_vllm_workers(self) -> GenerationConfig:
+        # Workers are threads of one process, so several vLLM engines would all land on cuda:0.
+        if self.backend == "vllm" and self.num_workers > 1:
+            raise ValueError(
+                f"num_workers ({self.num_workers}) must be 1 with backend 'vllm': the workers "
+                "share one process and its first GPU; use tensor_parallel_size to spread one "
+                "vLLM engine over several GPUs"
+            )
+        return self
 
 
 class LoraConfig(_Section):

@@ -448,6 +448,8 @@ def evaluate(
         beta=schedule_at(config.training.beta, iteration or 0),
         group_of=_toy_task_of(heldout),
     )
+    del policy  # the next step (vLLM generation, training) needs this process's GPU memory
+    generation.release_memory()
     data.write_parquet_atomic(frame, out_dir / "eval.parquet")
     metrics["model"] = model
     metrics |= provenance.record(config.generation.backend, model)

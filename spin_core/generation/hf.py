@@ -1,38 +1,49 @@
-"""The Hugging Face backend: batched `generate` (sampling) or a cached greedy decoder.
+"""The Hugging Face backend: a cached decoder over a transformers model, greedy or sampled.
 
 Prompts arrive as token ids, are batched by a token budget
 (`spin_core.generation.decoding.token_budget_batches`) and left-padded; each
-response keeps the exact ids the model produced.
+response keeps the exact ids the model produced. Sampling applies transformers'
+own temperature and top-p warpers and draws from a `torch.Generator` of the call
+(one per shard), never from torch's global generator: generation workers are
+threads of one process, and a global reseed in one would move the others' draws.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from spin_core.generation.decoding import Decoding, Generated, token_budget_batches
 
 
+def shard_generator(seed: int, first_row: int, device: torch.device) -> torch.Generator:
+    """The random stream of one shard: seeded from (generation.seed, the shard's first row),
+    so a redone shard draws what the lost one drew, whoever runs beside it."""
+    state = np.random.SeedSequence([seed, first_row]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def sampling_warpers(decoding: Decoding) -> LogitsProcessorList:
+    """transformers' temperature and top-p warpers, as `generate(do_sample=True)` applies them."""
+    warpers = LogitsProcessorList()
+    if decoding.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(decoding.temperature))
+    if decoding.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(decoding.top_p))
+    return warpers
+
+
 class HFBackend:
-    """Batched `model.generate` with left padding; stops each row at EOS."""
+    """Batched cached decoding with left padding; stops each row at EOS."""
 
     def __init__(
         self, model, tokenizer, decoding: Decoding, *, batch_tokens: int, max_batch_size: int
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
-        self.hf_config = HFGenerationConfig(
-            do_sample=decoding.do_sample,
-            temperature=decoding.temperature if decoding.do_sample else None,
-            top_p=decoding.top_p if decoding.do_sample else None,
-            top_k=None,
-            max_new_tokens=decoding.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
 
     @torch.no_grad()
     def generate(
@@ -49,8 +60,11 @@ class HFBackend:
             self.decoding.max_new_tokens,
         )
         device = next(self.model.parameters()).device
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        # Sampling draws from torch's global generator, seeded per shard by generate_shards.
+        pad = self.tokenizer.pad_token_id
+        generator, warpers = None, None
+        if self.decoding.do_sample:
+            generator = shard_generator(self.decoding.seed, first_row, device)
+            warpers = sampling_warpers(self.decoding)
         for batch in batches:
             rows = [prompt_ids[i] for i in batch]
             longest = max(len(r) for r in rows)
@@ -59,21 +73,15 @@ class HFBackend:
             for j, row in enumerate(rows):  # left padding: generation continues at the right edge
                 input_ids[j, longest - len(row) :] = torch.tensor(row)
                 attention_mask[j, longest - len(row) :] = 1
-            if self.decoding.do_sample:
-                output = self.model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=self.hf_config,
-                )  # (batch, longest + new)
-                new_ids = [row.tolist() for row in output[:, longest:]]
-            else:
-                new_ids = greedy_decode(
-                    self.model,
-                    input_ids.to(device),
-                    attention_mask.to(device),
-                    max_new_tokens=self.decoding.max_new_tokens,
-                    eos_token_id=eos,
-                )
+            new_ids = decode(
+                self.model,
+                input_ids.to(device),
+                attention_mask.to(device),
+                max_new_tokens=self.decoding.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                warpers=warpers,
+                generator=generator,
+            )
             for j, index in enumerate(batch):
                 results[index] = Generated.from_ids(new_ids[j], self.tokenizer)
             if progress is not None:
@@ -81,7 +89,6 @@ class HFBackend:
         return results
 
 
-@torch.no_grad()
 def greedy_decode(
     model,
     input_ids: torch.Tensor,
@@ -90,11 +97,45 @@ def greedy_decode(
     max_new_tokens: int,
     eos_token_id: int,
 ) -> list[list[int]]:
-    """New token ids of each left-padded row, greedily; a row leaves the batch at its EOS.
+    """`decode` without sampling: the argmax token at every step."""
+    return decode(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+    )
 
-    The same tokens as `model.generate(do_sample=False)`, but `generate` keeps computing
-    every row until the batch's longest one ends, and on the toy task one row that
-    never stops makes 255 finished ones run 32 steps. Here the KV cache and the batch
+
+def _next_tokens(
+    logits: torch.Tensor, warpers: LogitsProcessorList | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(active,) next token of each row: argmax, or a draw from the warped distribution."""
+    if generator is None:
+        return logits.argmax(-1)
+    scores = warpers(None, logits.float()) if warpers else logits.float()  # (active, vocab)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    warpers: LogitsProcessorList | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids of each left-padded row; a row leaves the batch at its EOS.
+
+    Greedy without `generator`: the same tokens as `model.generate(do_sample=False)`.
+    With one, it samples as `generate(do_sample=True)` does (the `warpers`, then
+    `torch.multinomial`), drawing from `generator`. `generate` keeps computing every
+    row until the batch's longest one ends, and on the toy task one row that never
+    stops makes 255 finished ones run 32 steps. Here the KV cache and the batch
     shrink as rows finish, so decoding costs the tokens actually generated.
     """
     from transformers import DynamicCache
@@ -112,7 +153,7 @@ def greedy_decode(
         logits_to_keep=1,
     ).logits[:, -1]  # (active, vocab)
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)  # (active,)
+        tokens = _next_tokens(logits, warpers, generator)  # (active,)
         for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
             new_tokens[row].append(token)
         running = tokens != eos_token_id  # (active,)

@@ -13,6 +13,7 @@ only maps prompt token ids to responses, so vLLM can stand in for Hugging Face
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from spin_core.config import ConfigError, SpinConfig
 from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
 from spin_core.generation.decoding import Decoding, GenerationBackend
 from spin_core.generation.hf import HFBackend
+from spin_core.generation.memory import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +115,8 @@ def generate_shards(
             paths.append(path)
             continue
         ids = list(prompt_ids[k * shard_size : (k + 1) * shard_size])
-        # Seeded per shard so a redone shard samples what the lost one would have.
-        torch.manual_seed(decoding.seed + k)
+        # A backend seeds its sampling from (seed, first_row), so a redone shard samples
+        # what the lost one did (HF: a generator of the shard; vLLM: a seed per request).
         generated = backend.generate(ids, progress=bar.update, first_row=k * shard_size)
         shard = (
             rows[[c for c in SAMPLE_COLUMNS if c in rows]]
@@ -147,23 +149,36 @@ def generate_from_model(
     on_shard: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """The whole generation step for `prompts` with the model at `opponent`: load it on
-    worker `worker`'s device and answer the prompts' stored token ids, shard by shard."""
-    from spin_core.checkpoint import load_tokenizer
+    worker `worker`'s device, answer the prompts' stored token ids shard by shard, then
+    free the model and its GPU memory (the next step may be training, in this process)."""
+    from spin_core.checkpoint import load_tokenizer, worker_device
 
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
-    backend = make_backend(opponent, cfg, tokenizer, worker=worker)
-    return generate_shards(
-        backend,
-        prompts,
-        [list(ids) for ids in prompts["prompt_ids"]],
-        shards_dir,
-        shard_size=cfg.generation.shard_size,
-        opponent=opponent,
-        decoding=Decoding.from_config(cfg.generation, tokenizer),
-        shard_indices=shard_indices,
-        show_progress=show_progress,
-        on_shard=on_shard,
-    )
+    device = worker_device(worker)
+    # Workers are threads; CUDA's current device is per thread, so each sets its own
+    # (vLLM places its engine itself, in its own process).
+    on_device = device.type == "cuda" and cfg.generation.backend == "hf"
+    with torch.cuda.device(device) if on_device else contextlib.nullcontext():
+        backend = make_backend(opponent, cfg, tokenizer, worker=worker)
+        try:
+            return generate_shards(
+                backend,
+                prompts,
+                [list(ids) for ids in prompts["prompt_ids"]],
+                shards_dir,
+                shard_size=cfg.generation.shard_size,
+                opponent=opponent,
+                decoding=Decoding.from_config(cfg.generation, tokenizer),
+                shard_indices=shard_indices,
+                show_progress=show_progress,
+                on_shard=on_shard,
+            )
+        finally:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()  # vLLM: stops the engine
+            del backend, close
+            release_memory()
 
 
 def merge_shards(

@@ -6,10 +6,15 @@ token sequence training scores), and returns text, finish reason and the exact
 token ids per row, in input order. Only responses come from vLLM: the
 log-probabilities used for training are always recomputed by `spin_core.score`
 with the training forward pass, never taken from vLLM.
+
+The engine takes `generation.gpu_memory_utilization` of the GPU and gives it back
+in `close()`, which `spin_core.generation.generate_from_model` calls once the
+shards are written: on one GPU, training starts next in the same process.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 from spin_core.checkpoint import compute_dtype
@@ -33,6 +38,7 @@ class VLLMBackend:
             dtype="bfloat16" if dtype.is_floating_point and dtype.itemsize == 2 else "float32",
             seed=decoding.seed,
             trust_remote_code=cfg.model.trust_remote_code,
+            gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
         )
 
     def _params(self, seed: int | None):
@@ -52,7 +58,11 @@ class VLLMBackend:
         progress: Callable[[int], None] | None = None,
         first_row: int = 0,
     ) -> list[Generated]:
-        prompts = [self.vllm.TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        # Plain ints: ids read from Parquet are numpy scalars, which vLLM's msgspec
+        # transport to its engine process refuses.
+        prompts = [
+            self.vllm.TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_ids
+        ]
         # One seed per request (seed + run-wide row index): one shared seed would make
         # every prompt draw from the same random stream, correlating the negatives.
         params = [
@@ -64,6 +74,22 @@ class VLLMBackend:
         if progress is not None:
             progress(len(prompt_ids))
         return results
+
+    def close(self) -> None:
+        """Stop the engine and give its GPU memory back (the vLLM maintainers' recipe:
+        drop the engine, then `cleanup_dist_env_and_memory`); a second call does nothing.
+        Callers then run `spin_core.generation.release_memory()`."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(engine_core, "shutdown", None)):
+            engine_core.shutdown()  # V1: the EngineCore process holds the GPU memory
+        del llm, engine_core
+        with contextlib.suppress(ImportError):
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()  # also gc.collect() and torch.cuda.empty_cache()
 
 
 def generated_from_vllm(completion, tokenizer) -> Generated:

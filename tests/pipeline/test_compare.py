@@ -536,3 +536,32 @@ def test_recipes_on_the_embedded_default_share_one_build(tmp_path):
     assert shared.config.training == recipes[1].config.training
     own = load_config(DEMO, ["model.name_or_path=/models/mine", "data.dataset=/data/mine.parquet"])
     assert compare.shared_toy_dir(own, tmp_path) is None
+
+
+def test_parallel_runs_get_their_own_gpus(monkeypatch):
+    """max_parallel K > 1: each worker process sees its share of the GPUs, not all of cuda:0."""
+    import multiprocessing
+
+    import torch
+
+    from flows.compare import _one_rank_worker, gpu_shares
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert gpu_shares(2) == ["0,1,2,3", "4,5,6,7"]
+    assert gpu_shares(3) == ["0,1", "2,3", "4,5"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert gpu_shares(2) == ["0", "0"]  # fewer GPUs than runs: they share
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert gpu_shares(2) == [None, None]  # no GPU: the variable is left alone
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert gpu_shares(2) == ["3", "5"]  # the GPUs this process was given
+
+    # What a worker process's initializer does with its share.
+    shares = multiprocessing.get_context("spawn").Queue()
+    shares.put("5")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(key, "0")  # restored after the test
+    _one_rank_worker(shares)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ["RANK"] == os.environ["LOCAL_RANK"] == "0"
