@@ -189,7 +189,9 @@ def test_the_retry_redid_only_the_failed_workers_shards(generated):
     ]
     events = read_journal(spread.root)
     started = [(e["step"], e["event"]) for e in events if e["event"] in ("started", "finished")]
-    assert started.count(("generate-share", "started")) == 3  # worker 0 once, worker 1 twice
+    # One finished share per worker (worker 0's never redone); the killed run of worker 1
+    # adds a "started" only when it was killed after its step began.
     assert started.count(("generate-share", "finished")) == 2
+    assert started.count(("generate-share", "started")) in (2, 3)
     assert started[0] == ("generate-responses", "started")
     assert started[-1] == ("generate-responses", "finished")
