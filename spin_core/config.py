@@ -223,9 +223,24 @@ class TrainingConfig(_Section):
     num_processes: int = Field(
         1, ge=1, le=4096, description="training ranks (GPUs) over all nodes; > 1 launches ranks"
     )
-    num_nodes: int = Field(1, ge=1, le=512, description="nodes of a multi-node job (hostfile)")
+    num_nodes: int = Field(
+        1, ge=1, le=512, description="nodes of a multi-node job (hostfile or torchrun rendezvous)"
+    )
     hostfile: str | None = Field(
         None, description="DeepSpeed hostfile: launch the ranks on these hosts with `deepspeed`"
+    )
+    launcher: Literal["auto", "deepspeed", "torchrun"] = Field(
+        "auto",
+        description="how ranks start: deepspeed (over SSH, from the hostfile) or torchrun (every "
+        "other node runs `python -m spin_core.train_node`); auto = deepspeed with a hostfile",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[^\s:]+:\d{1,5}$",
+        description="host:port of node 0 for a multi-node torchrun job; unset: "
+        "$MASTER_ADDR:$MASTER_PORT, else this host and a free port",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     max_length: int = Field(1024, ge=2, description="longest prompt + response in tokens")
     max_prompt_length: int = Field(
@@ -303,9 +318,14 @@ class TrainingConfig(_Section):
                 f"num_processes ({self.num_processes}) must be divisible by "
                 f"num_nodes ({self.num_nodes}): the same number of ranks on every node"
             )
-        if self.num_nodes > 1 and not self.hostfile:
+        if self.launcher == "deepspeed" and self.num_nodes > 1 and not self.hostfile:
             raise ValueError(
-                f"num_nodes is {self.num_nodes}: a hostfile naming the nodes is needed"
+                f"num_nodes is {self.num_nodes}: the deepspeed launcher needs a hostfile naming "
+                "the nodes (or launcher: torchrun, which needs none)"
+            )
+        if self.launcher == "torchrun" and self.hostfile:
+            raise ValueError(
+                "hostfile is for the deepspeed launcher: unset it, or set launcher: deepspeed"
             )
         per_step = self.micro_batch_size * self.num_processes
         accumulation = self.gradient_accumulation_steps

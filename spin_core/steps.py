@@ -217,39 +217,93 @@ def generate_responses(
     """
     run = RunDir(run_dir)
     prompts = pd.read_parquet(run.prompts(iteration))
+
+    def share(worker: int) -> int:
+        return _generate_share(ctx, config, run, prompts, iteration, opponent, worker)
+
+    ctx.map(share, range(config.generation.num_workers), name="generate-shards")
+    return merge_generated(ctx.log, config, run_dir, iteration)
+
+
+def _generate_share(
+    ctx: Context,
+    config: SpinConfig,
+    run: RunDir,
+    prompts: pd.DataFrame,
+    iteration: int,
+    opponent: str,
+    worker: int,
+) -> int:
+    """Worker `worker`'s shards (k with k % num_workers == worker); returns how many."""
     workers = config.generation.num_workers
+    mine = generation.worker_shards(len(prompts), config.generation.shard_size, workers, worker)
+    progress = ctx.progress(
+        f"generate-iter-{iteration}-worker-{worker}",
+        f"iteration {iteration}, generation worker {worker}: shards",
+    )
+    generation.generate_from_model(
+        opponent,
+        config,
+        prompts,
+        run.generated_shards(iteration),
+        worker=worker,
+        shard_indices=mine,
+        show_progress=workers == 1,
+        on_shard=progress.update,
+    )
+    return len(mine)
 
-    def worker_shards(worker: int) -> int:
-        mine = generation.worker_shards(len(prompts), config.generation.shard_size, workers, worker)
-        progress = ctx.progress(
-            f"generate-iter-{iteration}-worker-{worker}",
-            f"iteration {iteration}, generation worker {worker}: shards",
-        )
-        generation.generate_from_model(
-            opponent,
-            config,
-            prompts,
-            run.generated_shards(iteration),
-            worker=worker,
-            shard_indices=mine,
-            show_progress=workers == 1,
-            on_shard=progress.update,
-        )
-        return len(mine)
 
-    ctx.map(worker_shards, range(workers), name="generate-shards")
+def merge_generated(log, config: SpinConfig, run_dir: str, iteration: int) -> str:
+    """The finished shards → iter_t/generated.parquet, in prompt order."""
+    run = RunDir(run_dir)
+    rows = data.parquet_rows(run.prompts(iteration))
     out = run.generated(iteration)
     generation.merge_shards(
-        run.generated_shards(iteration), len(prompts), config.generation.shard_size, out
+        run.generated_shards(iteration), rows, config.generation.shard_size, out
     )
     finished = pd.read_parquet(out, columns=["finish_reason"])["finish_reason"]
-    ctx.log.info(
+    log.info(
         "iteration %d: %d responses, %.1f%% stopped at EOS",
         iteration,
         len(finished),
         100 * (finished == "stop").mean(),
     )
     return str(out)
+
+
+def _share_done(params: Params) -> bool:
+    """Whether every shard of worker `params["worker"]` is complete on disk."""
+    run, t, generation_config = _run(params), params["iteration"], params["config"].generation
+    rows = data.parquet_rows(run.prompts(t))
+    if rows is None:
+        return False
+    size = generation_config.shard_size
+    mine = generation.worker_shards(rows, size, generation_config.num_workers, params["worker"])
+    return all(
+        data.parquet_complete(
+            generation.shard_path(run.generated_shards(t), k), min(size, rows - k * size)
+        )
+        for k in mine
+    )
+
+
+@step(
+    "generate-share",
+    sections=("generation", "model", "training"),
+    inputs=lambda p: [_run(p).prompts(p["iteration"]), p["opponent"]],
+    done=_share_done,
+    load=lambda p: str(_run(p).generated_shards(p["iteration"])),
+)
+def generate_share(
+    ctx: Context, config: SpinConfig, run_dir: str, iteration: int, opponent: str, worker: int
+) -> str:
+    """One generation worker's part of step 2 on its own machine (`run.execution:
+    deployments` with `generation.num_workers` > 1): its shards → iter_t/generated/."""
+    run = RunDir(run_dir)
+    prompts = pd.read_parquet(run.prompts(iteration))
+    _generate_share(ctx, config, run, prompts, iteration, opponent, worker)
+    return str(run.generated_shards(iteration))
 
 
 # ---------------------------------------------------------- 3. the training set D_t
