@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from flows.server import api_for_run
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -26,21 +28,44 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _console_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every log line (INFO) and tracebacks on the console, not only step lines",
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        default=None,
+        help="console log level (default WARNING, plus one line per step; spin.log is DEBUG)",
+    )
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spin", description="Self-Play Fine-Tuning as a Prefect pipeline"
     )
+    common = _console_options()
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded default end to end and print the report")
+
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    demo = add("demo", help="run the embedded default end to end and print the report")
     demo.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    run = sub.add_parser("run", help="run (or resume) the pipeline from a YAML config")
+    run = add("run", help="run (or resume) the pipeline from a YAML config")
     run.add_argument("config", help="YAML config file")
     run.add_argument("--run-dir", default=None, help="run directory (default runs/<run.name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    serve = sub.add_parser("serve", help="serve the flows as deployments for the Prefect UI")
+    serve = add("serve", help="serve the flows as deployments for the Prefect UI")
     serve.add_argument("--config", default=None, help="default config for the deployment form")
-    check = sub.add_parser(
+    check = add(
         "check", help="pre-flight: tokens, lengths, steps and GPU memory of a config, in seconds"
     )
     check.add_argument("config", help="YAML config file")
@@ -51,9 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--run-dir", default=None, help="where a built toy is looked for (default runs/<run.name>)"
     )
-    rep = sub.add_parser("report", help="rebuild report.md of a run directory")
+    rep = add("report", help="rebuild report.md of a run directory")
     rep.add_argument("run_dir")
-    cmp = sub.add_parser("compare", help="run recipes over seeds and compare them (compare.md)")
+    status = add("status", help="what a run directory has done, is doing, and does next")
+    status.add_argument("run_dir")
+    cmp = add("compare", help="run recipes over seeds and compare them (compare.md)")
     cmp.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs, one per recipe")
     cmp.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 per recipe (default 3)")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -64,11 +91,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[str]) -> int:
     from spin_core.config import load_config
+    from spin_core.steps import check_before_start
 
     config = load_config(config_path, overrides)
-    from flows.pipeline import default_run_dir, spin_pipeline
+    run_dir = run_dir or str(Path("runs") / config.run.name)
+    with api_for_run() as server:  # starts while the inputs are checked
+        check_before_start(config, run_dir)  # every input, before the orchestrator starts
+        log_to_run_dir(run_dir)
+        _RUN_DIRS.append(run_dir)
+        if server is not None:
+            server.wait_healthy()
+        from flows.pipeline import spin_pipeline
 
-    report_path = spin_pipeline(config, run_dir or default_run_dir(config))
+        report_path = spin_pipeline(config, run_dir)
     print(Path(report_path).read_text())
     return 0
 
@@ -79,16 +114,25 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.max_parallel < 1:
         raise InputError(f"--max-parallel must be at least 1 (got {args.max_parallel})")
-    plan_runs(load_recipes(args.configs, args.overrides), args.seeds, args.out)  # exit 2 early
-    from flows.compare import spin_compare
+    planned = plan_runs(load_recipes(args.configs, args.overrides), args.seeds, args.out)
+    from spin_core.steps import check_before_start
 
-    path = spin_compare(
-        args.configs,
-        seeds=args.seeds,
-        out_dir=args.out,
-        max_parallel=args.max_parallel,
-        overrides=args.overrides,
-    )
+    with api_for_run() as server:
+        for run in planned:  # every run's inputs, before the orchestrator starts: exit 2 early
+            check_before_start(run.config, str(run.run_dir))
+        log_to_run_dir(args.out)
+        _RUN_DIRS.append(args.out)
+        if server is not None:
+            server.wait_healthy()
+        from flows.compare import spin_compare
+
+        path = spin_compare(
+            args.configs,
+            seeds=args.seeds,
+            out_dir=args.out,
+            max_parallel=args.max_parallel,
+            overrides=args.overrides,
+        )
     print(Path(path).read_text())
     return 0
 
@@ -139,6 +183,99 @@ def _serve(config_path: str | None) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- console
+
+LOG_FILE = "spin.log"  # in every run directory: the full log (DEBUG), tracebacks included
+OWN_LOGGERS = ("spin", "spin_core", "flows", "tasks")
+QUIET_LOGGERS = ("httpx", "httpcore")  # a line per API request (the UI still gets our logs)
+_RUN_DIRS: list[str] = []  # the run directory of this command, once its inputs passed
+
+
+class _ConsoleFilter(logging.Filter):
+    """At the default level: warnings, the step lines (`spin.console`), not Prefect's own
+    errors (a failed step is said once, by the command's last line; spin.log has them)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "spin.console":
+            return record.levelno >= min(self.level, logging.INFO)
+        if self.level >= logging.WARNING and record.name.startswith("prefect"):
+            return logging.WARNING <= record.levelno < logging.ERROR
+        return record.levelno >= self.level
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """`HH:MM:SS message` for step lines, `HH:MM:SS LEVEL name: message` for the rest;
+    tracebacks only when verbose."""
+
+    def __init__(self, tracebacks: bool):
+        super().__init__(datefmt="%H:%M:%S")
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        time_ = self.formatTime(record, self.datefmt)
+        message = record.getMessage()
+        if record.name != "spin.console" or record.levelno >= logging.WARNING:
+            message = f"{record.levelname} {record.name}: {message}"
+        if self.tracebacks and record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        return f"{time_} {message}"
+
+
+def configure_logging(verbose: bool = False, level: str | None = None) -> None:
+    """The console: step lines and warnings (INFO with -v, or --log-level); set before
+    Prefect configures logging, which then leaves the root logger's handlers alone."""
+    console_level = (
+        getattr(logging, level) if level else logging.INFO if verbose else logging.WARNING
+    )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_spin", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ConsoleFilter(console_level))
+    handler.setFormatter(_ConsoleFormatter(tracebacks=verbose or console_level <= logging.DEBUG))
+    handler._spin = True
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def log_to_run_dir(run_dir: str | Path) -> Path:
+    """Append everything (DEBUG for spin's own loggers, INFO for the rest) to RUN/spin.log."""
+    path = Path(run_dir) / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+        return path
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    )
+    handler._spin = True
+    root.addHandler(handler)
+    return path
+
+
+def _failure_line(exc: BaseException) -> str:
+    """`spin: failed: iteration 0: train-policy: RuntimeError: ...; full log: RUN/spin.log`."""
+    from spin_core.status import last_failure, where
+
+    text = (str(exc) or type(exc).__name__).strip().splitlines()
+    message = f"{type(exc).__name__}: {text[-1] if text else ''}"[:400]
+    failure = last_failure()
+    step = f"{where(failure.iteration)}: {failure.step} failed: " if failure else ""
+    log = f"; full log: {Path(_RUN_DIRS[-1]).resolve() / LOG_FILE}" if _RUN_DIRS else ""
+    return f"spin: failed: {step}{message}{log}"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a cancelled deployment run, a scheduler's stop) as an exception, so every
     cleanup runs: launched training ranks are stopped and the run-directory lock released."""
@@ -148,35 +285,49 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated(f"signal {signum}")
 
 
+def _report(args: argparse.Namespace) -> int:
+    from spin_core.errors import InputError
+    from spin_core.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise InputError(f"{args.run_dir}: run directory not found")
+    path, _ = write_report(args.run_dir)
+    print(path.read_text())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """What a run directory says: done, running (pid, since), failed (step, error), next."""
+    from spin_core.status import render, run_status
+
+    print(render(run_status(args.run_dir)))
+    return 0
+
+
+COMMANDS = {
+    "demo": lambda args: _run_pipeline(DEMO_CONFIG, args.run_dir, args.overrides),
+    "run": lambda args: _run_pipeline(args.config, args.run_dir, args.overrides),
+    "serve": lambda args: _serve(args.config),
+    "check": lambda args: _check(args),
+    "compare": lambda args: _compare(args),
+    "report": _report,
+    "status": _status,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    from flows.server import die_with_parent
-
-    die_with_parent()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.log_level not in ("DEBUG", "INFO"):
+        # transformers' "Loading weights" bars; spin's own (generate, score, train) stay
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    configure_logging(args.verbose, args.log_level)
     from spin_core.errors import InputError
 
     try:
-        if args.command == "demo":
-            return _run_pipeline(DEMO_CONFIG, args.run_dir, args.overrides)
-        if args.command == "run":
-            return _run_pipeline(args.config, args.run_dir, args.overrides)
-        if args.command == "serve":
-            return _serve(args.config)
-        if args.command == "check":
-            return _check(args)
-        if args.command == "compare":
-            return _compare(args)
-        from spin_core.report import write_report
-
-        if not Path(args.run_dir).is_dir():
-            raise InputError(f"{args.run_dir}: run directory not found")
-        path, _ = write_report(args.run_dir)
-        print(path.read_text())
-        return 0
+        return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"spin: error: {exc}", file=sys.stderr)
         return 2
@@ -188,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         if cause is not None:
             print(f"spin: error: {cause}", file=sys.stderr)
             return 2
-        logging.getLogger("spin").exception("run failed")
-        print(f"spin: failed: {exc}", file=sys.stderr)
+        logging.getLogger("spin.trace").debug("run failed", exc_info=True)  # to spin.log
+        print(_failure_line(exc), file=sys.stderr)
         return 1
 
 

@@ -236,6 +236,19 @@ class RunLock:
             return self
         raise InputError(f"{self.path}: could not take the run directory lock")
 
+    def check(self) -> None:
+        """Refuse (InputError) when a live run holds the directory; writes nothing."""
+        holder = self._holder()
+        if not holder or holder.get("host") != socket.gethostname():
+            return
+        pid = int(holder.get("pid", 0))
+        if pid != os.getpid() and _pid_alive(pid):
+            raise InputError(
+                f"{self.path.parent}: run directory is held by a live run "
+                f"(pid {pid} on {holder.get('host')}, started {holder.get('started')}); "
+                "wait for it or use another --run-dir"
+            )
+
     def _holder(self) -> dict:
         try:
             return json.loads(self.path.read_text())

@@ -98,6 +98,43 @@ def _check_model_data(
     return train_pairs, heldout, stats
 
 
+_checked: dict[str, tuple] = {}  # _check_model_data's result, by what it depends on
+
+
+def _checked_model_data(config: SpinConfig, model: str | None, data_config: DataConfig | None):
+    """`_check_model_data`, done once per process for the same inputs (the command line
+    checks before the orchestrator starts; the flow's own check then reuses the result)."""
+    dataset = Path(data_config.dataset) if data_config is not None else None
+    stat = dataset.stat() if dataset is not None and dataset.is_file() else None
+    key = json.dumps(
+        [
+            config.model_dump(mode="json"),
+            model,
+            data_config.model_dump(mode="json") if data_config is not None else None,
+            [stat.st_size, stat.st_mtime_ns] if stat else None,
+        ],
+        sort_keys=True,
+    )
+    if key not in _checked:
+        _checked.clear()
+        _checked[key] = (_check_model_data(config, model, data_config),)
+    return _checked[key][0]
+
+
+def check_before_start(config: SpinConfig, run_dir: str) -> None:
+    """Every check of the user's inputs, in seconds, writing nothing: the run directory's
+    lock and saved config, then the dataset, model, tokenizer and template (the user's own
+    when the other is the embedded default). Raises InputError naming the field or file."""
+    rundir = RunDir(run_dir)
+    RunLock(rundir).check()
+    check_config(rundir, config)
+    if config.uses_toy() and not (rundir.toy / toy.MARKER).is_file():
+        model = None if config.model.name_or_path == TOY else config.model.name_or_path
+        _checked_model_data(config, model, None if config.data.dataset == TOY else config.data)
+    else:
+        _checked_model_data(config, rundir.base_model(config), rundir.data_config(config))
+
+
 @step("check-own-inputs", journaled=False)
 def check_own_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> None:
     """The user's own inputs, checked before the embedded default is built.
@@ -108,7 +145,7 @@ def check_own_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> None:
     written into the run directory.
     """
     model = None if config.model.name_or_path == TOY else config.model.name_or_path
-    _check_model_data(config, model, None if config.data.dataset == TOY else config.data)
+    _checked_model_data(config, model, None if config.data.dataset == TOY else config.data)
 
 
 @step("build-embedded-default", journaled=False)
@@ -123,7 +160,7 @@ def build_embedded_default(ctx: Context, config: SpinConfig, run_dir: str) -> st
 def check_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> str:
     """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
     run = RunDir(run_dir)
-    train_pairs, heldout, stats = _check_model_data(
+    train_pairs, heldout, stats = _checked_model_data(
         config, run.base_model(config), run.data_config(config)
     )
     ctx.log.info("data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats)
@@ -437,6 +474,7 @@ def evaluate(
         opponent_frame=opponent_frame,
         beta=schedule_at(config.training.beta, iteration or 0),
         group_of=_toy_task_of(heldout),
+        show_progress=True,
     )
     data.write_parquet_atomic(frame, out_dir / "eval.parquet")
     metrics["model"] = model
