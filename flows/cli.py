@@ -240,6 +240,7 @@ def configure_logging(verbose: bool = False, level: str | None = None) -> None:
     handler._spin = True
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    logging.raiseExceptions = False  # a log line that cannot be written (a full disk) is dropped
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG)
     for name in QUIET_LOGGERS:
@@ -264,10 +265,69 @@ def log_to_run_dir(run_dir: str | Path) -> Path:
     return path
 
 
+def _chain(exc: BaseException):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+# What a failed write says when the disk is full: the OS error, or torch's serializer, which
+# reports the short write as an assertion ("[enforce fail at inline_container.cc:...]").
+_NO_SPACE_TEXT = ("No space left on device", "ENOSPC")
+_SHORT_WRITE_TEXT = ("inline_container.cc", "PytorchStreamWriter failed", "file write failed")
+_LOW_SPACE = 64 * 2**20  # with a short write: less than this free means the disk filled up
+
+
+def _disk_full_line(exc: BaseException) -> str | None:
+    """One line when `exc` comes from a full disk: the path, its free space, and that a rerun
+    resumes; None for any other failure."""
+    import errno
+    import shutil
+
+    no_space, short_write, filename = False, False, None
+    for error in _chain(exc):
+        text = str(error)
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
+            t in text for t in _NO_SPACE_TEXT
+        ):
+            no_space, filename = True, getattr(error, "filename", None)
+            break
+        short_write = short_write or any(t in text for t in _SHORT_WRITE_TEXT)
+    if not (no_space or short_write):
+        return None
+    run_dir = Path(_RUN_DIRS[-1]).resolve() if _RUN_DIRS else Path.cwd()
+    path = Path(filename) if filename else run_dir
+    probe = next((p for p in (path, *path.parents) if p.exists()), run_dir)
+    free = shutil.disk_usage(probe).free
+    if not no_space and free >= _LOW_SPACE:
+        return None  # a short write with room left: not the disk
+    from spin_core.status import last_failure, where
+
+    failure = last_failure()
+    during = f" during {where(failure.iteration)}: {failure.step}" if failure else ""
+    return (
+        f"spin: failed: disk full{during}: no space left on the filesystem of {path} "
+        f"({_size(free)} free); free some space and run the same command again to resume"
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _failure_line(exc: BaseException) -> str:
     """`spin: failed: iteration 0: train-policy: RuntimeError: ...; full log: RUN/spin.log`."""
     from spin_core.status import last_failure, where
 
+    disk_full = _disk_full_line(exc)
+    if disk_full:
+        return disk_full
     text = (str(exc) or type(exc).__name__).strip().splitlines()
     message = f"{type(exc).__name__}: {text[-1] if text else ''}"[:400]
     failure = last_failure()

@@ -152,6 +152,24 @@ class RunDir:
                 os.replace(path, aside / path.name)
         write_json_atomic({"lr_scale": lr_scale, "collapsed_attempt": str(aside)}, self.retry(t))
 
+    def remove_checkpoints(self, t: int) -> list[Path]:
+        """Delete iteration t's DeepSpeed checkpoints (train_state/step_*, `latest`, and the
+        SFT baseline's), keeping metrics.jsonl and tensorboard/; returns what was removed.
+        Called once θ(t+1) is exported and promoted: resuming it is no longer needed."""
+        import shutil
+
+        removed = []
+        for state in (self.train_state(t), self.baseline(t) / "train_state"):
+            for path in [*state.glob("step_*"), state / "latest"]:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                removed.append(path)
+        return removed
+
     # inputs, with the embedded default resolved
     def dataset(self, cfg: SpinConfig) -> str:
         if cfg.data.dataset == TOY:

@@ -272,7 +272,8 @@ def render(status: RunStatus) -> str:
             line += f"\n      error: {s.error}"
         lines.append(line)
     nxt = status.next_step()
-    if nxt:
-        verb = "running now" if status.state == "running" else "a rerun resumes at"
-        lines.append(f"  next: {nxt} ({verb})" if status.state != "running" else f"  now: {nxt}")
+    if nxt and status.state == "running":
+        lines.append(f"  now: {nxt}")
+    elif nxt:
+        lines.append(f"  next: {nxt} (run the same command again to resume)")
     return "\n".join(lines)

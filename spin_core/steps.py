@@ -784,6 +784,10 @@ def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
                 run.log.warning(decision.reason)
                 break
             opponent, opponent_eval = metrics["model"], str(rundir.iteration(t))
+            if not config.training.keep_finished_state:
+                removed = rundir.remove_checkpoints(t)  # θ(t+1) is exported: no resume needed
+                if removed:
+                    run.log.info("iteration %d: removed %d checkpoints", t, len(removed))
             # θ(t+1) is promoted: benchmark it (a collapsed, unpromoted model is not)
             run_lm_eval(run, config, run_dir, opponent, opponent_eval, t)
             run.step(track_experiment, config, run_dir)
