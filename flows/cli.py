@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 bad config or input (one line naming the field or file);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -161,12 +162,12 @@ def _serve(config_path: str | None) -> int:
     from flows.iteration import spin_iteration
     from flows.pipeline import spin_pipeline
     from flows.scheduled import spin_next_iteration
-    from flows.server import prefect_api
+    from flows.server import announce_served, prefect_api
     from spin_core.config import load_config
 
     config = load_config(config_path or DEMO_CONFIG)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the API
-    with prefect_api():
+    with prefect_api() as url, announce_served(url):
         pipeline = spin_pipeline.to_deployment(
             name="spin-pipeline", parameters={"config": config.model_dump(mode="json")}
         )
@@ -179,8 +180,35 @@ def _serve(config_path: str | None) -> int:
             name="spin-compare",
             parameters={"configs": [config.model_dump(mode="json")], "seeds": 3},
         )
-        serve(pipeline, iteration, generate, train, next_iteration, compare)
+        with _terminated_when_runner_stops():
+            serve(pipeline, iteration, generate, train, next_iteration, compare)
     return 0
+
+
+@contextlib.contextmanager
+def _terminated_when_runner_stops():
+    """Prefect's runner takes SIGTERM over (a graceful shutdown, then `serve` returns):
+    remember it, so `spin serve` still ends as a stopped process (exit 143), after the
+    runner has stopped and before its server is stopped."""
+    from prefect.runner import Runner
+
+    received: list[bool] = []
+    graceful = Runner.handle_sigterm
+
+    def handle_sigterm(self, *args, **kwargs):
+        received.append(True)
+        return graceful(self, *args, **kwargs)
+
+    Runner.handle_sigterm = handle_sigterm
+    try:
+        yield
+    except SystemExit:
+        if not received:
+            raise
+    finally:
+        Runner.handle_sigterm = graceful
+    if received:
+        raise Terminated("SIGTERM")
 
 
 # ------------------------------------------------------------------------- console

@@ -118,6 +118,15 @@ def api_for_run() -> Iterator[TemporaryServer | None]:
     if os.environ.get("PREFECT_API_URL") or _configured_api():
         yield None
         return
+    served = served_api()
+    if served:  # a `spin serve` of this PREFECT_HOME: no server to start, runs show in its UI
+        os.environ["PREFECT_API_URL"] = served
+        try:
+            yield None
+        finally:
+            _drain_prefect_workers()
+            os.environ.pop("PREFECT_API_URL", None)
+        return
     server = TemporaryServer()
     os.environ["PREFECT_API_URL"] = server.url  # read when Prefect is first imported
     try:
@@ -126,6 +135,36 @@ def api_for_run() -> Iterator[TemporaryServer | None]:
         _drain_prefect_workers()  # the last logs and events reach the server before it stops
         server.stop()
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def _served_file() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "spin-serve.json"
+
+
+def served_api() -> str | None:
+    """The API URL of a live `spin serve` of this PREFECT_HOME that answers, else None."""
+    import json
+
+    try:
+        record = json.loads(_served_file().read_text())
+        os.kill(int(record["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record["url"] if _healthy(record["url"]) else None
+
+
+@contextmanager
+def announce_served(url: str) -> Iterator[None]:
+    """Let `spin run` find this `spin serve`'s API (PREFECT_HOME/spin-serve.json) while it serves."""
+    import json
+
+    path = _served_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "url": url}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _configured_api() -> str | None:
