@@ -92,11 +92,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[str]) -> int:
     from spin_core.config import load_config
-    from spin_core.steps import check_before_start
 
     config = load_config(config_path, overrides)
     run_dir = run_dir or str(Path("runs") / config.run.name)
-    with api_for_run() as server:  # starts while the inputs are checked
+    with api_for_run() as server:  # starts while spin_core is imported and the inputs checked
+        from spin_core.steps import check_before_start
+
         check_before_start(config, run_dir)  # every input, before the orchestrator starts
         log_to_run_dir(run_dir)
         _RUN_DIRS.append(run_dir)
@@ -116,9 +117,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.max_parallel < 1:
         raise InputError(f"--max-parallel must be at least 1 (got {args.max_parallel})")
     planned = plan_runs(load_recipes(args.configs, args.overrides), args.seeds, args.out)
-    from spin_core.steps import check_before_start
-
     with api_for_run() as server:
+        from spin_core.steps import check_before_start
+
         for run in planned:  # every run's inputs, before the orchestrator starts: exit 2 early
             check_before_start(run.config, str(run.run_dir))
         log_to_run_dir(args.out)
