@@ -105,7 +105,7 @@ class TemporaryServer:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=5)  # SQLite survives a kill: no need to wait longer
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -192,7 +192,7 @@ def _profile_api() -> str | None:
     return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
 
 
-def _drain_prefect_workers(timeout: float = 5) -> None:
+def _drain_prefect_workers(timeout: float = 3) -> None:
     if "prefect.logging.handlers" not in sys.modules:
         return  # Prefect was never used: nothing queued
     from prefect.events.worker import EventsWorker
