@@ -1,18 +1,20 @@
 """Orchestration overhead: the Prefect pipeline versus the same steps run without Prefect.
 
-Prefect side: `flows.pipeline.spin_pipeline` exactly as `spin run` calls it, on
-Prefect's local ephemeral server (started by the run, as for a user). Plain side:
+Prefect side: `spin run CONFIG --run-dir DIR` (`flows.cli.main`), with its temporary
+Prefect server started in the background while the inputs are checked, as for a user. Plain side:
 `spin_core.driver.run`, the same step definitions (spin_core/steps.py) in the
 same order with the same policy, in plain Python, no Prefect imported. Both run
 the same small toy config in a fresh process each; the figure is the ratio of
 their wall times, interpreter start to exit.
 
-    python -m benchmarks.bench_overhead     # target: Prefect ≤ 1.05× the plain loop
+    python -m benchmarks.bench_overhead     # target: at most 5 s more than the plain loop
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ from benchmarks import _common
 from flows.server import prefect_server
 from spin_core.launch import free_port
 
-TARGET_RATIO = 1.05
+TARGET_SECONDS = 5.0  # the fixed cost of orchestrating a run (the issue's goal)
 OVERRIDES = [
     "run.iterations=2",
     "run.baseline=none",
@@ -47,15 +49,23 @@ QUICK_OVERRIDES = [
 
 
 def run_side(args) -> None:
-    _common.setup(args.threads)
-    cfg = _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES)
     if args.side == "prefect":
-        from flows.pipeline import spin_pipeline
+        # Exactly `spin run CONFIG --run-dir DIR`: the temporary server (or PREFECT_API_URL),
+        # started while the inputs are checked; torch's threads from OMP_NUM_THREADS.
+        from flows.cli import main as spin
 
-        report = spin_pipeline(cfg, str(args.run_dir))
+        cfg = _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES)
+        config_path = Path(args.run_dir).parent / f"{Path(args.run_dir).name}.yaml"
+        config_path.write_text(cfg.dump_yaml())
+        with contextlib.redirect_stdout(io.StringIO()):  # the report
+            code = spin(["run", str(config_path), "--run-dir", str(args.run_dir)])
+        assert code == 0, f"spin run exited {code}"
+        report = Path(args.run_dir) / "report.md"
     else:
         from spin_core import driver
 
+        _common.setup(args.threads)
+        cfg = _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES)
         report = driver.run(cfg, str(args.run_dir))
     metrics = json.loads((Path(args.run_dir) / "iter_0" / "metrics.json").read_text())
     print(json.dumps({"report": str(report), "exact_match_1": metrics["exact_match"]}))
@@ -65,7 +75,10 @@ def timed_side(side: str, args, round_: int, api_url: str | None) -> tuple[float
     """Wall time of one side in a fresh process, from interpreter start to exit."""
     run_dir = _common.CACHE / "overhead" / f"{side}-{'server-' if api_url else ''}{round_}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = prefect_env()
+    env = prefect_env() | {
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     if api_url:
         env["PREFECT_API_URL"] = api_url
     command = [sys.executable, "-m", "benchmarks.bench_overhead", f"--side={side}"]
@@ -137,8 +150,8 @@ def main() -> None:
             "server_ratio": round(served / plain, 3),
             "threads": args.threads,
         },
-        target=f"Prefect <= {TARGET_RATIO}x the plain loop (ephemeral server, as `spin run`)",
-        met=ratio <= TARGET_RATIO,
+        target=f"`spin run` <= {TARGET_SECONDS:.0f} s more than the plain loop (temporary server)",
+        met=prefect - plain <= TARGET_SECONDS,
         quick=args.quick,
     )
 

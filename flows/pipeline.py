@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from flows.iteration import IterationRunner
 from spin_core import steps
 from spin_core.config import SpinConfig
+from spin_core.errors import InputError
 
 
 def default_run_dir(config: SpinConfig) -> str:
@@ -24,6 +26,15 @@ def default_run_dir(config: SpinConfig) -> str:
 def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
     """Run `config.run.iterations` SPIN iterations; returns the path of report.md.
 
-    Rerunning on the same run directory resumes: finished steps are skipped.
+    Rerunning on the same run directory resumes: finished steps are skipped. Bad input
+    (`steps.check_before_start`) fails the run before any step, with the error as the
+    state message.
     """
-    return steps.run_pipeline(IterationRunner(), config, run_dir or default_run_dir(config))
+    run_dir = run_dir or default_run_dir(config)
+    try:
+        steps.check_before_start(config, run_dir)  # cheap when `spin run` checked already
+    except InputError as exc:
+        # A bad input is the run's state message, not a task's traceback in the logs.
+        get_run_logger().error("spin: error: %s", exc)
+        return Failed(message=f"spin: error: {exc}")
+    return steps.run_pipeline(IterationRunner(), config, run_dir)

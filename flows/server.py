@@ -51,6 +51,158 @@ class _SubprocessDyingWithParent:
         return subprocess.Popen(args, **kwargs)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TemporaryServer:
+    """The Prefect API a `spin run` uses when none is configured, started in the background.
+
+    What Prefect's own temporary server is (uvicorn on 127.0.0.1, no UI, the database in
+    PREFECT_HOME), with three differences: it starts at once, before Prefect is even
+    imported here, so its start-up (seconds) overlaps the input checks; it runs in its own
+    session, so the SIGINT a terminal sends to its foreground process group (Ctrl-C) or a
+    service manager's SIGTERM to the group reach `spin` only, which then stops the server
+    after its own cleanup (a server killed first left `spin` retrying a dead API); and the
+    parent-death watchdog ends it if `spin` is killed (WATCHDOG).
+    """
+
+    def __init__(self, port: int | None = None):
+        import importlib.util
+
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        origin = importlib.util.find_spec("prefect").origin  # found, not imported
+        env = os.environ | {
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        env.pop("PREFECT_API_URL", None)
+        command = [sys.executable, "-c", WATCHDOG, "-m", "uvicorn"]
+        command += ["--app-dir", str(Path(origin).parent.parent), "--factory"]
+        command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        self.process = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 120) -> str:
+        """Block until /health answers; the API URL."""
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"the temporary Prefect server on port {self.port} did not start"
+                )
+            time.sleep(0.1)
+        return self.url
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)  # SQLite survives a kill: no need to wait longer
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextmanager
+def api_for_run() -> Iterator[TemporaryServer | None]:
+    """PREFECT_API_URL when it is set (a running `spin serve`, a shared server), else a
+    TemporaryServer started now and stopped on exit; PREFECT_API_URL points at it inside."""
+    if os.environ.get("PREFECT_API_URL") or _configured_api():
+        yield None
+        return
+    served = served_api()
+    if served:  # a `spin serve` of this PREFECT_HOME: no server to start, runs show in its UI
+        os.environ["PREFECT_API_URL"] = served
+        try:
+            yield None
+        finally:
+            _drain_prefect_workers()
+            os.environ.pop("PREFECT_API_URL", None)
+        return
+    server = TemporaryServer()
+    os.environ["PREFECT_API_URL"] = server.url  # read when Prefect is first imported
+    try:
+        yield server
+    finally:
+        _drain_prefect_workers()  # the last logs and events reach the server before it stops
+        server.stop()
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _served_file() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "spin-serve.json"
+
+
+def served_api() -> str | None:
+    """The API URL of a live `spin serve` of this PREFECT_HOME that answers, else None."""
+    import json
+
+    try:
+        record = json.loads(_served_file().read_text())
+        os.kill(int(record["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record["url"] if _healthy(record["url"]) else None
+
+
+@contextmanager
+def announce_served(url: str) -> Iterator[None]:
+    """Let `spin run` find this `spin serve`'s API (PREFECT_HOME/spin-serve.json) while it serves."""
+    import json
+
+    path = _served_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "url": url}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _configured_api() -> str | None:
+    """PREFECT_API_URL of Prefect's settings in this process, when Prefect is already loaded
+    (a test harness, a profile); never imports Prefect for the question."""
+    if "prefect.settings" not in sys.modules:
+        return _profile_api()
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def _profile_api() -> str | None:
+    """PREFECT_API_URL of the active Prefect profile (`prefect config set`), read as Prefect
+    reads it: $PREFECT_PROFILES_PATH or $PREFECT_HOME/profiles.toml, $PREFECT_PROFILE."""
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
+
+
+def _drain_prefect_workers(timeout: float = 3) -> None:
+    if "prefect.logging.handlers" not in sys.modules:
+        return  # Prefect was never used: nothing queued
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
+
+
 def die_with_parent() -> None:
     """Start Prefect's temporary server (from now on) under the parent-death watchdog."""
     from prefect.server.api import server
@@ -78,8 +230,14 @@ def prefect_server(
     url = f"http://127.0.0.1:{port}/api"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     with open(log or os.devnull, "w") as output:
+        # Its own session: a Ctrl-C or SIGTERM to the terminal's process group stops the
+        # serving process first, which then stops this server (not the other way round).
         server = subprocess.Popen(
-            [*command, "--port", str(port)], env=env, stdout=output, stderr=subprocess.STDOUT
+            [*command, "--port", str(port)],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + start_timeout

@@ -272,6 +272,12 @@ class TrainingConfig(_Section):
         description="DeepSpeed checkpoints kept in train_state/",
         json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
+    keep_finished_state: bool = Field(
+        False,
+        description="keep an iteration's DeepSpeed checkpoints once its model is exported and "
+        "promoted (false: they are removed; 7B: ~2x115 GB per iteration)",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     logprob_chunk_size: int = Field(
         1024,
         ge=1,

@@ -21,6 +21,7 @@ from typing import Any
 from spin_core import steps
 from spin_core.config import SpinConfig
 from spin_core.errors import retryable
+from spin_core.status import announce
 from spin_core.step import Context, PlainContext, Step, execute
 
 
@@ -33,13 +34,14 @@ class PlainRunner:
 
     def step(self, step: Step, *args, **kwargs) -> Any:
         params = step.params(*args, **kwargs)
-        for attempt in range(step.retries + 1):
-            try:
-                return execute(step, self.ctx, params)
-            except Exception as error:
-                if attempt == step.retries or not retryable(error):
-                    raise
-                self.log.warning("%s failed (%r); retrying", step.name, error)
+        with announce(step.name, params, complete=step.complete(params)):
+            for attempt in range(step.retries + 1):
+                try:
+                    return execute(step, self.ctx, params)
+                except Exception as error:
+                    if attempt == step.retries or not retryable(error):
+                        raise
+                    self.log.warning("%s failed (%r); retrying", step.name, error)
 
     def iteration(self, *args, **kwargs) -> dict:
         """One iteration in this process (`steps.run_iteration`'s arguments after the runner)."""

@@ -767,7 +767,101 @@ def preflight(
         report.sections.append(("GPU memory per rank (estimate)", lines))
         if not memory.fits(gpu):
             report.problems.append(_memory_problem(cfg, report.shape, memory, gpu))
+    _disk_section(report, cfg, run.root)
     return report
+
+
+def _disk_section(report: PreflightReport, cfg: SpinConfig, run_dir: Path) -> None:
+    """The disk estimate (needs the model's shape); a problem when the run cannot fit."""
+    if report.shape is None:
+        return
+    disk = estimate_disk(cfg, report.shape, run_dir)
+    report.sections.append(("Disk (estimate)", disk.lines()))
+    if not disk.fits():
+        report.problems.append(disk.problem())
+
+
+@dataclass
+class DiskEstimate:
+    """Bytes a run writes into its run directory, and the free space there."""
+
+    model: int  # one exported model directory
+    checkpoint: int  # one DeepSpeed checkpoint (all ranks' shards)
+    data: int  # one iteration's Parquet files (upper bound)
+    iterations: int
+    kept_checkpoints: int  # per iteration while it trains (keep_checkpoints + the one being saved)
+    keep_finished_state: bool
+    models_per_iteration: int  # 2 with the SFT baseline
+    where: Path
+    free: int
+
+    def per_iteration(self) -> int:
+        return self.models_per_iteration * self.model + self.data
+
+    def needed(self) -> int:
+        """Peak use of the whole run: finished iterations keep their models and data (and
+        checkpoints with keep_finished_state); the iteration in training holds its own."""
+        training = self.models_per_iteration * self.kept_checkpoints * self.checkpoint
+        kept = training if self.keep_finished_state else 0
+        return self.iterations * self.per_iteration() + (self.iterations - 1) * kept + training
+
+    def fits(self) -> bool:
+        return self.needed() <= self.free
+
+    def lines(self) -> list[str]:
+        g = GIB
+        return [
+            f"per iteration: model {self.model / g:.2f} GiB × {self.models_per_iteration}, "
+            f"data ≤ {self.data / g:.2f} GiB, while training {self.kept_checkpoints} DeepSpeed "
+            f"checkpoints × {self.checkpoint / g:.2f} GiB × {self.models_per_iteration}"
+            + (
+                " (kept after the iteration: training.keep_finished_state)"
+                if self.keep_finished_state
+                else " (removed once the iteration's model is promoted)"
+            ),
+            f"whole run ({self.iterations} iterations): about {self.needed() / g:.1f} GiB; "
+            f"free where the run directory is ({self.where}): {self.free / g:.1f} GiB",
+        ]
+
+    def problem(self) -> str:
+        return (
+            f"disk: the run needs about {self.needed() / GIB:.1f} GiB but {self.where} has "
+            f"{self.free / GIB:.1f} GiB free (fewer run.iterations, training.keep_checkpoints, "
+            "or another --run-dir)"
+        )
+
+
+def estimate_disk(cfg: SpinConfig, shape: ModelShape, run_dir: str | Path) -> DiskEstimate:
+    """What a run of `cfg` writes: per iteration the exported θ(t+1) (weights in the compute
+    precision), its DeepSpeed checkpoints (weights, and for every trained parameter the fp32
+    master copy with bf16 and the optimizer's fp32 tensors; ZeRO shards them over the ranks
+    without changing the total) and the Parquet files of its prompts, generations and pairs
+    (every token as an int32 id and about 4 bytes of text, in ~5 copies: an upper bound)."""
+    import shutil
+
+    training = cfg.training
+    bf16 = uses_bf16(cfg)
+    weight = 2 if bf16 else 4
+    lora = getattr(training, "lora", None)
+    trainable = (
+        shape.parameters if lora is None else lora_parameters(shape, lora.r, lora.target_modules)
+    )
+    states = OPTIMIZER_STATES[training.optimizer][1]
+    checkpoint = shape.parameters * weight + trainable * (4 * states + (4 if bf16 else 0))
+    tokens = cfg.data.num_prompts * (1 + cfg.data.history) * training.max_length
+    where = Path(run_dir).resolve()
+    probe = next(p for p in (where, *where.parents) if p.exists())
+    return DiskEstimate(
+        model=shape.parameters * weight,
+        checkpoint=checkpoint,
+        data=tokens * 8 * 5,
+        iterations=cfg.run.iterations,
+        kept_checkpoints=training.keep_checkpoints + 1,
+        keep_finished_state=training.keep_finished_state,
+        models_per_iteration=2 if cfg.run.baseline == "sft" else 1,
+        where=probe,
+        free=shutil.disk_usage(probe).free,
+    )
 
 
 def _data_section(report: PreflightReport, tokenizer, train, cfg: SpinConfig) -> list[str]:

@@ -153,6 +153,24 @@ class RunDir:
                 os.replace(path, aside / path.name)
         write_json_atomic({"lr_scale": lr_scale, "collapsed_attempt": str(aside)}, self.retry(t))
 
+    def remove_checkpoints(self, t: int) -> list[Path]:
+        """Delete iteration t's DeepSpeed checkpoints (train_state/step_*, `latest`, and the
+        SFT baseline's), keeping metrics.jsonl and tensorboard/; returns what was removed.
+        Called once θ(t+1) is exported and promoted: resuming it is no longer needed."""
+        import shutil
+
+        removed = []
+        for state in (self.train_state(t), self.baseline(t) / "train_state"):
+            for path in [*state.glob("step_*"), state / "latest"]:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                removed.append(path)
+        return removed
+
     # inputs, with the embedded default resolved
     def dataset(self, cfg: SpinConfig) -> str:
         if cfg.data.dataset == TOY:
@@ -236,6 +254,19 @@ class RunLock:
             self.held = True
             return self
         raise InputError(f"{self.path}: could not take the run directory lock")
+
+    def check(self) -> None:
+        """Refuse (InputError) when a live run holds the directory; writes nothing."""
+        holder = self._holder()
+        if not holder or holder.get("host") != socket.gethostname():
+            return
+        pid = int(holder.get("pid", 0))
+        if pid != os.getpid() and _pid_alive(pid):
+            raise InputError(
+                f"{self.path.parent}: run directory is held by a live run "
+                f"(pid {pid} on {holder.get('host')}, started {holder.get('started')}); "
+                "wait for it or use another --run-dir"
+            )
 
     def _holder(self) -> dict:
         try:

@@ -104,6 +104,42 @@ def _check_model_data(
     return train_pairs, heldout, stats
 
 
+_checked: dict[str, tuple] = {}  # _check_model_data's result, by what it depends on
+
+
+def _checked_model_data(config: SpinConfig, model: str | None, data_config: DataConfig | None):
+    """`_check_model_data`, done once per process for the same inputs (the command line
+    checks before the orchestrator starts; the flow's own check then reuses the result)."""
+    dataset = Path(data_config.dataset) if data_config is not None else None
+    stat = dataset.stat() if dataset is not None and dataset.is_file() else None
+    key = json.dumps(
+        [
+            config.model_dump(mode="json"),
+            model,
+            data_config.model_dump(mode="json") if data_config is not None else None,
+            [stat.st_size, stat.st_mtime_ns] if stat else None,
+        ],
+        sort_keys=True,
+    )
+    if key not in _checked:
+        _checked.clear()
+        _checked[key] = (_check_model_data(config, model, data_config),)
+    return _checked[key][0]
+
+
+def check_before_start(config: SpinConfig, run_dir: str) -> None:
+    """Every check of the user's inputs, in seconds, writing nothing: the run directory's
+    lock and saved config, then the dataset, model, tokenizer and template (the user's own
+    when the other is the embedded default). Raises InputError naming the field or file."""
+    rundir = RunDir(run_dir)
+    RunLock(rundir).check()
+    check_config(rundir, config)
+    if config.uses_toy() and not (rundir.toy / toy.MARKER).is_file():
+        _check_own(config)
+    else:
+        _checked_model_data(config, rundir.base_model(config), rundir.data_config(config))
+
+
 @step("check-own-inputs", journaled=False)
 def check_own_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> None:
     """The user's own inputs, checked before the embedded default is built.
@@ -113,12 +149,18 @@ def check_own_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> None:
     reported in seconds, before minutes of SFT warm-up and before anything is
     written into the run directory.
     """
+    _check_own(config)
+
+
+def _check_own(config: SpinConfig) -> None:
+    """The user's inputs beside an embedded default that is not built yet: its base model
+    (`toy.base_model`), and the user's own model or dataset."""
     model = None
     if config.model.name_or_path != TOY:
         model = pinned_model(config.model.name_or_path, config.model.revision)
     if config.uses_toy() and config.toy.base_model is not None:
         check_causal_lm(config.toy.base_model, field="toy.base_model")
-    _check_model_data(config, model, None if config.data.dataset == TOY else config.data)
+    _checked_model_data(config, model, None if config.data.dataset == TOY else config.data)
 
 
 @step("build-embedded-default", journaled=False)
@@ -133,7 +175,7 @@ def build_embedded_default(ctx: Context, config: SpinConfig, run_dir: str) -> st
 def check_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> str:
     """Refuse bad data or model paths before heavy work; write heldout.parquet (id, prompt, real)."""
     run = RunDir(run_dir)
-    train_pairs, heldout, stats = _check_model_data(
+    train_pairs, heldout, stats = _checked_model_data(
         config, run.base_model(config), run.data_config(config)
     )
     ctx.log.info("data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats)
@@ -501,6 +543,7 @@ def evaluate(
         opponent_frame=opponent_frame,
         beta=schedule_at(config.training.beta, iteration or 0),
         group_of=_toy_task_of(heldout),
+        show_progress=True,
     )
     del policy  # the next step (vLLM generation, training) needs this process's GPU memory
     generation.release_memory()
@@ -816,6 +859,10 @@ def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
                 run.log.warning(decision.reason)
                 break
             opponent, opponent_eval = metrics["model"], str(rundir.iteration(t))
+            if not config.training.keep_finished_state:
+                removed = rundir.remove_checkpoints(t)  # θ(t+1) is exported: no resume needed
+                if removed:
+                    run.log.info("iteration %d: removed %d checkpoints", t, len(removed))
             # θ(t+1) is promoted: benchmark it (a collapsed, unpromoted model is not)
             run_lm_eval(run, config, run_dir, opponent, opponent_eval, t)
             run.step(track_experiment, config, run_dir)

@@ -36,6 +36,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
 from spin_core.errors import retryable
 from spin_core.rundir import RunDir
+from spin_core.status import announce
 from spin_core.step import Step, execute
 from tasks.context import PrefectContext
 
@@ -152,12 +153,15 @@ def run_local(step: Step, *args, **kwargs) -> Any:
     params["config"] = as_config(params["config"])
     prefect_step = prefect_task(step)
     if step.done is None:
-        return prefect_step(**params)
+        with announce(step.name, params):
+            return prefect_step(**params)
     run = RunDir(params["run_dir"])
     policy = StepInputs(step=step.name, sections=step.sections, files=step.inputs)
+    complete = step.complete(params)
     configured = prefect_step.with_options(
         cache_policy=policy.configure(key_storage=str(run.root / ".prefect" / "cache-keys")),
         result_storage=_result_storage(run),
-        refresh_cache=not step.complete(params),
+        refresh_cache=not complete,
     )
-    return configured(**params)
+    with announce(step.name, params, complete=complete):
+        return configured(**params)
