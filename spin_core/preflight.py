@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from spin_core.config import TOY, SpinConfig, deepspeed_config
+from spin_core.config import TOY, SpinConfig, TrainingConfig, deepspeed_config
 from spin_core.errors import InputError
 from spin_core.rundir import toy_artifacts
 
@@ -223,6 +223,7 @@ def estimate_memory(
     zero_config: dict[str, Any] | None = None,
     trainable: int | None = None,
     adapter: str = "",
+    fp32_grad_accum: bool = False,
 ) -> MemoryEstimate:
     """GPU memory per training rank, from the model's shape and the training settings.
 
@@ -250,6 +251,12 @@ def estimate_memory(
     `trainable` (default: every parameter) is the count that gets gradients and optimizer
     state, e.g. a LoRA adapter's (`lora_parameters`); the frozen base keeps only its
     weights. `adapter` names it in the settings line.
+
+    `fp32_grad_accum` (bf16 at ZeRO-0/1, which `deepspeed_config` runs as DeepSpeed's
+    BF16_Optimizer): the gradients are also summed in a whole fp32 buffer, 4 B per
+    trainable parameter held for the whole run, not partitioned, and the step makes no
+    further fp32 copy. The optimizer runs one parameter at a time (foreach=False), so its
+    temporaries are one parameter's, below this model's resolution.
     """
     h, L, a, kv = shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads
     i, V, P = shape.intermediate_size, shape.vocab_size, num_processes
@@ -293,6 +300,10 @@ def estimate_memory(
             f"{4 * states_per_param} B × {t_sym}{split['optimizer']}",
         )
     )
+    if bf16 and fp32_grad_accum:
+        rows.append(
+            MemoryRow("fp32 gradient accumulation (BF16_Optimizer)", 4 * T, f"4 B × {t_sym}")
+        )
     states = sum(r.bytes for r in rows)
 
     # Activations (Korthikanti et al. 2022), scaled from 16-bit to the compute precision.
@@ -347,7 +358,7 @@ def estimate_memory(
     # master weights (ZeRO-3: one sub-group of sub_group_size elements at a time); the
     # activations are gone by then, so the peak takes the larger of the two phases.
     step = 0.0
-    if bf16:
+    if bf16 and not fp32_grad_accum:
         elements = T * share["optimizer"]
         if zero_stage >= 3:
             elements = min(elements, _ds_setting(zero, "sub_group_size", DS_SUB_GROUP_SIZE))
@@ -399,12 +410,20 @@ def uses_bf16(cfg: SpinConfig) -> bool:
 
 
 def memory_for(cfg: SpinConfig, shape: ModelShape, **changes) -> MemoryEstimate:
-    """`estimate_memory` for a config's training section, with some settings changed."""
-    training = cfg.training
+    """`estimate_memory` for a config's training section, with some settings changed.
+
+    The ZeRO stage and gradient accumulation dtype are those of the DeepSpeed config the
+    training would really get (`deepspeed_config`: bf16 at ZeRO-0 runs as ZeRO-1).
+    """
     bf16 = uses_bf16(cfg)
+    fields = {k: v for k, v in changes.items() if k in TrainingConfig.model_fields}
+    training = cfg.training.model_copy(update=fields)
+    ds_config = deepspeed_config(training, bf16=bf16)
+    changes = {k: v for k, v in changes.items() if k not in fields}
     settings = dict(
         num_processes=training.num_processes,
-        zero_stage=training.zero_stage,
+        zero_stage=ds_config["zero_optimization"].get("stage", training.zero_stage),
+        fp32_grad_accum=ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32",
         bf16=bf16,
         optimizer=training.optimizer,
         micro_batch_size=training.micro_batch_size,
@@ -412,7 +431,7 @@ def memory_for(cfg: SpinConfig, shape: ModelShape, **changes) -> MemoryEstimate:
         gradient_checkpointing=training.gradient_checkpointing,
         logprob_chunk_size=training.logprob_chunk_size,
         attn_implementation=cfg.model.attn_implementation,
-        zero_config=deepspeed_config(training, bf16=bf16).get("zero_optimization", {}),
+        zero_config=ds_config.get("zero_optimization", {}),
     )
     lora = getattr(training, "lora", None)  # LoRA: only the adapter trains
     if lora is not None:
