@@ -40,9 +40,9 @@ PERCENTILES = (50, 90, 99)
 # CUDA context, NCCL buffers and caching-allocator fragmentation: an assumed allowance,
 # not derived from the model (the CUDA context alone is ~0.5 GiB on recent GPUs).
 RUNTIME_RESERVE_BYTES = 2 * GIB
-# Bytes per element of the log-prob chunk (spin_core.logprobs): the bf16 logits, their
-# fp32 copy, the fp32 log-softmax intermediate and the fp32 gradient in backward.
-LOGITS_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
+# Bytes per element of the log-prob chunk (spin_core.logprobs, fp32 head): the fp32 logits
+# and the logsumexp's fp32 temporary (backward rebuilds the logits in place as their gradient).
+LOGITS_BYTES_PER_ELEMENT = 4 + 4
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py) where training.deepspeed leaves them.
 DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_PREFETCH_BUCKET_SIZE = 50_000_000
@@ -336,6 +336,17 @@ def estimate_memory(
             f"chunk × V × {LOGITS_BYTES_PER_ELEMENT} B",
         )
     )
+    # The head matmul is in fp32: an fp32 copy of the head weight in bf16, and in backward
+    # the head's gradient summed over the chunks in fp32.
+    head = (4 if bf16 else 0) * V * h + 4 * V * h
+    rows.append(
+        MemoryRow(
+            "fp32 LM head copy and its gradient sum",
+            head,
+            f"({'4 + ' if bf16 else ''}4) B × V × h",
+        )
+    )
+    logits += head
     buffers = 0.0
     if zero_stage >= 3:
         # ZeRO-3 gathers each module's weights before it runs (plus a prefetch bucket) and

@@ -291,3 +291,43 @@ def test_zero3_export_copies_to_host_memory_on_rank_0_only(toy_build, tmp_path):
     assert exported.keys() == theta0.keys()
     for key, tensor in theta0.items():
         torch.testing.assert_close(exported[key], tensor, rtol=0, atol=0)
+
+
+def test_a_lora_update_on_a_bf16_model_is_merged_and_exported_in_fp32(
+    toy_build,
+    bf16_theta0,
+    train_parquet,  # noqa: F811
+    tmp_path,
+):
+    """bf16 θt and compute, a small adapter update (lr 1e-6, 4 steps): merged into a fresh
+    fp32 θt and exported in fp32, it changes the adapted weights; merged into the bf16
+    module (as before) it vanished into bf16's spacing."""
+    from spin_core.train import train_iteration
+
+    cfg = _config(
+        toy_build,
+        f"model.name_or_path={bf16_theta0}",
+        "model.precision=bf16",
+        "training.lora.r=4",
+        "training.lora.alpha=8",
+        "training.learning_rate=1e-6",
+        "training.num_epochs=1",
+    )
+    train_iteration(
+        init_model=str(bf16_theta0),
+        train_path=train_parquet,
+        state_dir=tmp_path / "state",
+        model_out=tmp_path / "model",
+        cfg=cfg,
+        iteration=0,
+        num_steps=4,
+    )
+    exported, theta0 = _weights(tmp_path / "model"), _weights(bf16_theta0)
+    assert exported.keys() == theta0.keys()
+    targets = cfg.training.lora.target_modules
+    adapted = {k: v for k, v in theta0.items() if any(f".{t}." in k for t in targets)}
+    frozen = {k: v for k, v in theta0.items() if k not in adapted}
+    assert adapted and _changed(exported, adapted) > 0.5  # measured: 0.99
+    assert _changed(exported, frozen) == 0
+    summary = json.loads((tmp_path / "state" / "export.json").read_text())
+    assert summary["export_dtype"] == "float32" and 0 < summary["weights_changed"] < 1
