@@ -85,9 +85,9 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     assert summary["weights_changed"] == pytest.approx(changed)
     lost = [r for r in caplog.records if "update was mostly lost" in r.getMessage()]
     if export_dtype == "fp32":
-        assert changed > 0.5 and not lost  # measured: 0.99
+        assert changed > 0.5 and not lost  # measured: 0.992
     else:
-        assert changed < 0.01 and lost  # measured: 0.0005
+        assert changed < 0.01 and lost  # measured: 0.0078 (θ1 = θ0 in 99.2 %)
     # metrics.json → metrics.parquet and the report
     (run.iteration(0) / "pairs.json").write_text(json.dumps({"train_pairs": 64}))
     write_eval(run.base_eval(), right=20, loglik_per_token=-1.0)
