@@ -44,7 +44,7 @@ from benchmarks import _common
 TARGET_SPEED = 1.3
 BENCH_MAX_LENGTH = 128  # training.max_length of _common.BENCH_CONFIG
 TARGET_MEMORY = 0.6
-LOSS_TOLERANCE = 1e-4
+LOSS_TOLERANCE = 1e-4  # fp32 (this benchmark's precision); bf16 would need ~1e-2
 LEARNING_RATE = 1e-5
 BETA = 0.1
 SEED = 42

@@ -37,6 +37,37 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+# What NCCL, the backend on GPUs, can reduce: it has no bool or complex type.
+COLLECTIVE_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks, in place; every collective of spin goes through here.
+
+    It must be on this rank's `device()` in a dtype NCCL reduces: NCCL rejects a CPU
+    tensor ("No backend type associated with device type cpu"), which gloo on a CPU
+    would accept, so the check stops on a CPU what would break only on GPUs.
+    """
+    import torch.distributed as dist
+
+    if tensor.device != device() or tensor.dtype not in COLLECTIVE_DTYPES:
+        raise RuntimeError(
+            f"a collective got a {tensor.dtype} tensor on {tensor.device}; expected it on "
+            f"{device()} in one of {[str(d).removeprefix('torch.') for d in COLLECTIVE_DTYPES]}"
+        )
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def worker_device(worker: int) -> torch.device:
     """The device of generation worker `worker`: one GPU each, round robin; else the CPU."""
     if torch.cuda.is_available():

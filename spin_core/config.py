@@ -300,6 +300,12 @@ class TrainingConfig(_Section):
         description="train a fresh LoRA adapter on θt each iteration and export θt + adapter "
         "merged (unset: full fine-tuning)",
     )
+    export_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of the exported θ(t+1), taken from the fp32 master weights: fp32 keeps "
+        "every update (7B: 28 GB per iteration); bf16 halves that but rounds away updates below "
+        "bf16's spacing (metrics: weights_changed)",
+    )
 
     @field_validator("beta", "learning_rate")
     @classmethod
@@ -458,6 +464,11 @@ class RunConfig(_Section):
         "none",
         description="also train a continued-SFT baseline with SPIN's optimizer steps and learning rate",
     )
+    deterministic: bool = Field(
+        False,
+        description="deterministic CUDA kernels (torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8) in the flow process and every training rank; slower",
+    )
 
 
 TOY = "toy"  # data.dataset / model.name_or_path value that selects the embedded default
@@ -614,6 +625,13 @@ def deepspeed_config(training: TrainingConfig, *, bf16: bool) -> dict[str, Any]:
         generated["zero_optimization"].update(
             {"stage3_gather_16bit_weights_on_model_save": True, "overlap_comm": False}
         )
+    if bf16 and training.zero_stage <= 1:
+        # ZeRO-0 + bf16 would be DeepSpeed's FP16_UnfusedOptimizer: gradients summed over the
+        # accumulation micro-batches in bf16, and no fp32 master weights left to export.
+        # ZeRO-1 with fp32 accumulation is its BF16_Optimizer (ZeRO-0 refuses that mix); on
+        # one rank ZeRO-1 partitions nothing.
+        generated["zero_optimization"]["stage"] = 1
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     return _merge(generated, training.deepspeed or {})
 
 

@@ -2,13 +2,19 @@
 
 log p(y|x) is the sum over response tokens of log softmax(logits)[label], from one
 forward pass over prompt + response. The vocabulary projection is applied only
-at positions that carry a label, in chunks, so a (batch, seq, vocab) float32
-tensor is never built; under autograd each chunk is recomputed in backward.
+at positions that carry a label, in float32 (hidden states and head weight
+upcast before the matmul), `chunk_size` positions at a time, so an
+(n_labelled, vocab) float32 tensor is never built; backward recomputes each
+chunk's logits. The LM head module is called exactly once per forward whatever
+the number of chunks: under ZeRO-3 each call is an all-gather of its weight (and
+its backward a gradient reduce), so every rank must issue the same number of
+them however long its sequences are.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from spin_core.errors import InputError
@@ -48,9 +54,103 @@ def _split_model(model):
     return backbone, head
 
 
-def _token_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, vocab)
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()  # (chunk, vocab)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _logits_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Token log-probs (n,) from logits already computed (n, vocab): the fp32 log-softmax
+    is taken `chunk` rows at a time, each recomputed in backward, so no fp32 copy of
+    all of them is kept."""
+    pieces = []
+    for start in range(0, targets.numel(), chunk):
+        part = slice(start, start + chunk)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            pieces.append(
+                checkpoint(_token_logps, logits[part], targets[part], use_reentrant=False)
+            )
+        else:
+            pieces.append(_token_logps(logits[part], targets[part]))
+    return torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=torch.float32)
+
+
+class _HeadTokenLogps(torch.autograd.Function):
+    """log softmax(h·Wᵀ + b)[target] per position, in fp32, `chunk` positions at a time.
+
+    Forward keeps only each position's logsumexp; backward recomputes one chunk of
+    logits at a time. So a (positions, vocab) float32 tensor is never built, the
+    weight is upcast once per pass, and W's gradient is summed over the chunks in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # (n, hidden), (vocab, hidden)
+        weight32 = weight.float()
+        bias32 = None if bias is None else bias.float()
+        token = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(token)
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits = F.linear(hidden[part].float(), weight32, bias32)  # (chunk, vocab)
+            lse[part] = logits.logsumexp(-1)
+            token[part] = logits.gather(-1, targets[part, None]).squeeze(-1) - lse[part]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return token
+
+    @staticmethod
+    def backward(ctx, grad_token):  # (n,)
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        weight32 = weight.float()
+        bias32 = None if bias is None else bias.float()
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight32) if ctx.needs_input_grad[1] else None
+        grad_bias = (
+            torch.zeros_like(bias32) if bias is not None and ctx.needs_input_grad[2] else None
+        )
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            h = hidden[part].float()
+            # d token / d logits = onehot(target) − softmax(logits), all in place
+            grad_logits = F.linear(h, weight32, bias32)  # (chunk, vocab)
+            grad_logits.sub_(lse[part, None]).exp_().neg_()
+            grad_logits.scatter_add_(-1, targets[part, None], torch.ones_like(lse[part, None]))
+            grad_logits.mul_(grad_token[part, None].float())
+            if grad_hidden is not None:
+                grad_hidden[part] = (grad_logits @ weight32).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _head_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Token log-probs (n,) of the labelled positions through the LM head, one head call.
+
+    A plain nn.Linear head runs `_HeadTokenLogps` inside its own call, so the hooks
+    DeepSpeed ZeRO-3 puts on the head module gather its weight once for this forward
+    (and once for backward) however many chunks there are. Any other head (an
+    adapter on it, a quantized layer) is called once on all positions and only the
+    float32 log-softmax is chunked: its (n, vocab) logits exist at once in its dtype.
+    """
+    if type(head) is not torch.nn.Linear:
+        return _logits_logps(head(hidden), targets, chunk)  # (n, vocab) logits, one call
+
+    def fused(h: torch.Tensor) -> torch.Tensor:
+        return _HeadTokenLogps.apply(h, head.weight, head.bias, targets, chunk)
+
+    own_forward = head.__dict__.get("forward")  # e.g. an accelerate hook's
+    head.forward = fused
+    try:
+        return head(hidden)
+    finally:
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
 
 
 def sequence_logps(
@@ -71,28 +171,19 @@ def sequence_logps(
     targets = labels[:, 1:]  # token t+1 is predicted at position t
     valid = targets != IGNORE_INDEX  # (batch, seq-1)
     rows = valid.nonzero(as_tuple=True)[0]  # (n_valid,)
+    flat_targets = targets[valid]  # (n_valid,)
     split = _split_model(model)
     if split is not None:
         backbone, head = split
         hidden = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # (batch, seq, hidden)
-        hidden = hidden[:, :-1][valid]  # (n_valid, hidden)
+        token_logps = _head_logps(head, hidden[:, :-1][valid], flat_targets, chunk_size)
     else:
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).logits  # (batch, seq, vocab)
-        hidden = logits[:, :-1][valid]  # (n_valid, vocab)
-        head = torch.nn.Identity()
-    flat_targets = targets[valid]  # (n_valid,)
-    pieces = []
-    for start in range(0, flat_targets.numel(), chunk_size):
-        h, t = hidden[start : start + chunk_size], flat_targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, h, t, use_reentrant=False))
-        else:
-            pieces.append(_token_logps(head, h, t))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        ).logits[:, :-1][valid]  # (n_valid, vocab)
+        token_logps = _logits_logps(logits, flat_targets, chunk_size)
     batch = input_ids.shape[0]
     logps = torch.zeros(batch, dtype=torch.float32, device=input_ids.device)
     logps = logps.index_add(0, rows, token_logps)

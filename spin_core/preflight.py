@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from spin_core.config import TOY, SpinConfig, deepspeed_config
+from spin_core.config import TOY, SpinConfig, TrainingConfig, deepspeed_config
 from spin_core.errors import InputError
 from spin_core.rundir import toy_artifacts
 
@@ -40,9 +40,9 @@ PERCENTILES = (50, 90, 99)
 # CUDA context, NCCL buffers and caching-allocator fragmentation: an assumed allowance,
 # not derived from the model (the CUDA context alone is ~0.5 GiB on recent GPUs).
 RUNTIME_RESERVE_BYTES = 2 * GIB
-# Bytes per element of the log-prob chunk (spin_core.logprobs): the bf16 logits, their
-# fp32 copy, the fp32 log-softmax intermediate and the fp32 gradient in backward.
-LOGITS_BYTES_PER_ELEMENT = 2 + 4 + 4 + 4 + 2
+# Bytes per element of the log-prob chunk (spin_core.logprobs, fp32 head): the fp32 logits
+# and the logsumexp's fp32 temporary (backward rebuilds the logits in place as their gradient).
+LOGITS_BYTES_PER_ELEMENT = 4 + 4
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py) where training.deepspeed leaves them.
 DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_PREFETCH_BUCKET_SIZE = 50_000_000
@@ -223,6 +223,7 @@ def estimate_memory(
     zero_config: dict[str, Any] | None = None,
     trainable: int | None = None,
     adapter: str = "",
+    fp32_grad_accum: bool = False,
 ) -> MemoryEstimate:
     """GPU memory per training rank, from the model's shape and the training settings.
 
@@ -250,6 +251,12 @@ def estimate_memory(
     `trainable` (default: every parameter) is the count that gets gradients and optimizer
     state, e.g. a LoRA adapter's (`lora_parameters`); the frozen base keeps only its
     weights. `adapter` names it in the settings line.
+
+    `fp32_grad_accum` (bf16 at ZeRO-0/1, which `deepspeed_config` runs as DeepSpeed's
+    BF16_Optimizer): the gradients are also summed in a whole fp32 buffer, 4 B per
+    trainable parameter held for the whole run, not partitioned, and the step makes no
+    further fp32 copy. The optimizer runs one parameter at a time (foreach=False), so its
+    temporaries are one parameter's, below this model's resolution.
     """
     h, L, a, kv = shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads
     i, V, P = shape.intermediate_size, shape.vocab_size, num_processes
@@ -293,6 +300,10 @@ def estimate_memory(
             f"{4 * states_per_param} B × {t_sym}{split['optimizer']}",
         )
     )
+    if bf16 and fp32_grad_accum:
+        rows.append(
+            MemoryRow("fp32 gradient accumulation (BF16_Optimizer)", 4 * T, f"4 B × {t_sym}")
+        )
     states = sum(r.bytes for r in rows)
 
     # Activations (Korthikanti et al. 2022), scaled from 16-bit to the compute precision.
@@ -325,6 +336,17 @@ def estimate_memory(
             f"chunk × V × {LOGITS_BYTES_PER_ELEMENT} B",
         )
     )
+    # The head matmul is in fp32: an fp32 copy of the head weight in bf16, and in backward
+    # the head's gradient summed over the chunks in fp32.
+    head = (4 if bf16 else 0) * V * h + 4 * V * h
+    rows.append(
+        MemoryRow(
+            "fp32 LM head copy and its gradient sum",
+            head,
+            f"({'4 + ' if bf16 else ''}4) B × V × h",
+        )
+    )
+    logits += head
     buffers = 0.0
     if zero_stage >= 3:
         # ZeRO-3 gathers each module's weights before it runs (plus a prefetch bucket) and
@@ -347,7 +369,7 @@ def estimate_memory(
     # master weights (ZeRO-3: one sub-group of sub_group_size elements at a time); the
     # activations are gone by then, so the peak takes the larger of the two phases.
     step = 0.0
-    if bf16:
+    if bf16 and not fp32_grad_accum:
         elements = T * share["optimizer"]
         if zero_stage >= 3:
             elements = min(elements, _ds_setting(zero, "sub_group_size", DS_SUB_GROUP_SIZE))
@@ -399,12 +421,20 @@ def uses_bf16(cfg: SpinConfig) -> bool:
 
 
 def memory_for(cfg: SpinConfig, shape: ModelShape, **changes) -> MemoryEstimate:
-    """`estimate_memory` for a config's training section, with some settings changed."""
-    training = cfg.training
+    """`estimate_memory` for a config's training section, with some settings changed.
+
+    The ZeRO stage and gradient accumulation dtype are those of the DeepSpeed config the
+    training would really get (`deepspeed_config`: bf16 at ZeRO-0 runs as ZeRO-1).
+    """
     bf16 = uses_bf16(cfg)
+    fields = {k: v for k, v in changes.items() if k in TrainingConfig.model_fields}
+    training = cfg.training.model_copy(update=fields)
+    ds_config = deepspeed_config(training, bf16=bf16)
+    changes = {k: v for k, v in changes.items() if k not in fields}
     settings = dict(
         num_processes=training.num_processes,
-        zero_stage=training.zero_stage,
+        zero_stage=ds_config["zero_optimization"].get("stage", training.zero_stage),
+        fp32_grad_accum=ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32",
         bf16=bf16,
         optimizer=training.optimizer,
         micro_batch_size=training.micro_batch_size,
@@ -412,7 +442,7 @@ def memory_for(cfg: SpinConfig, shape: ModelShape, **changes) -> MemoryEstimate:
         gradient_checkpointing=training.gradient_checkpointing,
         logprob_chunk_size=training.logprob_chunk_size,
         attn_implementation=cfg.model.attn_implementation,
-        zero_config=deepspeed_config(training, bf16=bf16).get("zero_optimization", {}),
+        zero_config=ds_config.get("zero_optimization", {}),
     )
     lora = getattr(training, "lora", None)  # LoRA: only the adapter trains
     if lora is not None:

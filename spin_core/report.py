@@ -39,6 +39,7 @@ COLUMNS = [
     ("train_pairs", "train pairs"),
     ("unhealthy_checks", "unhealthy checks"),
     ("lr_scale", "lr scale"),
+    ("weights_changed", "weights changed vs θt"),
 ]
 
 
@@ -519,6 +520,18 @@ def verdict(metrics: pd.DataFrame, tests: Significance | None = None) -> list[st
             lines.append(
                 f"{row['model_name']} is a retry at {row['lr_scale']:g}× the learning rate: the "
                 f"first attempt collapsed (kept in iter_{row['iteration'] - 1}/collapsed_attempt)."
+            )
+    if "weights_changed" in metrics:
+        for _, row in metrics[metrics["weights_changed"].fillna(1.0) < 0.01].iterrows():
+            lines.append(
+                f"{row['model_name']} equals its opponent in "
+                f"{100 * (1 - row['weights_changed']):.2f}% of its weights (exported in "
+                f"{row.get('export_dtype', '?')}): the training update was mostly lost"
+                + (
+                    " to bf16 rounding (training.export_dtype fp32 keeps it)."
+                    if row.get("export_dtype") == "bfloat16"
+                    else "."
+                )
             )
     if "reward_accuracy" in metrics and metrics["reward_accuracy"].max() > 0.95:
         lines.append(

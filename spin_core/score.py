@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from spin_core.checkpoint import all_reduce_sum
+from spin_core.checkpoint import device as rank_device
 from spin_core.config import TrainingConfig
 from spin_core.generation.decoding import token_budget_batches
 from spin_core.logprobs import check_logprob_path, pad_batch, sequence_logps
@@ -130,8 +132,9 @@ def score_examples(
         if progress is not None:
             progress(len(batch) * world_size)
     if world_size > 1:  # every row was scored by exactly one rank: a sum gathers them
-        gathered = torch.from_numpy(np.stack([logps, counts.astype(np.float64)])).to(device)
-        dist.all_reduce(gathered, op=dist.ReduceOp.SUM)
+        # On the rank's device (where NCCL reduces), which need not be the weights' (offload).
+        gathered = torch.from_numpy(np.stack([logps, counts.astype(np.float64)]))
+        gathered = all_reduce_sum(gathered.to(rank_device()))
         logps, counts = gathered[0].cpu().numpy(), gathered[1].cpu().numpy().astype(np.int64)
     return logps, counts
 

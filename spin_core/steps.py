@@ -581,6 +581,9 @@ def training_summary(run: RunDir, iteration: int) -> dict:
         checked = steps.dropna(subset=["healthy"])
         summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
     summary["lr_scale"] = run.lr_scale(iteration)
+    export = run.train_state(iteration) / train.EXPORT_SUMMARY
+    if export.exists():  # the fraction of θ(t+1)'s weights that differ from θt's
+        summary |= json.loads(export.read_text())
     return summary
 
 
@@ -835,6 +838,7 @@ def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
     run_dir = str(rundir.root)
     with RunLock(rundir):
         check_config(rundir, config)
+        train.use_deterministic(config.run.deterministic)  # before any GPU work here
         if config.uses_toy():
             run.step(check_own_inputs, config, run_dir)  # before minutes of toy build
             run.step(build_embedded_default, config, run_dir)

@@ -10,6 +10,7 @@ scheduler, RNG and data position; a rerun resumes from the newest complete one.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -28,7 +29,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from spin_core.checkpoint import compute_dtype, device, load_policy, save_model_dir
+from spin_core.checkpoint import (
+    all_reduce_sum,
+    compute_dtype,
+    device,
+    load_policy,
+    save_model_dir,
+)
 from spin_core.config import (
     LoraConfig,
     ModelConfig,
@@ -39,6 +46,7 @@ from spin_core.config import (
 )
 from spin_core.data import read_parquet_checked, write_parquet_atomic
 from spin_core.evaluate import collapsed
+from spin_core.files import write_json_atomic
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_sft_loss
@@ -48,6 +56,11 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "complete.json"
 STEP_LOG = "metrics.jsonl"
+EXPORT_SUMMARY = "export.json"  # in train_state/: the export's dtype and weights_changed
+# Below this fraction of weights changed vs θt, the export is warned about: the update
+# was (mostly) rounded away, e.g. a bf16 export at a small learning rate.
+MIN_WEIGHTS_CHANGED = 0.01
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -120,6 +133,25 @@ def init_distributed() -> None:
         del os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]
 
 
+def use_deterministic(enabled: bool) -> None:
+    """`run.deterministic`: deterministic kernels where PyTorch has them, warnings where not.
+
+    On CUDA, index_add (the summed log-probs), scatter and SDPA backward use atomics and
+    cuBLAS picks split-K reductions by workspace; without this, repeated or resumed runs
+    agree within bf16 noise, not bit for bit. CUBLAS_WORKSPACE_CONFIG is read when cuBLAS
+    starts, so this runs before any GPU work of the process (flow process and each rank).
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    logger.info(
+        "rank %s: deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)",
+        os.environ.get("RANK", "0"),
+        os.environ["CUBLAS_WORKSPACE_CONFIG"],
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -127,11 +159,13 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """The generators this rank draws from; of the GPUs only its own (`device()`), so a
+    resume on a worker that sees fewer GPUs than the one that saved still works."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device()) if torch.cuda.is_available() else None,
     }
 
 
@@ -139,8 +173,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved by an older version: one state per visible GPU
+        index = device().index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, device())
 
 
 def steps_per_epoch(num_pairs: int, global_batch_size: int) -> int:
@@ -268,10 +306,13 @@ def _policy_logps(engine, data: PairData, batch: list[int], pad_id: int, objecti
 
 
 def _build_optimizer(model, training: TrainingConfig, lr: float):
+    """RMSprop or AdamW, one parameter at a time (foreach=False): the multi-tensor path
+    builds sqrt(state) for all parameters at once, a full fp32 temporary of 4 B/param
+    (29 GB on a 7B model) at the step's memory peak; per parameter it is the largest one's."""
     params = [p for p in model.parameters() if p.requires_grad]
     if training.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=training.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=training.weight_decay, foreach=False)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay, foreach=False)
 
 
 def _reduce_sums(sums: dict[str, float], world_size: int) -> dict[str, float]:
@@ -279,8 +320,9 @@ def _reduce_sums(sums: dict[str, float], world_size: int) -> dict[str, float]:
     if world_size == 1:
         return sums
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    values = all_reduce_sum(
+        torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device())
+    )
     return dict(zip(keys, values.tolist(), strict=True))
 
 
@@ -417,6 +459,7 @@ def train_iteration(
     training = cfg.training
     state_dir, model_out = Path(state_dir), Path(model_out)
     state_dir.mkdir(parents=True, exist_ok=True)
+    use_deterministic(cfg.run.deterministic)
     init_distributed()
     seed_everything(training.seed + iteration)
     frame = pd.read_parquet(train_path)
@@ -428,44 +471,56 @@ def train_iteration(
     # Set-up: θt under DeepSpeed, with the iteration's optimizer and schedule.
     lr = schedule_at(training.learning_rate, iteration) * lr_scale
     trainer = _Trainer.build(init_model, cfg, lr, total_steps)
-    if objective == "spin" and "opponent_real_logps" not in frame:
-        # Before any checkpoint is loaded: the engine's weights are still θt's.
-        frame = _score_opponent(
-            trainer.engine, frame, training, trainer.pad_id, scored_path, trainer.world_size
+    try:
+        if objective == "spin" and "opponent_real_logps" not in frame:
+            # Before any checkpoint is loaded: the engine's weights are still θt's.
+            frame = _score_opponent(
+                trainer.engine, frame, training, trainer.pad_id, scored_path, trainer.world_size
+            )
+        data = PairData(frame, training)
+        sft_weight = training.sft_weight if objective == "spin" else 0.0
+        objective_loss = make_objective(
+            objective, data, beta=schedule_at(training.beta, iteration), sft_weight=sft_weight
         )
-    data = PairData(frame, training)
-    sft_weight = training.sft_weight if objective == "spin" else 0.0
-    objective_loss = make_objective(
-        objective, data, beta=schedule_at(training.beta, iteration), sft_weight=sft_weight
-    )
-    start_step = _resume(trainer.engine, state_dir, iteration)
-    # The loop: one optimizer step, its record to every sink, a checkpoint when due.
-    trainer.engine.train()
-    with StepSinks(state_dir, iteration, total_steps, start_step, trainer.rank, on_step) as sink:
-        for step in range(start_step, total_steps):
-            record = trainer.optimizer_step(data, step, objective_loss, objective, iteration)
-            if health is not None and ((step + 1) % health.every == 0 or step + 1 == total_steps):
-                record |= _check_health(
-                    trainer.engine, health, trainer.pad_id, training.logprob_chunk_size, step + 1
-                )
-            sink.write(record)
-            last = step + 1 == total_steps
-            if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
-                _save_checkpoint(
-                    trainer.engine, state_dir, step + 1, training.keep_checkpoints, trainer.rank
-                )
-            if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
-                return TrainResult(total_steps, start_step, sink.log_path, None)
-    export_model(
-        trainer.engine,
-        trainer.tokenizer,
-        model_out,
-        trainer.rank,
-        training.zero_stage,
-        trainer.saved_dtype,
-        lora=training.lora,
-        base=(init_model, cfg.model),
-    )
+        start_step = _resume(trainer.engine, state_dir, iteration)
+        # The loop: one optimizer step, its record to every sink, a checkpoint when due.
+        trainer.engine.train()
+        with StepSinks(
+            state_dir, iteration, total_steps, start_step, trainer.rank, on_step
+        ) as sink:
+            for step in range(start_step, total_steps):
+                record = trainer.optimizer_step(data, step, objective_loss, objective, iteration)
+                if health is not None and (
+                    (step + 1) % health.every == 0 or step + 1 == total_steps
+                ):
+                    record |= _check_health(
+                        trainer.engine,
+                        health,
+                        trainer.pad_id,
+                        training.logprob_chunk_size,
+                        step + 1,
+                    )
+                sink.write(record)
+                last = step + 1 == total_steps
+                if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
+                    _save_checkpoint(
+                        trainer.engine, state_dir, step + 1, training.keep_checkpoints, trainer.rank
+                    )
+                if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
+                    return TrainResult(total_steps, start_step, sink.log_path, None)
+        export_model(
+            trainer.engine,
+            trainer.tokenizer,
+            model_out,
+            trainer.rank,
+            training.zero_stage,
+            EXPORT_DTYPES[training.export_dtype],
+            lora=training.lora,
+            base=(init_model, cfg.model),
+            summary_path=state_dir / EXPORT_SUMMARY,
+        )
+    finally:
+        trainer.close()
     return TrainResult(total_steps, start_step, state_dir / STEP_LOG, model_out)
 
 
@@ -475,7 +530,6 @@ class _Trainer:
 
     engine: Any
     tokenizer: Any
-    saved_dtype: torch.dtype  # the dtype θt was saved in, for the export
     training: TrainingConfig
     rank: int
     world_size: int
@@ -488,7 +542,7 @@ class _Trainer:
     def build(cls, init_model: str, cfg: SpinConfig, lr: float, total_steps: int) -> _Trainer:
         """θt loaded for training (dropout off, LoRA when set) under DeepSpeed."""
         import deepspeed
-        from transformers import AutoConfig, get_scheduler
+        from transformers import get_scheduler
 
         training = cfg.training
         ds_config = deepspeed_config(
@@ -499,9 +553,6 @@ class _Trainer:
 
             # Kept alive so from_pretrained partitions weights across ranks as it loads.
             zero3_init = HfDeepSpeedConfig(ds_config)  # noqa: F841
-        saved_dtype = _config_dtype(
-            AutoConfig.from_pretrained(init_model, trust_remote_code=cfg.model.trust_remote_code)
-        )
         model, tokenizer = load_policy(init_model, cfg.model, for_training=True)
         disable_dropout(model)
         if training.gradient_checkpointing:
@@ -527,11 +578,26 @@ class _Trainer:
             config=ds_config,
         )
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        if world_size == 1 and training.zero_stage == 0:
+        alone = type(engine.optimizer).__name__ == "BF16_Optimizer" or training.zero_stage == 0
+        if world_size == 1 and alone:
             # Alone, DeepSpeed would still flatten every gradient into a bucket, all-reduce
             # it with itself and copy it back: a gradient-sized buffer and ~15% of each step.
+            # (BF16_Optimizer adds each micro-batch into its fp32 buffer before this point.)
             engine.enable_backward_allreduce = False
-        return cls(engine, tokenizer, saved_dtype, training, rank, world_size)
+        return cls(engine, tokenizer, training, rank, world_size)
+
+    def close(self) -> None:
+        """Free the engine now, not when the cyclic GC gets to it: engine and optimizer refer
+        to each other, and on one GPU evaluation and generation load models next, in this
+        process (a 7B full fine-tune holds ~90 GB of states)."""
+        if self.engine is None:
+            return
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def optimizer_step(
         self, data: PairData, step: int, objective_loss, objective: str, iteration: int
@@ -726,14 +792,6 @@ def _save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) -
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _config_dtype(hf_config) -> torch.dtype:
-    """The dtype the checkpoint was stored in (weights are exported in it again)."""
-    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else torch.float32
-
-
 def with_adapter(model, lora: LoraConfig):
     """`model` with a fresh LoRA adapter on `lora.target_modules`; only the adapter trains."""
     from peft import LoraConfig as PeftLoraConfig
@@ -750,8 +808,10 @@ def with_adapter(model, lora: LoraConfig):
 
 
 def merge_adapter(state_dict: dict, base: tuple[str, ModelConfig], lora: LoraConfig, adapter_dir):
-    """θt + adapter as a plain model: the trained adapter (from a gathered PEFT state dict)
-    is loaded onto a fresh copy of θt, saved to `adapter_dir`, and merged into the weights."""
+    """θt + adapter as a plain model: the trained adapter (the fp32 master copies of its
+    weights, `trained_state_dict`) is loaded onto a fresh fp32 copy of θt, saved to
+    `adapter_dir`, and merged into the weights in fp32 (in bf16, a ΔW of ~1e-4 on weights
+    of ~0.02 would be partly rounded away)."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     init_model, model_cfg = base
@@ -775,34 +835,122 @@ def export_model(
     *,
     lora: LoraConfig | None = None,
     base: tuple[str, ModelConfig] | None = None,
-) -> None:
-    """Write the trained weights as one HF directory (ZeRO-3 shards gathered first).
+    summary_path: Path | None = None,
+) -> dict | None:
+    """Write θ(t+1) as one HF directory in `dtype`, from the optimizer's fp32 master weights.
 
-    With LoRA the adapter is merged into θt's weights, so the next iteration,
-    evaluation and vLLM see an ordinary model; the adapter alone is saved beside
-    it, in `adapter/`.
+    With bf16 compute the module holds bf16 copies; an update smaller than half of bf16's
+    spacing (lr 5e-7 on weights of 0.02, whose spacing is 1.2e-4) is in the fp32 master
+    only, so exporting the module would drop it. With LoRA the adapter (fp32 master) is
+    merged into θt's weights in fp32, so the next iteration, evaluation and vLLM see an
+    ordinary model; the adapter alone is saved beside it, in `adapter/`.
+    Returns on rank 0 (None elsewhere) the export summary, also written to
+    `summary_path`: the dtype and `weights_changed`, the fraction of weight elements that
+    differ from θt's as stored; a warning says when it is below MIN_WEIGHTS_CHANGED.
     """
     module = engine.module.policy
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    elif lora is not None:
-        state_dict = {}  # merged in place below, from the module itself
-    else:
-        state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    state_dict = trained_state_dict(engine, rank, zero_stage, trainable_only=lora is not None)
+    summary = None
     if rank == 0:
-        if lora is not None and zero_stage != 3:
-            # The whole PEFT model is here: save the adapter, then merge it in place.
-            module.save_pretrained(Path(out_dir).parent / "adapter", safe_serialization=True)
-            module = module.merge_and_unload()
-            state_dict = module.state_dict()
-        elif lora is not None:  # ZeRO-3: merge the gathered weights into a fresh θt
+        init_model = base[0] if base is not None else None
+        if lora is not None:  # the adapter onto a fresh fp32 θt, merged there
             module = merge_adapter(state_dict, base, lora, Path(out_dir).parent / "adapter")
             state_dict = module.state_dict()
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        summary = export_summary(init_model, state_dict, dtype)
+        if summary_path is not None:
+            write_json_atomic(summary, summary_path)  # before the model: a model has one
         module.config.use_cache = True
+        module.config.dtype = dtype
         save_model_dir(module, tokenizer, out_dir, state_dict=state_dict)
     if dist.get_world_size() > 1:
         dist.barrier()
+    return summary
+
+
+def trained_state_dict(
+    engine, rank: int, zero_stage: int, *, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """θ(t+1)'s tensors on rank 0's host (an empty dict on the other ranks).
+
+    A trained parameter comes from the optimizer's fp32 master copy
+    (`safe_get_full_fp32_param`), anything else as the module holds it. Called on every
+    rank in the same order: under ZeRO each assembly is a collective. One tensor at a
+    time, so a GPU holds one whole parameter at once, and only rank 0 copies to the host
+    (8 ranks would otherwise each hold the whole model in host memory).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module.policy
+    copies: dict[int, torch.Tensor | None] = {}  # tied weights are assembled once
+    out = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        trained = isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad
+        if trainable_only and not trained:
+            continue
+        if id(tensor) not in copies:
+            master = safe_get_full_fp32_param(tensor) if trained else None
+            if master is not None:
+                copies[id(tensor)] = host_copy(master, rank)
+            elif zero_stage == 3 and hasattr(tensor, "ds_id"):
+                with deepspeed.zero.GatheredParameters([tensor]):
+                    copies[id(tensor)] = host_copy(tensor, rank)
+            else:
+                copies[id(tensor)] = host_copy(tensor, rank)
+        if rank == 0:
+            out[name] = copies[id(tensor)]
+    return out
+
+
+def host_copy(tensor: torch.Tensor, rank: int) -> torch.Tensor | None:
+    """A host copy of `tensor` on rank 0; None (no copy) on the others."""
+    if rank != 0:
+        return None
+    return tensor.detach().to("cpu", copy=True)
+
+
+def export_summary(init_model: str | None, state_dict: dict, dtype: torch.dtype) -> dict:
+    """The export's dtype and the fraction of its weights that differ from θt's (warned
+    about when below MIN_WEIGHTS_CHANGED); None when θt's weights cannot be read."""
+    changed = weights_changed(init_model, state_dict) if init_model else None
+    if changed is not None and changed < MIN_WEIGHTS_CHANGED:
+        logger.warning(
+            "the exported model equals θt in %.2f%% of its weights: the update was mostly lost%s",
+            100 * (1 - changed),
+            " to bf16 rounding; set training.export_dtype=fp32 to keep it"
+            if dtype == torch.bfloat16
+            else " (learning rate too small for these steps?)",
+        )
+    return {"export_dtype": str(dtype).removeprefix("torch."), "weights_changed": changed}
+
+
+def _safetensors_files(init_model: str) -> list[Path]:
+    path = Path(init_model).expanduser()
+    if not path.is_dir():  # a hub name: the snapshot from_pretrained loaded
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(init_model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: the fraction is then unknown
+            return []
+    return sorted(path.glob("*.safetensors"))
+
+
+def weights_changed(init_model: str, state_dict: dict) -> float | None:
+    """Fraction of the elements of `state_dict`'s floating tensors that differ from θt's
+    tensors of the same name in `init_model`'s safetensors files, read one at a time."""
+    from safetensors import safe_open
+
+    changed = total = 0
+    for path in _safetensors_files(init_model):
+        with safe_open(str(path), framework="pt") as stored:
+            for key in stored.keys():  # noqa: SIM118 - safe_open is not a dict
+                new = state_dict.get(key)
+                if new is None or not new.is_floating_point():
+                    continue
+                old = stored.get_tensor(key)
+                if old.shape == new.shape:
+                    changed += int((new.float() != old.float()).sum())
+                    total += old.numel()
+    return changed / total if total else None

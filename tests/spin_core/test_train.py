@@ -14,7 +14,13 @@ from spin_core.checkpoint import load_policy
 from spin_core.generation import Decoding, HFBackend
 from spin_core.prompts import encode_pairs
 from spin_core.score import score_with_opponent
-from spin_core.train import COMPLETE_MARKER, complete_checkpoints, step_indices, train_iteration
+from spin_core.train import (
+    COMPLETE_MARKER,
+    STEP_LOG,
+    complete_checkpoints,
+    step_indices,
+    train_iteration,
+)
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +344,67 @@ def test_sft_weight_is_logged_apart_and_zero_gives_the_papers_losses(
     )
     assert paper[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert paper[0]["ties"] == 0.0  # identical pairs were dropped from this set
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(toy_build, train_parquet, tmp_path_factory):
+    """1 rank, ZeRO-0, one log-prob chunk per forward: scores pairs.parquet, then trains."""
+    folder = tmp_path_factory.mktemp("reference")
+    train_iteration(
+        init_model=str(toy_build.model_dir),
+        train_path=train_parquet.parent / "pairs.parquet",
+        scored_path=folder / "train.parquet",
+        state_dir=folder / "state",
+        model_out=folder / "model",
+        cfg=_config(toy_build, "training.num_epochs=1", "training.zero_stage=0"),
+        iteration=0,
+    )
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_with_many_logprob_chunks_equal_one_rank(
+    zero_stage, toy_build, train_parquet, one_rank_reference, tmp_path
+):
+    """Several chunks per forward, in different numbers on each rank (their sequences differ
+    in length), nothing resident under ZeRO-3: scoring and training still equal 1 rank.
+
+    Each LM-head call is a collective under ZeRO-3, and a gradient hook under ZeRO-2; one
+    call per chunk made the ranks disagree on how many there are, and the run aborted.
+    Also: run.deterministic reaches every launched rank.
+    """
+    cfg = _config(
+        toy_build,
+        "training.num_epochs=1",
+        "training.num_processes=2",
+        f"training.zero_stage={zero_stage}",
+        "training.logprob_chunk_size=4",
+        "training.score_batch_tokens=512",  # several scoring batches, of different lengths
+        ZERO3_ALL_PARTITIONED,
+        "run.deterministic=true",
+    )
+    args = {
+        "config": cfg.model_dump(mode="json"),
+        "init_model": cfg.model.name_or_path,
+        "train_path": str(train_parquet.parent / "pairs.parquet"),
+        "scored_path": str(tmp_path / "train.parquet"),
+        "state_dir": str(tmp_path / "state"),
+        "model_out": str(tmp_path / "model"),
+        "iteration": 0,
+    }
+    from spin_core.launch import launch_training
+
+    lines: list[str] = []
+    launch_training(args, cfg.training, on_step=lambda record: None, on_log=lines.append)
+    for rank in (0, 1):
+        assert any(f"rank {rank}: deterministic algorithms on (CUBLAS" in x for x in lines)
+    ours = pd.read_parquet(tmp_path / "train.parquet")
+    reference = pd.read_parquet(one_rank_reference / "train.parquet")
+    for column in ("opponent_real_logps", "opponent_generated_logps"):
+        np.testing.assert_allclose(ours[column], reference[column], atol=1e-4, rtol=0)
+    a, b = _log(one_rank_reference / "state" / "metrics.jsonl"), _log(tmp_path / "state" / STEP_LOG)
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-4)
+        assert y["margin"] == pytest.approx(x["margin"], abs=1e-4)
