@@ -19,19 +19,23 @@ from benchmarks import _common
 
 DOC = _common.ROOT / "docs" / "PERFORMANCE.md"
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
-ORDER = ["generate", "train", "train_wide", "overhead", "data", "scaling"]
+ORDER = [
+    "generate_smollm2",
+    "train_smollm2",
+    "generate",
+    "train",
+    "train_wide",
+    "overhead",
+    "data",
+    "scaling",
+]
 
 
 def summary(r: dict) -> tuple[str, str]:
     """(measured figures, the ratio or result the target is about) of one record."""
     name = r["benchmark"]
-    if name == "generate":
-        return (
-            f"{r['prompts']} prompts, {r['generated_tokens']} tokens: per-prompt loop "
-            f"{r['per_prompt_s']} s ({r['per_prompt_tokens_per_s']} tok/s), spin {r['spin_s']} s "
-            f"({r['spin_tokens_per_s']} tok/s); outputs identical",
-            f"{r['speedup']}× faster",
-        )
+    if name.startswith("generate"):
+        return _generate_summary(r)
     if name.startswith("train"):
         return _train_summary(r)
     if name == "overhead":
@@ -72,6 +76,28 @@ def summary(r: dict) -> tuple[str, str]:
     return json.dumps(r), ""
 
 
+def _generate_summary(r: dict) -> tuple[str, str]:
+    """spin's generation step against the per-prompt loop and, if run, HF batched `generate`."""
+    model = f"{r['model']}, " if "model" in r else ""
+    figures = (
+        f"{model}{r['prompts']} prompts, {r['generated_tokens']} tokens: per-prompt loop "
+        f"{r['per_prompt_s']} s ({r['per_prompt_tokens_per_s']} tok/s), spin {r['spin_s']} s "
+        f"({r['spin_tokens_per_s']} tok/s); outputs identical"
+    )
+    result = f"{r['speedup']}× faster"
+    if "hf_batched_s" in r:
+        figures += (
+            f"; HF batched generate {r['hf_batched_s']} s ({r['hf_batched_tokens_per_s']} tok/s, "
+            f"{r['hf_batch']} a call); fp32 matmul peak {r['matmul_peak_gflops']} GFLOP/s "
+            f"= {r['tokens_per_s_bound']} tok/s"
+        )
+        result += (
+            f" ({r['speedup_vs_hf_batched']}× HF batched), {r['fraction_of_matmul_peak']} of "
+            f"the matmul peak (HF batched {r['hf_batched_fraction_of_matmul_peak']})"
+        )
+    return figures, result
+
+
 def _train_summary(r: dict) -> tuple[str, str]:
     """spin's train_iteration (scoring inside, phase by phase) and TRL's DPOTrainer, if run."""
     phases = [
@@ -95,7 +121,7 @@ def _train_summary(r: dict) -> tuple[str, str]:
             f"{head}; per step {r['spin_step_tokens_per_s']} tok/s; peak RSS "
             f"{r['spin_peak_mib']:.0f} MiB; first-step loss {r['first_loss_spin']}; "
             "TRL not installed",
-            "spin only: no TRL comparison",
+            "spin only: no TRL comparison" + _mfu(r),
         )
     return (
         f"{head}, TRL {r['trl_s']} s ({r['trl_tokens_per_s']} tok/s); "
@@ -103,8 +129,15 @@ def _train_summary(r: dict) -> tuple[str, str]:
         f"peak RSS {r['spin_peak_mib']:.0f} vs {r['trl_peak_mib']:.0f} MiB; first-step loss "
         f"{r['first_loss_spin']} vs {r['first_loss_trl']}",
         f"{r['speed_ratio']}× tokens/s end to end ({r['step_speed_ratio']}× per step), "
-        f"{r['memory_ratio']}× memory",
+        f"{r['memory_ratio']}× memory" + _mfu(r),
     )
+
+
+def _mfu(r: dict) -> str:
+    if "mfu" not in r:  # records from before the matmul peak was measured
+        return ""
+    trl = f" (TRL {r['trl_mfu']})" if "trl_mfu" in r else ""
+    return f"; mfu {r['mfu']}{trl} of {r['matmul_peak_gflops']} GFLOP/s fp32"
 
 
 def table(records: list[dict]) -> str:
