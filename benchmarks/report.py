@@ -1,7 +1,9 @@
 """Write the results table of docs/PERFORMANCE.md from benchmarks/.cache/results.jsonl.
 
 The newest full (not --quick) result of each benchmark and code variant becomes one
-row with its machine, date and command; the text around the table is left alone.
+row with its machine, date and command; the text around the table is left alone. Rows
+of the table already there whose benchmark and code variant have no result in the file
+are kept as they are (a run of some benchmarks does not erase the others' last figures).
 With --quick the newest results, smoke tests included, are printed instead and the
 document is not touched.
 
@@ -140,11 +142,27 @@ def _mfu(r: dict) -> str:
     return f"; mfu {r['mfu']}{trl} of {r['matmul_peak_gflops']} GFLOP/s fp32"
 
 
-def table(records: list[dict]) -> str:
-    lines = [
-        "| benchmark | spin_core | measured | result | target | met | machine | date | command |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+HEADER = [
+    "| benchmark | spin_core | measured | result | target | met | machine | date | command |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def kept_rows(old_table: str, records: list[dict]) -> list[str]:
+    """Rows of the old table whose (benchmark, spin_core) has no new record, in their order."""
+    fresh = {(r["benchmark"], r.get("code", "working tree")) for r in records}
+    rows = []
+    for line in old_table.strip().splitlines():
+        if line in HEADER or not line.startswith("| "):
+            continue
+        cells = [cell.strip() for cell in line.split("|")[1:3]]
+        if (cells[0], cells[1]) not in fresh:
+            rows.append(line)
+    return rows
+
+
+def table(records: list[dict], kept: list[str] = ()) -> str:
+    lines = list(HEADER)
     for r in records:
         figures, result = summary(r)
         met = {True: "yes", False: "**no**", None: "n/a"}[r["target_met"]]
@@ -153,7 +171,7 @@ def table(records: list[dict]) -> str:
             f"{r['target']} | {met} | {r['machine']}; load {r['load_avg_1min']} | "
             f"{r['date']} | `{r['command']}` |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, *kept])
 
 
 def main() -> None:
@@ -185,9 +203,10 @@ def main() -> None:
         sys.exit(f"{_common.RESULTS}: no full (non --quick) results; {DOC} left as it is")
     doc = DOC.read_text()
     head, rest = doc.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{START}\n{table(records)}\n{END}{tail}")
-    print(f"{DOC}: {len(records)} rows")
+    old, tail = rest.split(END, 1)
+    kept = kept_rows(old, records)
+    DOC.write_text(f"{head}{START}\n{table(records, kept)}\n{END}{tail}")
+    print(f"{DOC}: {len(records)} rows from {_common.RESULTS}, {len(kept)} kept from before")
 
 
 if __name__ == "__main__":

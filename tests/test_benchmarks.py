@@ -78,3 +78,19 @@ def test_model_shapes_of_smollm2():
     assert (576, 192, 30) in shapes and (1536, 576, 30) in shapes and (576, 49152, 1) in shapes
     weights = sum(i * o * n for i, o, n in shapes)
     assert weights == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152
+
+
+def test_report_keeps_rows_that_have_no_new_result():
+    """Rewriting the table from results.jsonl keeps the earlier rows of benchmarks not rerun
+    (here the overhead row), and replaces the rows of those that were (generate)."""
+    from benchmarks import report
+
+    old = "\n".join(
+        [
+            *report.HEADER,
+            "| generate | working tree | old figures | 9.66× faster | t | **no** | m | d | `c` |",
+            "| overhead | working tree | plain loop 30 s | 1.573× | t | **no** | m | d | `c` |",
+        ]
+    )
+    new = {"benchmark": "generate", "code": "working tree"}
+    assert report.kept_rows(old, [new]) == [old.splitlines()[-1]]
