@@ -284,7 +284,7 @@ def run_trl(args, out_dir: Path) -> dict:
     trainer.save_model(str(out_dir / "model"))
     seconds, train_seconds = time.perf_counter() - started, time.perf_counter() - train_started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens_checked = _same_tokens_as_spin(trainer.train_dataset, pairs, cfg)
+    tokens_checked = _same_tokens_as_spin(trainer.train_dataset, pairs, cfg, tokenizer.eos_token_id)
     return {
         "seconds": seconds,
         "train_seconds": train_seconds,
@@ -296,22 +296,39 @@ def run_trl(args, out_dir: Path) -> dict:
     }
 
 
-def _same_tokens_as_spin(dataset, pairs, cfg) -> dict:
+def _same_tokens_as_spin(dataset, pairs, cfg, eos: int) -> dict:
     """Check that TRL trains on the tokens spin trains on (the stored ids, at the limits).
 
-    Prompt + real must match exactly (both are the SFT tokenization of the chat).
+    Prompt + real must match exactly (both are the SFT tokenization of the chat), but
+    for what a chat template writes after the end-of-turn token: SmolLM2's ends every
+    turn with `<|im_end|>` and a newline, TRL keeps the newline (one more token a
+    response, on both sides of a pair) and spin stops at EOS; such responses are counted.
     TRL re-tokenizes the *decoded* generated text, which need not give back the
     ids the opponent produced (spin trains on those); such pairs are counted.
     """
     from spin_core.score import frame_examples
 
+    def up_to_eos(ids: list[int]) -> tuple[list[int], int]:
+        """`ids` cut after their last EOS, and how many tokens followed it."""
+        if eos not in ids:
+            return ids, 0
+        end = len(ids) - ids[::-1].index(eos)
+        return ids[:end], len(ids) - end
+
     real = frame_examples(pairs, "real_ids", cfg.training)
     generated = frame_examples(pairs, "generated_ids", cfg.training)
-    reencoded_differs = 0
+    reencoded_differs = after_eos = 0
     for i, row in enumerate(dataset):
-        assert row["prompt_ids"] + row["chosen_ids"] == real.input_ids[i], f"pair {i}: real"
-        reencoded_differs += row["prompt_ids"] + row["rejected_ids"] != generated.input_ids[i]
-    return {"pairs_checked": len(dataset), "generated_reencoded_differs": int(reencoded_differs)}
+        chosen, extra_chosen = up_to_eos(row["prompt_ids"] + row["chosen_ids"])
+        rejected, extra_rejected = up_to_eos(row["prompt_ids"] + row["rejected_ids"])
+        assert chosen == list(real.input_ids[i]), f"pair {i}: real"
+        after_eos += extra_chosen + extra_rejected
+        reencoded_differs += rejected != list(generated.input_ids[i])
+    return {
+        "pairs_checked": len(dataset),
+        "generated_reencoded_differs": int(reencoded_differs),
+        "tokens_after_eos": int(after_eos),
+    }
 
 
 def _durations(started: float, ends: list[float]) -> list[float]:
@@ -430,6 +447,8 @@ def compare(name: str, setup: tuple, args) -> None:
             "trl_peak_mib": trl[memory_key],
             "memory_ratio": round(memory, 3),
             "trl_generated_reencoded_differs": trl["tokens_checked"]["generated_reencoded_differs"],
+            # Tokens TRL trains on after a response's EOS (the template's newline), spin does not.
+            "trl_tokens_after_eos": trl["tokens_checked"].get("tokens_after_eos", 0),
         }
         figures["trl_mfu"] = round(6 * parameters * steady(trl) / peak, 3)
         met = speed >= TARGET_SPEED and memory <= TARGET_MEMORY
