@@ -70,7 +70,7 @@ QUICK_SETUPS = {
     "wide": (16, 8, 1, {"hidden_size": 256, "num_layers": 4, "num_heads": 4}),
 }
 # --model smollm2: 2 steps an epoch of 8 pairs (16 sequences of ~70 tokens), 2 epochs (small:
-# one step took ~40 CPU-seconds at one thread on the machine of docs/PERFORMANCE.md).
+# one step took 1-4 min at one thread on the loaded 2-core machine of docs/PERFORMANCE.md).
 SMOLLM2_SETUP = {"smollm2": (16, 8, 2, "smollm2")}
 SMOLLM2_QUICK_SETUP = {"smollm2": (8, 4, 1, "smollm2")}
 
