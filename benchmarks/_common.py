@@ -1,4 +1,6 @@
-"""What every benchmark shares: the cached toy θ0, thread settings, peak memory, JSON output,
+"""What every benchmark shares: the cached toy θ0, the real chat model (`--model smollm2`:
+SmolLM2-135M-Instruct, `spin import-gguf smollm2`) and its chat-task prompts, the fp32 matmul
+FLOP/s at a model's shapes (`matmul_peak`), thread settings, peak memory, JSON output,
 the pipeline's sample / generate / build steps run by the plain driver
 (`sample_with_ids`, `generate_and_build`), and `TrainPhases`, the phase split of one `train_iteration`.
 
@@ -14,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -76,6 +79,7 @@ def setup(threads: int) -> None:
     for name in ("transformers", "deepspeed", "DeepSpeed", "prefect", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(threads)
+    CACHE.mkdir(parents=True, exist_ok=True)
 
 
 def toy():
@@ -83,6 +87,119 @@ def toy():
     from spin_core.toy import build_toy
 
     return build_toy(CACHE / "toy")
+
+
+MODELS = ("toy", "smollm2")
+
+
+def add_model_argument(args: argparse.ArgumentParser) -> None:
+    """--model: the toy θ0 (fixed costs dominate) or the real chat model (compute dominates)."""
+    args.add_argument(
+        "--model",
+        choices=MODELS,
+        default="smollm2",
+        help="smollm2: SmolLM2-135M-Instruct as `spin import-gguf smollm2` imported it "
+        "(default); toy: the embedded default's 1M-parameter θ0",
+    )
+
+
+def smollm2_dir() -> Path:
+    """The imported SmolLM2-135M-Instruct directory; exit 2 naming it if it is not there."""
+    from spin_core.gguf_import import SMOLLM2_DIR
+
+    path = ROOT / SMOLLM2_DIR
+    if not (path / "config.json").exists():
+        print(
+            f"--model smollm2: {path} has no config.json; import the model first "
+            f"(`make setup`, or `spin import-gguf smollm2 {SMOLLM2_DIR}`)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return path
+
+
+# The real model's prompts are longer (chat template with its default system turn): a
+# limit that truncates none of them, so the per-prompt loop sees the same prompts.
+SMOLLM2_MAX_PROMPT_LENGTH = 96
+
+
+def smollm2_config(overrides: list[str] | None = None):
+    """BENCH_CONFIG on the real chat model, with `key.sub=value` overrides applied."""
+    from spin_core.config import apply_overrides, validate_config
+
+    raw = apply_overrides(
+        BENCH_CONFIG,
+        [
+            f"model.name_or_path={smollm2_dir()}",
+            f"training.max_prompt_length={SMOLLM2_MAX_PROMPT_LENGTH}",
+            *(overrides or []),
+        ],
+    )
+    return validate_config(raw, source="benchmarks/_common.py BENCH_CONFIG (smollm2)")
+
+
+def chat_sample(n: int, seed: int = 42):
+    """`n` natural-language chat-task pairs (spin_core/chat_tasks.py) as prompts.parquet rows:
+    id, prompt, real (no ids; `with_ids` adds them)."""
+    import pandas as pd
+
+    from spin_core.chat_tasks import make_pairs
+
+    frame = make_pairs(n, seed)
+    return pd.DataFrame(
+        {
+            "id": [f"chat-{seed}-{i}" for i in range(n)],
+            "prompt": [messages[0]["content"] for messages in frame["messages"]],
+            "real": [messages[1]["content"] for messages in frame["messages"]],
+        }
+    )
+
+
+def model_shapes(config) -> list[tuple[int, int, int]]:
+    """(in, out, count) of every weight matmul one token goes through in a Llama-like model
+    (attention projections, MLP, the vocabulary head), from its HF config."""
+    width, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    layer = [(width, q), (width, kv), (width, kv), (q, width)]
+    layer += [(width, config.intermediate_size)] * 2 + [(config.intermediate_size, width)]
+    return [(i, o, layers) for i, o in layer] + [(width, config.vocab_size, 1)]
+
+
+def matmul_peak(config, tokens: int = 512, dtype: str = "float32", repeats: int = 3) -> float:
+    """FLOP/s of torch.mm at the model's shapes: (tokens × in)·(in × out) for every weight
+    matmul of one forward pass (`model_shapes`), each timed `repeats` times (the fastest kept),
+    summed as a forward pass sums them. Measured in the calling process, at its thread count,
+    so it is the bound this run's model could reach on this machine, under its current load."""
+    import torch
+
+    kind = getattr(torch, dtype)
+    flops = seconds = 0.0
+    with torch.no_grad():
+        for fan_in, fan_out, count in model_shapes(config):
+            a = torch.randn(tokens, fan_in, dtype=kind)
+            b = torch.randn(fan_in, fan_out, dtype=kind)
+            torch.mm(a, b)  # warm-up
+            best = math.inf
+            for _ in range(repeats):
+                started = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - started)
+            flops += count * 2.0 * tokens * fan_in * fan_out
+            seconds += count * best
+    return flops / seconds
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in a model directory's safetensors (tied weights counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return total
 
 
 def toy_prompts(n: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Generation: one `model.generate` call per prompt versus spin's generation step.
+"""Generation: spin's generation step versus one `generate` call per prompt and HF batched `generate`.
 
 The per-prompt loop is how public SPIN write-ups generate y': format the prompt
 with the chat template, call `model.generate` on it alone, decode. spin's step is
@@ -7,22 +7,35 @@ with the chat template, call `model.generate` on it alone, decode. spin's step i
 `make_backend` (batched, length-sorted, left-padded greedy decoding), `generate_shards`
 writing the Parquet shards with the generated ids. Same toy θ0, same prompts, same
 greedy settings; the outputs must be identical, token for token (the loop's new ids
-against the shards' `generated_ids`).
+against the shards' `generated_ids`). A third side is HF's batched `model.generate` over
+the same left-padded prompts (one call per `--hf-batch` prompts), whose rows keep
+decoding until the longest one stops; its outputs are compared, not asserted (padding
+may change fp32 rounding).
 
-    python -m benchmarks.bench_generate            # 512 prompts; target spin ≥ 20× faster
+`fraction_of_matmul_peak` is spin's generated tokens/s × 2·parameters over the fp32
+torch.mm FLOP/s measured in the same run at the model's shapes (`_common.matmul_peak`,
+before and after the timed rounds, the higher kept).
+
+    python -m benchmarks.bench_generate                # SmolLM2-135M-Instruct, 64 chat prompts,
+                                                       # 48 new tokens; target ≥ 10×, ≥ 0.4 of peak
+    python -m benchmarks.bench_generate --model toy    # the toy θ0, 512 prompts; target ≥ 20×
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from benchmarks import _common
 
-TARGET_SPEEDUP = 20.0
+TARGET_SPEEDUP = {"toy": 20.0, "smollm2": 10.0}
+TARGET_FRACTION = 0.4  # of the fp32 matmul peak, on the real model
+# model -> (prompts, quick prompts, max_new_tokens, rounds)
+SIZES = {"toy": (512, 64, 32, 3), "smollm2": (64, 8, 48, 1)}
 
 
 @torch.no_grad()
@@ -50,6 +63,38 @@ def per_prompt_loop(model, tokenizer, prompts: list[str], max_new_tokens: int):
         ids.append(new)
         texts.append(tokenizer.decode(new, skip_special_tokens=True))
     return texts, ids
+
+
+@torch.no_grad()
+def hf_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):
+    """New token ids incl. EOS: HF `generate` over `batch_size` left-padded prompts at a time."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+            )
+            for p in prompts[start : start + batch_size]
+        ]
+        rows = [r["input_ids"] if hasattr(r, "keys") else r for r in rows]
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for j, row in enumerate(rows):
+            input_ids[j, longest - len(row) :] = torch.tensor(row)
+            attention_mask[j, longest - len(row) :] = 1
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )  # (batch, longest + new): finished rows are padded to the longest
+        for row in output[:, longest:].tolist():
+            ids.append(row[: row.index(eos) + 1] if eos in row else row)
+    return ids
 
 
 def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
@@ -82,26 +127,30 @@ def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
     return shards["generated"].tolist(), [ids.tolist() for ids in shards["generated_ids"]]
 
 
-def main() -> None:
-    args = _common.parser(__doc__.splitlines()[0])
-    args.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (median)")
-    args = args.parse_args()
-    _common.setup(args.threads)
-    from spin_core.checkpoint import load_policy
+def _inputs(args):
+    """(cfg, prompts, rounds, model directory) of the chosen model at the chosen size."""
+    num_prompts, quick_prompts, max_new_tokens, rounds = SIZES[args.model]
+    num_prompts = quick_prompts if args.quick else num_prompts
+    rounds = 1 if args.quick else (args.rounds or rounds)
+    if args.model == "toy":
+        cfg = _common.toy_config()  # greedy, max_new_tokens 32
+        prompts = _common.toy_prompts(num_prompts)
+    else:
+        cfg = _common.smollm2_config([f"generation.max_new_tokens={max_new_tokens}"])
+        prompts = _common.chat_sample(num_prompts)["prompt"].tolist()
+    return cfg, prompts, rounds
 
-    num_prompts = 64 if args.quick else 512
-    rounds = 1 if args.quick else args.rounds
-    cfg = _common.toy_config()  # greedy, max_new_tokens 32
-    prompts = _common.toy_prompts(num_prompts)
-    model, tokenizer = load_policy(str(cfg.model.name_or_path), cfg.model)
+
+def _timed_rounds(model, tokenizer, prompts, cfg, rounds: int, hf_batch: int) -> dict:
+    """Alternating timed rounds of the three sides; spin's outputs checked against the loop's."""
     max_new_tokens = cfg.generation.max_new_tokens
-
-    loop_times, spin_times = [], []
+    times: dict[str, list] = {"loop": [], "spin": [], "hf": []}
     with tempfile.TemporaryDirectory(dir=_common.CACHE) as tmp:
-        # Warm-up: first calls pay one-off costs (allocator, kernels) on both sides.
-        per_prompt_loop(model, tokenizer, prompts[:4], max_new_tokens)
+        # Warm-up: first calls pay one-off costs (allocator, kernels) on every side.
+        per_prompt_loop(model, tokenizer, prompts[:2], max_new_tokens)
         spin_generation(model, tokenizer, prompts[:4], cfg, f"{tmp}/warmup")
-        # Alternating rounds, so a change in the machine's load hits both sides alike.
+        hf_batched(model, tokenizer, prompts[:4], max_new_tokens, hf_batch)
+        # Alternating rounds, so a change in the machine's load hits every side alike.
         for round_ in range(rounds):
             with _common.Timer() as loop_time:
                 loop_texts, loop_ids = per_prompt_loop(model, tokenizer, prompts, max_new_tokens)
@@ -109,42 +158,89 @@ def main() -> None:
                 spin_texts, spin_ids = spin_generation(
                     model, tokenizer, prompts, cfg, f"{tmp}/round-{round_}"
                 )
-            loop_times.append(loop_time)
-            spin_times.append(spin_time)
+            with _common.Timer() as hf_time:
+                hf_ids = hf_batched(model, tokenizer, prompts, max_new_tokens, hf_batch)
+            for side, timer in (("loop", loop_time), ("spin", spin_time), ("hf", hf_time)):
+                times[side].append(timer)
             mismatches = [
                 i for i, (a, b) in enumerate(zip(loop_ids, spin_ids, strict=True)) if a != b
             ]
             assert not mismatches, (
-                f"{len(mismatches)} of {num_prompts} outputs differ, e.g. prompt "
+                f"{len(mismatches)} of {len(prompts)} outputs differ, e.g. prompt "
                 f"{prompts[mismatches[0]]!r}: {loop_texts[mismatches[0]]!r} (per prompt) vs "
                 f"{spin_texts[mismatches[0]]!r} (spin)"
             )
             assert loop_texts == spin_texts, "same ids, different decoded texts"
+    return {
+        "wall": {k: statistics.median(t.wall for t in v) for k, v in times.items()},
+        "cpu": {k: statistics.median(t.cpu for t in v) for k, v in times.items()},
+        "tokens": sum(len(ids) for ids in spin_ids),
+        "hf_differs": sum(a != b for a, b in zip(hf_ids, spin_ids, strict=True)),
+    }
 
-    loop_wall = statistics.median(t.wall for t in loop_times)
-    spin_wall = statistics.median(t.wall for t in spin_times)
-    loop_cpu = statistics.median(t.cpu for t in loop_times)
-    spin_cpu = statistics.median(t.cpu for t in spin_times)
-    speedup = loop_wall / spin_wall
-    tokens = sum(len(ids) for ids in spin_ids)
+
+def main() -> None:
+    args = _common.parser(__doc__.splitlines()[0])
+    _common.add_model_argument(args)
+    args.add_argument(
+        "--rounds", type=int, help="alternating timed rounds (median; default 3 toy, 1 smollm2)"
+    )
+    args.add_argument(
+        "--hf-batch", type=int, default=64, help="prompts per HF batched `generate` call"
+    )
+    args = args.parse_args()
+    _common.setup(args.threads)
+    from spin_core.checkpoint import load_policy
+
+    cfg, prompts, rounds = _inputs(args)
+    model, tokenizer = load_policy(str(cfg.model.name_or_path), cfg.model)
+    parameters = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    peak_before = _common.matmul_peak(model.config)
+    measured = _timed_rounds(model, tokenizer, prompts, cfg, rounds, args.hf_batch)
+    peak_after = _common.matmul_peak(model.config)
+    peak = max(peak_before, peak_after)
+
+    wall, cpu, tokens = measured["wall"], measured["cpu"], measured["tokens"]
+    speedup = wall["loop"] / wall["spin"]
+    fraction = tokens / wall["spin"] * 2 * parameters / peak
+    target = TARGET_SPEEDUP[args.model]
+    met = speedup >= target and (args.model == "toy" or fraction >= TARGET_FRACTION)
     _common.emit(
-        "generate",
+        "generate" if args.model == "toy" else f"generate_{args.model}",
         {
-            "prompts": num_prompts,
-            "max_new_tokens": max_new_tokens,
+            "model": f"{args.model}: {Path(str(cfg.model.name_or_path)).name}, "
+            f"{parameters / 1e6:.2f}M parameters",
+            "prompts": len(prompts),
+            "max_new_tokens": cfg.generation.max_new_tokens,
             "generated_tokens": tokens,
             "outputs_identical": True,
             "rounds": rounds,
-            "per_prompt_s": round(loop_wall, 3),
-            "spin_s": round(spin_wall, 3),
-            "per_prompt_tokens_per_s": round(tokens / loop_wall, 1),
-            "spin_tokens_per_s": round(tokens / spin_wall, 1),
+            "per_prompt_s": round(wall["loop"], 3),
+            "spin_s": round(wall["spin"], 3),
+            "per_prompt_tokens_per_s": round(tokens / wall["loop"], 1),
+            "spin_tokens_per_s": round(tokens / wall["spin"], 1),
             "speedup": round(speedup, 2),
-            "speedup_cpu_time": round(loop_cpu / spin_cpu, 2),
+            "speedup_cpu_time": round(cpu["loop"] / cpu["spin"], 2),
+            "hf_batch": args.hf_batch,
+            "hf_batched_s": round(wall["hf"], 3),
+            "hf_batched_tokens_per_s": round(tokens / wall["hf"], 1),
+            "speedup_vs_hf_batched": round(wall["hf"] / wall["spin"], 2),
+            "hf_batched_outputs_differ": measured["hf_differs"],
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "matmul_peak_before_after_gflops": [
+                round(peak_before / 1e9, 1),
+                round(peak_after / 1e9, 1),
+            ],
+            "tokens_per_s_bound": round(peak / (2 * parameters), 1),
+            "fraction_of_matmul_peak": round(fraction, 3),
+            "hf_batched_fraction_of_matmul_peak": round(
+                tokens / wall["hf"] * 2 * parameters / peak, 3
+            ),
             "threads": args.threads,
         },
-        target=f"spin >= {TARGET_SPEEDUP:g}x the per-prompt loop",
-        met=speedup >= TARGET_SPEEDUP,
+        target=f"spin >= {target:g}x the per-prompt loop"
+        + ("" if args.model == "toy" else f" and >= {TARGET_FRACTION} of the fp32 matmul peak"),
+        met=met,
         quick=args.quick,
     )
 

@@ -1,7 +1,9 @@
 """Write the results table of docs/PERFORMANCE.md from benchmarks/.cache/results.jsonl.
 
 The newest full (not --quick) result of each benchmark and code variant becomes one
-row with its machine, date and command; the text around the table is left alone.
+row with its machine, date and command; the text around the table is left alone. Rows
+of the table already there whose benchmark and code variant have no result in the file
+are kept as they are (a run of some benchmarks does not erase the others' last figures).
 With --quick the newest results, smoke tests included, are printed instead and the
 document is not touched.
 
@@ -19,19 +21,23 @@ from benchmarks import _common
 
 DOC = _common.ROOT / "docs" / "PERFORMANCE.md"
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
-ORDER = ["generate", "train", "train_wide", "overhead", "data", "scaling"]
+ORDER = [
+    "generate_smollm2",
+    "train_smollm2",
+    "generate",
+    "train",
+    "train_wide",
+    "overhead",
+    "data",
+    "scaling",
+]
 
 
 def summary(r: dict) -> tuple[str, str]:
     """(measured figures, the ratio or result the target is about) of one record."""
     name = r["benchmark"]
-    if name == "generate":
-        return (
-            f"{r['prompts']} prompts, {r['generated_tokens']} tokens: per-prompt loop "
-            f"{r['per_prompt_s']} s ({r['per_prompt_tokens_per_s']} tok/s), spin {r['spin_s']} s "
-            f"({r['spin_tokens_per_s']} tok/s); outputs identical",
-            f"{r['speedup']}× faster",
-        )
+    if name.startswith("generate"):
+        return _generate_summary(r)
     if name.startswith("train"):
         return _train_summary(r)
     if name == "overhead":
@@ -72,6 +78,28 @@ def summary(r: dict) -> tuple[str, str]:
     return json.dumps(r), ""
 
 
+def _generate_summary(r: dict) -> tuple[str, str]:
+    """spin's generation step against the per-prompt loop and, if run, HF batched `generate`."""
+    model = f"{r['model']}, " if "model" in r else ""
+    figures = (
+        f"{model}{r['prompts']} prompts, {r['generated_tokens']} tokens: per-prompt loop "
+        f"{r['per_prompt_s']} s ({r['per_prompt_tokens_per_s']} tok/s), spin {r['spin_s']} s "
+        f"({r['spin_tokens_per_s']} tok/s); outputs identical"
+    )
+    result = f"{r['speedup']}× faster"
+    if "hf_batched_s" in r:
+        figures += (
+            f"; HF batched generate {r['hf_batched_s']} s ({r['hf_batched_tokens_per_s']} tok/s, "
+            f"{r['hf_batch']} a call); fp32 matmul peak {r['matmul_peak_gflops']} GFLOP/s "
+            f"= {r['tokens_per_s_bound']} tok/s"
+        )
+        result += (
+            f" ({r['speedup_vs_hf_batched']}× HF batched), {r['fraction_of_matmul_peak']} of "
+            f"the matmul peak (HF batched {r['hf_batched_fraction_of_matmul_peak']})"
+        )
+    return figures, result
+
+
 def _train_summary(r: dict) -> tuple[str, str]:
     """spin's train_iteration (scoring inside, phase by phase) and TRL's DPOTrainer, if run."""
     phases = [
@@ -95,7 +123,7 @@ def _train_summary(r: dict) -> tuple[str, str]:
             f"{head}; per step {r['spin_step_tokens_per_s']} tok/s; peak RSS "
             f"{r['spin_peak_mib']:.0f} MiB; first-step loss {r['first_loss_spin']}; "
             "TRL not installed",
-            "spin only: no TRL comparison",
+            "spin only: no TRL comparison" + _mfu(r),
         )
     return (
         f"{head}, TRL {r['trl_s']} s ({r['trl_tokens_per_s']} tok/s); "
@@ -103,15 +131,38 @@ def _train_summary(r: dict) -> tuple[str, str]:
         f"peak RSS {r['spin_peak_mib']:.0f} vs {r['trl_peak_mib']:.0f} MiB; first-step loss "
         f"{r['first_loss_spin']} vs {r['first_loss_trl']}",
         f"{r['speed_ratio']}× tokens/s end to end ({r['step_speed_ratio']}× per step), "
-        f"{r['memory_ratio']}× memory",
+        f"{r['memory_ratio']}× memory" + _mfu(r),
     )
 
 
-def table(records: list[dict]) -> str:
-    lines = [
-        "| benchmark | spin_core | measured | result | target | met | machine | date | command |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def _mfu(r: dict) -> str:
+    if "mfu" not in r:  # records from before the matmul peak was measured
+        return ""
+    trl = f" (TRL {r['trl_mfu']})" if "trl_mfu" in r else ""
+    return f"; mfu {r['mfu']}{trl} of {r['matmul_peak_gflops']} GFLOP/s fp32"
+
+
+HEADER = [
+    "| benchmark | spin_core | measured | result | target | met | machine | date | command |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def kept_rows(old_table: str, records: list[dict]) -> list[str]:
+    """Rows of the old table whose (benchmark, spin_core) has no new record, in their order."""
+    fresh = {(r["benchmark"], r.get("code", "working tree")) for r in records}
+    rows = []
+    for line in old_table.strip().splitlines():
+        if line in HEADER or not line.startswith("| "):
+            continue
+        cells = [cell.strip() for cell in line.split("|")[1:3]]
+        if (cells[0], cells[1]) not in fresh:
+            rows.append(line)
+    return rows
+
+
+def table(records: list[dict], kept: list[str] = ()) -> str:
+    lines = list(HEADER)
     for r in records:
         figures, result = summary(r)
         met = {True: "yes", False: "**no**", None: "n/a"}[r["target_met"]]
@@ -120,7 +171,7 @@ def table(records: list[dict]) -> str:
             f"{r['target']} | {met} | {r['machine']}; load {r['load_avg_1min']} | "
             f"{r['date']} | `{r['command']}` |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, *kept])
 
 
 def main() -> None:
@@ -152,9 +203,10 @@ def main() -> None:
         sys.exit(f"{_common.RESULTS}: no full (non --quick) results; {DOC} left as it is")
     doc = DOC.read_text()
     head, rest = doc.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{START}\n{table(records)}\n{END}{tail}")
-    print(f"{DOC}: {len(records)} rows")
+    old, tail = rest.split(END, 1)
+    kept = kept_rows(old, records)
+    DOC.write_text(f"{head}{START}\n{table(records, kept)}\n{END}{tail}")
+    print(f"{DOC}: {len(records)} rows from {_common.RESULTS}, {len(kept)} kept from before")
 
 
 if __name__ == "__main__":
