@@ -33,6 +33,14 @@ MISTRAL_7B = dict(
 MISTRAL_7B_PARAMETERS = 7_241_732_096
 
 
+@pytest.fixture
+def roomy_disk(monkeypatch):
+    """A run directory with 10 TB free: the GPU-memory checks below, not this machine's disk
+    (the disk estimate has its own tests, tests/spin_core/test_disk_estimate.py)."""
+    usage = shutil.disk_usage(".")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10**13))
+
+
 def check(capsys, config: str, *sets: str, gib: float | None = None, run_dir=None):
     argv = ["check", config, *(a for s in sets for a in ("--set", s))]
     argv += ["--gpu-memory-gib", str(gib)] if gib is not None else []
@@ -111,7 +119,7 @@ def test_paper_recipe_with_a_mistral_stand_in_shows_the_tokens(capsys, mistral_b
     assert "8 ranks, ZeRO-3, bf16 compute, fp32 master weights" in out
 
 
-def test_mistral_7b_on_8_ranks_zero3_fits_80_gib(capsys, mistral_build, mistral_7b_dir):
+def test_mistral_7b_on_8_ranks_zero3_fits_80_gib(capsys, mistral_build, mistral_7b_dir, roomy_disk):
     cfg = load_config(PAPER, _paper(mistral_build, mistral_7b_dir))
     report = preflight(cfg, gpu_memory_gib=80)
     assert report.shape.parameters == MISTRAL_7B_PARAMETERS
@@ -126,7 +134,9 @@ def test_mistral_7b_on_8_ranks_zero3_fits_80_gib(capsys, mistral_build, mistral_
     assert "7.24B parameters (exact)" in out
 
 
-def test_mistral_7b_on_1_rank_zero0_exceeds_80_gib(capsys, mistral_build, mistral_7b_dir):
+def test_mistral_7b_on_1_rank_zero0_exceeds_80_gib(
+    capsys, mistral_build, mistral_7b_dir, roomy_disk
+):
     sets = _paper(
         mistral_build, mistral_7b_dir, "training.num_processes=1", "training.zero_stage=0"
     )
