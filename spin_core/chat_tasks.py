@@ -17,6 +17,7 @@ fixed string, and `task_of` recovers the task of any prompt for per-task breakdo
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pandas as pd
 
@@ -92,23 +93,31 @@ def _pair(task: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_pairs(n: int, seed: int) -> pd.DataFrame:
-    """`n` distinct prompts with their answers, the tasks in equal shares, shuffled.
-
-    Columns: `messages` (one user turn, one assistant turn) and `task`; the same
-    `seed` gives the same frame.
-    """
+def draw_pairs(
+    n: int,
+    seed: int,
+    tasks: tuple[str, ...],
+    make_pair: Callable[[str, random.Random], tuple[str, str]],
+    *,
+    distinct: Callable[[str, str, str], object],
+    max_draws: int,
+    too_few: str,
+) -> pd.DataFrame:
+    """`n` pairs from `make_pair(task, rng)`, the tasks in equal shares, shuffled; a pair
+    whose `distinct(task, prompt, answer)` key was drawn before is drawn again. Columns:
+    `messages` (one user turn, one assistant turn) and `task`; the same `seed` gives the
+    same frame. ValueError(`too_few`) after `max_draws` draws."""
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen: set = set()
     rows = []
     draws = 0
     while len(rows) < n:
+        task = tasks[len(rows) % len(tasks)]
+        prompt, answer = make_pair(task, rng)
         draws += 1
-        if draws > 50 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct chat-task prompts; ask for fewer pairs")
-        task = TASKS[len(rows) % len(TASKS)]
-        prompt, answer = _pair(task, rng)
-        key = (task, answer)  # one phrasing per answer: no eval answer is seen in training
+        if draws > max_draws:
+            raise ValueError(too_few)
+        key = distinct(task, prompt, answer)
         if key in seen:
             continue
         seen.add(key)
@@ -119,6 +128,20 @@ def make_pairs(n: int, seed: int) -> pd.DataFrame:
         rows.append({"messages": messages, "task": task})
     rng.shuffle(rows)
     return pd.DataFrame(rows, columns=["messages", "task"])
+
+
+def make_pairs(n: int, seed: int) -> pd.DataFrame:
+    """`n` distinct chat-task pairs (`draw_pairs`); one phrasing per answer, so no held-out
+    answer is also trained on."""
+    return draw_pairs(
+        n,
+        seed,
+        TASKS,
+        _pair,
+        distinct=lambda task, prompt, answer: (task, answer),
+        max_draws=50 * n + 1000,
+        too_few=f"cannot draw {n} distinct chat-task prompts; ask for fewer pairs",
+    )
 
 
 def task_of(prompt: str) -> str:

@@ -107,29 +107,16 @@ def make_pairs(n: int, seed: int) -> pd.DataFrame:
     Columns: `messages` ([{"role": "user", ...}, {"role": "assistant", ...}]) and
     `task`. The same `seed` gives the same frame.
     """
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows = []
-    draws = 0
-    while len(rows) < n:
-        task = TASKS[len(rows) % len(TASKS)]
-        prompt, answer = _make_pair(task, rng)
-        draws += 1
-        if draws > 20 * n + 1000:
-            raise ValueError(
-                f"cannot draw {n} distinct toy prompts: the add task has only "
-                f"{(10**MAX_DIGITS) ** 2} distinct prompts; ask for fewer pairs"
-            )
-        if prompt in seen:  # a repeated prompt would blur the train/eval split
-            continue
-        seen.add(prompt)
-        messages = [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": answer},
-        ]
-        rows.append({"messages": messages, "task": task})
-    rng.shuffle(rows)
-    return pd.DataFrame(rows, columns=["messages", "task"])
+    return chat_tasks.draw_pairs(
+        n,
+        seed,
+        TASKS,
+        _make_pair,
+        distinct=lambda task, prompt, answer: prompt,  # a repeat would blur the train/eval split
+        max_draws=20 * n + 1000,
+        too_few=f"cannot draw {n} distinct toy prompts: the add task has only "
+        f"{(10**MAX_DIGITS) ** 2} distinct prompts; ask for fewer pairs",
+    )
 
 
 def task_of(prompt: str) -> str:

@@ -27,6 +27,7 @@ from spin_core.config import ModelConfig
 from spin_core.generation import Decoding, HFBackend, generate_shards
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
 from spin_core.rundir import RunDir, toy_artifacts
+from tests.naive import teacher_forced_logp
 from tests.overrides import set_args
 from tests.reliability.test_crash import kill_when
 
@@ -223,12 +224,8 @@ def test_stored_logps_equal_a_naive_teacher_forced_sum(example_runs):
             ("real_ids", "opponent_real_logps"),
             ("generated_ids", "opponent_generated_logps"),
         ):
-            response = list(row[column])
-            ids = torch.tensor([prompt + response])
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # (response, vocab)
-            naive = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum()
-            assert row[logps] == pytest.approx(naive.item(), abs=1e-3)
+            naive = teacher_forced_logp(model, prompt, list(row[column]))
+            assert row[logps] == pytest.approx(naive, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from spin_core.config import ModelConfig, load_config
 from spin_core.generation import Decoding, HFBackend, generate_shards
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
 from spin_core.rundir import RunDir
+from tests.naive import teacher_forced_logp
 from tests.overrides import overrides
 
 STARTS = {
@@ -179,12 +180,8 @@ def test_pipeline_scores_exactly_the_stored_ids(one_iteration, mistral_build):
             ("real_ids", "opponent_real_logps"),
             ("generated_ids", "opponent_generated_logps"),
         ):
-            response = list(row[column])
-            ids = torch.tensor([prompt + response])
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # (response, vocab)
-            naive = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum()
-            assert row[logps] == pytest.approx(naive.item(), abs=1e-3)
+            naive = teacher_forced_logp(model, prompt, list(row[column]))
+            assert row[logps] == pytest.approx(naive, abs=1e-3)
         assert row["prompt_ids"][0] == 1  # BOS, as the SFT model saw it
     stopped = generated["finish_reason"] == "stop"
     last = generated["generated_ids"].map(lambda ids: ids[-1])
