@@ -248,3 +248,44 @@ def test_bf16_on_the_cpu_runs_end_to_end(smollm2_dir, tmp_path):
     metrics = json.loads(RunDir(run_dir).iteration_metrics(0).read_text())
     assert metrics["train_steps"] >= 1
     assert torch.isfinite(torch.tensor(metrics["real_loglik_per_token"]))
+
+
+@pytest.mark.slow
+def test_the_log_prob_self_check_in_bf16_passes_smollm2_and_refuses_a_logit_scale(smollm2_dir):
+    """In bf16 the model's own logits are rounded, the fast path's fp32 head is not: a real
+    model must still pass, and a logit scale (as Granite's) must still be refused."""
+    from transformers import LlamaForCausalLM
+
+    from spin_core.errors import InputError
+    from spin_core.logprobs import check_logprob_path, pad_batch, sequence_logps
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    # The model's own greedy answers: confident (log-probs near 0), where rounding shows most.
+    prompts, answers = [], []
+    for question in ("What is the capital of France?", "Name three primary colors."):
+        prompt = encode_pairs(tokenizer, pd.DataFrame({"prompt": [question], "real": ["x"]}), 256)[
+            0
+        ][0]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        prompts.append(list(prompt))
+        answers.append(out[0, len(prompt) :].tolist())
+    ids, mask, labels = pad_batch(
+        [p + a for p, a in zip(prompts, answers, strict=True)],
+        [[-100] * len(p) + a for p, a in zip(prompts, answers, strict=True)],
+        tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        logps, _ = sequence_logps(model, ids, mask, labels)
+    check_logprob_path(model, ids, mask, labels, logps)
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits / 4.0
+            return output
+
+    scaled = ScaledLlama.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    with pytest.raises(InputError, match="fast log-prob path disagrees"):
+        check_logprob_path(scaled, ids, mask, labels, logps)
