@@ -115,14 +115,14 @@ def test_hub_name_goes_through_datasets_load_dataset(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
+    def fake_load_dataset(name, split, revision):
+        calls.append((name, split, revision))
         rows = [chat(("user", "hub q"), ("assistant", "hub a"))]
         return datasets.Dataset.from_dict({"messages": rows, "prompt_id": ["x"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     pairs, stats = load_pairs("HuggingFaceH4/ultrachat_200k", split="train_sft")
-    assert calls == [("HuggingFaceH4/ultrachat_200k", "train_sft")]
+    assert calls == [("HuggingFaceH4/ultrachat_200k", "train_sft", None)]  # unpinned
     assert pairs[["prompt", "real"]].values.tolist() == [["hub q", "hub a"]]
     assert stats.source == "HuggingFaceH4/ultrachat_200k"
 
