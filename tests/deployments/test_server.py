@@ -126,8 +126,13 @@ def test_retried_run_completes_with_the_run_directory_of_the_spec(retried_run):
 
 def test_heavy_steps_ran_as_flow_runs_on_the_gpu_pool(retried_run, workers):
     parent = retried_run["final"]
-    (generate,) = workers.flow_runs_of("spin-generate/spin-generate")  # dispatched once
-    trains = workers.flow_runs_of("spin-train/spin-train")
+    root = str(retried_run["run"].root)  # other tests' runs share this server
+
+    def runs_of(deployment: str) -> list[dict]:
+        return [r for r in workers.flow_runs_of(deployment) if r["parameters"]["run_dir"] == root]
+
+    (generate,) = runs_of("spin-generate/spin-generate")  # dispatched once
+    trains = runs_of("spin-train/spin-train")
     assert generate["state_type"] == "COMPLETED"
     assert [t["state_type"] for t in trains] == ["CRASHED", "COMPLETED"]
     assert trains[0]["id"] == retried_run["killed"]["id"]
