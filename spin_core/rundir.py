@@ -196,7 +196,8 @@ class RunDir:
         return pinned_model(cfg.model.name_or_path, cfg.model.revision)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -235,7 +236,7 @@ class RunLock:
                 if (
                     holder
                     and holder.get("host") == me["host"]
-                    and not _pid_alive(int(holder["pid"]))
+                    and not pid_alive(int(holder["pid"]))
                 ):
                     logger.warning(
                         "taking over stale lock of dead process %s (started %s)",
@@ -261,7 +262,7 @@ class RunLock:
         if not holder or holder.get("host") != socket.gethostname():
             return
         pid = int(holder.get("pid", 0))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             raise InputError(
                 f"{self.path.parent}: run directory is held by a live run "
                 f"(pid {pid} on {holder.get('host')}, started {holder.get('started')}); "

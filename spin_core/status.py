@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from spin_core.errors import InputError
+from spin_core.rundir import pid_alive
 from spin_core.step import read_journal
 
 console = logging.getLogger("spin.console")
@@ -166,16 +166,6 @@ def _time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_lock(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -186,7 +176,7 @@ def _read_lock(path: Path) -> dict | None:
 def _process_alive(record: dict) -> bool:
     """Whether the process that wrote `record` (pid, host) still runs; True when on another host."""
     host = record.get("host", socket.gethostname())
-    return host != socket.gethostname() or _pid_alive(int(record["pid"]))
+    return host != socket.gethostname() or pid_alive(int(record["pid"]))
 
 
 def run_status(run_dir: str | Path) -> RunStatus:
@@ -218,7 +208,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
         if event == "failed":
             state.error = _error_line(record.get("error", ""))
     for state in open_steps.values():
-        alive = state.pid is not None and _pid_alive(state.pid)
+        alive = state.pid is not None and pid_alive(state.pid)
         if not alive or (status.holder is None and state.pid != (lock or {}).get("pid")):
             state.state = "stale"
     _read_config(status)
