@@ -3,7 +3,9 @@ progress and table artifacts, and worker fan-out as mapped tasks."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from prefect import get_run_logger, task, unmapped
@@ -14,6 +16,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+
+from spin_core import interrupt
 
 
 class Progress:
@@ -46,9 +50,24 @@ class PrefectContext:
         return Progress(key, description)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable, name: str) -> list:
-        # One task run per item (per generation worker, one device each), run concurrently.
-        tasks = _worker.with_options(name=name)
-        return tasks.map(unmapped(fn), list(items)).result()  # raises the first failure
+        """fn(item) for each item. One item runs here, in this thread, where Ctrl-C stops
+        it at once; several run concurrently, one task run each (one device each), and
+        stop at their next batch when this thread is interrupted (spin_core/interrupt.py)."""
+        items = list(items)
+        if len(items) == 1:
+            return [fn(items[0])]
+        workers = interrupt.Workers()
+        futures = _worker.with_options(name=name).map(unmapped(partial(workers.run, fn)), items)
+        try:
+            # Polled, not waited on: a SIGINT the kernel delivered to a worker thread sets
+            # Python's flag without waking a wait on a lock, and an interrupt raised inside
+            # a lock's wait leaves it broken; a sleep wakes and raises cleanly.
+            while not all(f.wrapped_future.done() for f in futures):
+                time.sleep(0.2)
+            return futures.result()  # raises the first failure
+        except BaseException:
+            workers.stop()  # they stop at their next batch, so the task runner need not wait
+            raise
 
     def table(self, key: str, rows: list[dict], description: str) -> None:
         create_table_artifact(table=rows, key=key, description=description)

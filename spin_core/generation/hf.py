@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from spin_core import interrupt
 from spin_core.generation.decoding import Decoding, Generated, token_budget_batches
 
 
@@ -66,6 +67,7 @@ class HFBackend:
             generator = shard_generator(self.decoding.seed, first_row, device)
             warpers = sampling_warpers(self.decoding)
         for batch in batches:
+            interrupt.check()  # a worker thread stops here when the run was interrupted
             rows = [prompt_ids[i] for i in batch]
             longest = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from spin_core import interrupt
 from spin_core.config import ConfigError, SpinConfig
 from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
 from spin_core.generation.decoding import Decoding, GenerationBackend
@@ -114,6 +115,7 @@ def generate_shards(
             bar.update(len(rows))
             paths.append(path)
             continue
+        interrupt.check()  # a worker thread stops between shards when the run was interrupted
         ids = list(prompt_ids[k * shard_size : (k + 1) * shard_size])
         # A backend seeds its sampling from (seed, first_row), so a redone shard samples
         # what the lost one did (HF: a generator of the shard; vLLM: a seed per request).
