@@ -313,7 +313,7 @@ class TrainPhases:
     """Wall seconds of one in-process `train_iteration` call, phase by phase.
 
     Timed around the library's own calls (`spin_core.train._score_opponent`,
-    `_save_checkpoint`, `export_model`, wrapped for the duration of `timing()`)
+    `save_checkpoint`, `export_model`, wrapped for the duration of `timing()`)
     and at each step's `on_step` record:
 
     - load: from the call to the start of scoring (process group, θt loaded,
@@ -333,12 +333,12 @@ class TrainPhases:
     with pre-scored pairs there is no scoring span and `split` raises.
     """
 
-    WRAPPED = ("_score_opponent", "_save_checkpoint", "export_model")
+    WRAPPED = ("_score_opponent", "save_checkpoint", "export_model")
     # The phase that ends where a wrapped call starts, and the one that ends with it.
-    BEFORE = {"_score_opponent": "load", "_save_checkpoint": "steps", "export_model": "other"}
+    BEFORE = {"_score_opponent": "load", "save_checkpoint": "steps", "export_model": "other"}
     PHASE = {
         "_score_opponent": "scoring",
-        "_save_checkpoint": "checkpoint",
+        "save_checkpoint": "checkpoint",
         "export_model": "export",
     }
 
@@ -416,8 +416,8 @@ class TrainPhases:
             "total": self.ended - self.started,
             "load": score_start - self.started,
             "scoring": score_end - score_start,
-            "steps": last_step - score_end - total("_save_checkpoint", before=last_step),
-            "checkpoint": total("_save_checkpoint"),
+            "steps": last_step - score_end - total("save_checkpoint", before=last_step),
+            "checkpoint": total("save_checkpoint"),
             "export": total("export_model"),
         }
         phases["other"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")

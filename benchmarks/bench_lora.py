@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks import _common
 from benchmarks.bench_train import QUICK_SETUPS, SETUPS, peak_memory, prepare_model, prepare_pairs
 from benchmarks.bench_train import spin_config as base_config
+from spin_core.train_job import TrainJob
 
 LORA = ["training.lora.r=16", "training.lora.alpha=32"]
 
@@ -72,13 +73,15 @@ def run_side(args) -> None:
 
     with tempfile.TemporaryDirectory(dir=_common.CACHE) as tmp, _common.Timer() as timer:
         train.train_iteration(
-            init_model=str(args.model_dir),
-            train_path=args.pairs,
-            scored_path=Path(tmp) / "train.parquet",
-            state_dir=Path(tmp) / "train_state",
-            model_out=Path(tmp) / "model",
-            cfg=cfg,
-            iteration=0,
+            cfg,
+            TrainJob(
+                init_model=str(args.model_dir),
+                train_path=args.pairs,
+                scored_path=Path(tmp) / "train.parquet",
+                state_dir=Path(tmp) / "train_state",
+                model_out=Path(tmp) / "model",
+                iteration=0,
+            ),
             on_step=on_step,
         )
     figures = {"side": args.side, "seconds": round(timer.wall, 2), **peak_memory()}

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from benchmarks import _common
+from spin_core.train_job import TrainJob
 
 TARGET_SPEED = 1.3
 # The real model: TRL's step runs the reference forward too (2N of its 8N FLOPs a token), spin
@@ -198,13 +199,15 @@ def run_spin(args, out_dir: Path) -> dict:
     phases = _common.TrainPhases()
     with phases.timing():
         train.train_iteration(
-            init_model=str(args.model_dir),
-            train_path=args.pairs,
-            scored_path=out_dir / "train.parquet",
-            state_dir=out_dir / "train_state",
-            model_out=out_dir / "model",
-            cfg=cfg,
-            iteration=0,
+            cfg,
+            TrainJob(
+                init_model=str(args.model_dir),
+                train_path=args.pairs,
+                scored_path=out_dir / "train.parquet",
+                state_dir=out_dir / "train_state",
+                model_out=out_dir / "model",
+                iteration=0,
+            ),
             on_step=phases.on_step,
         )
     split = phases.split()

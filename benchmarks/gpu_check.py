@@ -61,10 +61,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks import _common
+from spin_core.train_job import TrainJob
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.jsonl"
 DRY_RESULTS = _common.CACHE / "gpu_check_dry_run.jsonl"
@@ -333,13 +334,15 @@ def check_zero3(work: Path, sizes: Sizes, dry: bool) -> dict:
         for name, extra in runs.items():  # ZeRO-0 first: ZeRO-3 leaves transformers' hook set
             cfg = config([*common, *extra], dry)
             result = train_iteration(
-                init_model=str(rt.model_dir),
-                train_path=pairs_path,  # unscored: the engine scores before its first step
-                scored_path=tmp / name / "train.parquet",
-                state_dir=tmp / name / "state",
-                model_out=tmp / name / "model",
-                cfg=cfg,
-                iteration=0,
+                cfg,
+                TrainJob(
+                    init_model=str(rt.model_dir),
+                    train_path=pairs_path,
+                    scored_path=tmp / name / "train.parquet",
+                    state_dir=tmp / name / "state",
+                    model_out=tmp / name / "model",
+                    iteration=0,
+                ),
             )
             log = read_log(result.log_path)
             losses[name] = [record["loss"] for record in log]
@@ -395,15 +398,15 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
         sample = _common.sample_with_ids(cfg, sizes.zero3_prompts)
         pairs, stats = _common.generate_and_build(cfg, sample, tmp)
         pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
-        one = train_iteration(
+        job = TrainJob(
             init_model=str(rt.model_dir),
             train_path=pairs_path,
             scored_path=tmp / "one" / "train.parquet",
             state_dir=tmp / "one" / "state",
             model_out=tmp / "one" / "model",
-            cfg=cfg,
             iteration=0,
         )
+        one = train_iteration(cfg, job)
         losses = {"one_rank_zero0": [r["loss"] for r in read_log(one.log_path)]}
         free_memory()
         two = config(
@@ -417,19 +420,13 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
             dry,
         )
         steps: list[dict] = []
-        launch_training(
-            {
-                "config": two.model_dump(mode="json"),
-                "init_model": str(rt.model_dir),
-                "train_path": str(pairs_path),
-                "scored_path": str(tmp / "two" / "train.parquet"),
-                "state_dir": str(tmp / "two" / "state"),
-                "model_out": str(tmp / "two" / "model"),
-                "iteration": 0,
-            },
-            two.training,
-            on_step=steps.append,
+        two_job = replace(
+            job,
+            scored_path=tmp / "two" / "train.parquet",
+            state_dir=tmp / "two" / "state",
+            model_out=tmp / "two" / "model",
         )
+        launch_training(two, two_job, on_step=steps.append)
         losses["two_ranks_zero3"] = [r["loss"] for r in steps]
     a, b = losses["one_rank_zero0"], losses["two_ranks_zero3"]
     if len(a) != len(b):
@@ -549,13 +546,15 @@ def check_spin(work: Path, sizes: Sizes, dry: bool) -> dict:
         phases = _common.TrainPhases()
         with phases.timing():
             train.train_iteration(
-                init_model=str(model_dir),
-                train_path=pairs_path,
-                scored_path=tmp / "train.parquet",
-                state_dir=tmp / "train_state",
-                model_out=tmp / "model",
-                cfg=cfg,
-                iteration=0,
+                cfg,
+                TrainJob(
+                    init_model=str(model_dir),
+                    train_path=pairs_path,
+                    scored_path=tmp / "train.parquet",
+                    state_dir=tmp / "train_state",
+                    model_out=tmp / "model",
+                    iteration=0,
+                ),
                 on_step=phases.on_step,
             )
     # Peak allocated CUDA memory of the whole call (the counter is reset at each phase).
@@ -659,14 +658,16 @@ def memory_handoff(cfg, model_dir: Path, generated: Path, tmp: Path) -> dict:
     }
     try:
         train.train_iteration(
-            init_model=str(model_dir),
-            train_path=data.write_parquet_atomic(pairs, tmp / "pairs.parquet"),
-            scored_path=tmp / "train.parquet",
-            state_dir=tmp / "train_state",
-            model_out=tmp / "model",
-            cfg=cfg,
-            iteration=0,
-            num_steps=2,
+            cfg,
+            TrainJob(
+                init_model=str(model_dir),
+                train_path=data.write_parquet_atomic(pairs, tmp / "pairs.parquet"),
+                scored_path=tmp / "train.parquet",
+                state_dir=tmp / "train_state",
+                model_out=tmp / "model",
+                iteration=0,
+                num_steps=2,
+            ),
         )
         result["training_after_vllm"] = "ran 2 steps"
     except torch.OutOfMemoryError as exc:

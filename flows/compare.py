@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import spin_pipeline
-from spin_core import compare, toy
+from spin_core import compare, compare_report, toy
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
 
@@ -198,7 +198,7 @@ def spin_compare(
         f"{label}: failed ({(str(exc) or type(exc).__name__).splitlines()[0][:200]})"
         for label, exc in failures.items()
     ]
-    path, comparison = compare.write_compare(out_dir, results, missing=missing)
+    path, comparison = compare_report.write_compare(out_dir, results, missing=missing)
     _publish(path, comparison, reused=reused)
     log.info(
         "%d runs: %d ran, %d reused, %d failed; comparison written to %s",
@@ -224,14 +224,14 @@ def _publish(path: Path, comparison: compare.Comparison, reused: set[str]) -> No
         for metric in compare.METRICS:
             columns += [metric, f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_per_seed"]
         create_table_artifact(
-            table=compare.artifact_rows(summary[columns]),
+            table=compare_report.artifact_rows(summary[columns]),
             key="spin-compare",
             description="held-out metrics per recipe and model: mean over seeds, 95% t-interval, "
             "and every seed's value",
         )
     if comparison.tests:
         create_table_artifact(
-            table=compare.artifact_rows(comparison.significance_rows()),
+            table=compare_report.artifact_rows(comparison.significance_rows()),
             key="spin-compare-significance",
             description="SPIN θt vs SFT baseline t per recipe, paired over prompts, pooled over seeds",
         )

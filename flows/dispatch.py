@@ -16,9 +16,6 @@ shards are kept. The pipeline then merges the shards into generated.parquet.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime
@@ -27,7 +24,6 @@ from prefect.deployments import run_deployment
 
 from spin_core import steps
 from spin_core.config import SpinConfig
-from spin_core.rundir import RunDir
 from spin_core.step import Step, journal
 from tasks.caching import run_local
 
@@ -71,16 +67,12 @@ def spin_train(
     )
 
 
-@dataclass(frozen=True)
-class _Remote:
-    deployment: str  # "flow name/deployment name", as in deployments/prefect.yaml
-    output: Callable[[RunDir, int], Path]  # the path the step returns
-
-
-# The steps that run on GPU workers with run.execution=deployments.
+# The steps that run on GPU workers with run.execution=deployments: their deployment
+# ("flow name/deployment name", as in deployments/prefect.yaml). What a worker's run leaves
+# behind is the step's own declared output (`Step.output`).
 REMOTE_STEPS = {
-    steps.generate_responses: _Remote("spin-generate/spin-generate", RunDir.generated),
-    steps.train_policy: _Remote("spin-train/spin-train", RunDir.model),
+    steps.generate_responses: "spin-generate/spin-generate",
+    steps.train_policy: "spin-train/spin-train",
 }
 
 
@@ -97,25 +89,25 @@ class PrefectRunner:
         Deployed, the step gets plain JSON parameters; this flow waits for its run and
         fails if it did not complete.
         """
-        remote = REMOTE_STEPS.get(step)
-        if config.run.execution == "local" or remote is None:
+        deployment = REMOTE_STEPS.get(step)
+        if config.run.execution == "local" or deployment is None:
             return run_local(step, config, run_dir, *args, **kwargs)
         if step is steps.generate_responses and config.generation.num_workers > 1:
             return self._generate_on_workers(step.params(config, run_dir, *args, **kwargs))
         parameters = step.params(config, run_dir, *args, **kwargs)
         iteration = parameters["iteration"]
-        output = str(remote.output(RunDir(run_dir), iteration))
+        output = str(step.output(parameters))
         if step.complete(parameters):
             self.log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
             return output
         parameters["config"] = config.model_dump(mode="json")
-        self.log.info("iteration %d: dispatching %s", iteration, remote.deployment)
+        self.log.info("iteration %d: dispatching %s", iteration, deployment)
         flow_run = run_deployment(
-            remote.deployment, parameters=parameters, timeout=None, poll_interval=POLL_SECONDS
+            deployment, parameters=parameters, timeout=None, poll_interval=POLL_SECONDS
         )
         if not flow_run.state.is_completed():
             raise StepFailed(
-                f"iteration {iteration}: {remote.deployment} run {flow_run.name} ended "
+                f"iteration {iteration}: {deployment} run {flow_run.name} ended "
                 f"{flow_run.state.type.value}: {flow_run.state.message}"
             )
         return output
@@ -124,7 +116,7 @@ class PrefectRunner:
         """Step 2 as one `spin-generate` run per generation worker, all at once; the
         failed ones dispatched again alone; then the shards merged here."""
         config, run_dir, iteration = (parameters[k] for k in ("config", "run_dir", "iteration"))
-        output = str(RunDir(run_dir).generated(iteration))
+        output = str(steps.generate_responses.output(parameters))
         if steps.generate_responses.complete(parameters):
             self.log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
             return output
@@ -174,17 +166,17 @@ class PrefectRunner:
         )
 
     def _dispatch_worker(self, parameters: dict, worker: int):
-        remote = REMOTE_STEPS[steps.generate_responses]
+        deployment = REMOTE_STEPS[steps.generate_responses]
         self.log.info(
             "iteration %d: dispatching %s, generation worker %d of %d",
             parameters["iteration"],
-            remote.deployment,
+            deployment,
             worker,
             parameters["config"]["generation"]["num_workers"],
         )
         # timeout=0: created (a subflow of this run), not waited for: the workers run at once.
         return run_deployment(
-            remote.deployment,
+            deployment,
             parameters=parameters | {"worker": worker},
             flow_run_name=f"generate-iter-{parameters['iteration']}-w{worker}",  # if never started
             timeout=0,

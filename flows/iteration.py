@@ -1,6 +1,6 @@
 """One SPIN iteration (Algorithm 1 of Chen et al., 2024), θt → θ(t+1), as a Prefect flow.
 
-The iteration is `spin_core.steps.run_iteration`, five steps each defined once in
+The iteration is `spin_core.pipeline.run_iteration`, five steps each defined once in
 spin_core/steps.py:
 
 1. `sample_prompts`      the SFT (prompt, real) pairs, tokenized once;
@@ -18,7 +18,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.dispatch import PrefectRunner
-from spin_core import steps
+from spin_core import pipeline
 from spin_core.config import SpinConfig
 
 
@@ -43,6 +43,6 @@ def spin_iteration(
     opponent_eval: the directory holding θt's held-out evaluation.
     lr_scale: multiplies the learning rate (0.5 when retrying a collapsed iteration).
     """
-    return steps.run_iteration(
+    return pipeline.run_iteration(
         IterationRunner(), config, run_dir, iteration, opponent, opponent_eval, lr_scale
     )

@@ -1,7 +1,7 @@
 """The SPIN pipeline as a Prefect flow: θ0 → θ1 → ... → θT, each iteration a subflow.
 
 What runs, in which order, and the collapse / retry / early-stop policy are
-`spin_core.steps.run_pipeline`; this flow runs it with every step a cached Prefect
+`spin_core.pipeline.run_pipeline`; this flow runs it with every step a cached Prefect
 task and every iteration a `spin-iteration` subflow.
 """
 
@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.iteration import IterationRunner
-from spin_core import steps
+from spin_core import pipeline, steps
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
 
@@ -37,4 +37,4 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
         # A bad input is the run's state message, not a task's traceback in the logs.
         get_run_logger().error("spin: error: %s", exc)
         return Failed(message=f"spin: error: {exc}")
-    return steps.run_pipeline(IterationRunner(), config, run_dir)
+    return pipeline.run_pipeline(IterationRunner(), config, run_dir)

@@ -20,9 +20,7 @@ def next_iteration_config(run: RunDir, max_iterations: int) -> SpinConfig | None
     if not run.config.is_file():
         raise InputError(f"{run.config}: not a run directory (start it with `spin run` first)")
     config = validate_config(yaml.safe_load(run.config.read_text()) or {}, str(run.config))
-    finished = 0
-    while run.iteration_metrics(finished).is_file():
-        finished += 1
+    finished = len(run.finished_iterations())
     if finished >= max_iterations:
         return None
     return config.model_copy(

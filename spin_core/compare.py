@@ -1,4 +1,4 @@
-"""Recipes compared over seeds: which runs to make, which are done, and compare.md.
+"""Recipes compared over seeds: which runs to make, which are done, and what they show.
 
 A comparison runs every (recipe, seed) as its own run directory `OUT/<recipe>/seed-<k>`:
 
@@ -10,9 +10,10 @@ A comparison runs every (recipe, seed) as its own run directory `OUT/<recipe>/se
   in every run, and the comparison is about the recipe, not about θ0.
 
 Across seeds, a metric's interval is the Student-t interval of the per-seed values
-(mean ± t(0.975, n−1)·s/√n); with one seed there is none. SPIN θt against the SFT
-baseline of the same iteration is tested paired over prompts within each seed and
-pooled over seeds (`pooled_comparison`).
+(mean ± t(0.975, n−1)·s/√n, `significance.mean_interval`); with one seed there is none.
+SPIN θt against the SFT baseline of the same iteration is tested paired over prompts
+within each seed and pooled over seeds (`pooled_comparison`). compare.md and its plot are
+written by spin_core/compare_report.py.
 
 No Prefect here: the orchestration is flows/compare.py.
 """
@@ -27,17 +28,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import yaml
 
-matplotlib.use("Agg")  # no display on workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from spin_core import report  # noqa: E402
-from spin_core import significance as sig  # noqa: E402
-from spin_core.config import (  # noqa: E402
+from spin_core import pipeline, report
+from spin_core import significance as sig
+from spin_core.config import (
     TOY,
     ConfigError,
     SpinConfig,
@@ -46,18 +43,17 @@ from spin_core.config import (  # noqa: E402
     result_changing_differences,
     validate_config,
 )
-from spin_core.data import write_parquet_atomic  # noqa: E402
-from spin_core.errors import InputError  # noqa: E402
-from spin_core.files import write_text_atomic  # noqa: E402
-from spin_core.rundir import (
-    RunDir,  # noqa: E402
-    toy_artifacts,  # noqa: E402
+from spin_core.errors import InputError
+from spin_core.rundir import RunDir, toy_artifacts
+from spin_core.significance import (
+    CONFIDENCE,
+    N_RESAMPLES,
+    mean_interval,
+    stratified_paired_bootstrap,
 )
 
 # The fields a comparison seed sets (toy.seed is left alone: θ0 is shared).
 SEEDED_FIELDS = (("data", "seed"), ("generation", "seed"), ("training", "seed"))
-CONFIDENCE = 0.95
-N_RESAMPLES = 10_000
 SPIN, SFT = "SPIN", "SFT baseline"  # model kinds in the summary
 METRICS = {sig.EXACT_MATCH: "exact match", sig.REAL_LOGLIK: "real log-lik/token"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -202,9 +198,9 @@ def is_finished(run_dir: str | Path, config: SpinConfig) -> bool:
 
     Finished: report.md exists and was written after the last start of the run (spin.yaml
     is rewritten at every start), spin.yaml equals `config`, and every iteration up to
-    run.iterations has its metrics (and its SFT baseline's, with run.baseline: sft), or
-    the run stopped earlier the way the pipeline stops: a collapsed model not promoted
-    (after its retry, with on_collapse: retry_half_lr), or a margin below early_stop_margin.
+    run.iterations has its metrics (and its SFT baseline's, with run.baseline: sft), or the
+    pipeline's own rule (`pipeline.after_iteration`) stopped the run after an earlier one;
+    an iteration that rule would retry is not finished.
     """
     run = RunDir(run_dir)
     if not (run.report.exists() and run.config.exists()):
@@ -219,132 +215,14 @@ def is_finished(run_dir: str | Path, config: SpinConfig) -> bool:
             metrics = json.loads(run.iteration_metrics(t).read_text())
         except (OSError, ValueError):
             return False
-        if config.run.baseline == "sft" and not (run.baseline(t) / "metrics.json").exists():
+        if config.run.baseline == "sft" and not run.baseline_evaluation(t).metrics.exists():
             return False
-        if metrics.get("collapsed"):
-            if config.run.on_collapse == "retry_half_lr" and not run.retry(t).exists():
-                return False
-            if not config.run.promote_collapsed:
-                return True
-        stop, margin = config.run.early_stop_margin, metrics.get("margin")
-        if stop is not None and margin is not None and margin < stop:
+        decision = pipeline.after_iteration(config, run, t, metrics)
+        if decision.action == "retry":
+            return False
+        if decision.action == "stop":
             return True
     return True
-
-
-# --- intervals ----------------------------------------------------------------------------
-
-
-def _t_two_sided_mass(t: float, df: int) -> float:
-    """P(|T| ≤ t) for Student's t with integer df (Abramowitz & Stegun 26.7.3–4)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2 == 1:
-        total, term = 0.0, c  # c, (2/3)c³, (2·4)/(3·5)c⁵, …  up to c^(df−2)
-        for k in range(1, df - 1, 2):
-            total += term
-            term *= c * c * (k + 1) / (k + 2)
-        return (2 / math.pi) * (theta + s * total) if df > 1 else 2 * theta / math.pi
-    total, term = 0.0, 1.0  # 1, (1/2)c², (1·3)/(2·4)c⁴, …  up to c^(df−2)
-    for k in range(0, df - 1, 2):
-        total += term
-        term *= c * c * (k + 1) / (k + 2)
-    return s * total
-
-
-def t_quantile(confidence: float, df: int) -> float:
-    """The two-sided Student-t critical value: P(|T| ≤ q) = confidence (bisection)."""
-    if df < 1:
-        raise ValueError(f"df must be at least 1, got {df}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    low, high = 0.0, 1.0
-    while _t_two_sided_mass(high, df) < confidence:
-        high *= 2
-    for _ in range(200):
-        mid = (low + high) / 2
-        if _t_two_sided_mass(mid, df) < confidence:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-12 * max(1.0, high):
-            break
-    return (low + high) / 2
-
-
-def mean_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """(mean, low, high): the t-interval of the mean of per-seed values; NaN bounds for one."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if len(x) == 1:
-        return mean, math.nan, math.nan
-    half = t_quantile(confidence, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return mean, mean - half, mean + half
-
-
-def stratified_paired_bootstrap(
-    strata: Sequence[pd.DataFrame],
-    metric: str,
-    *,
-    n_resamples: int = N_RESAMPLES,
-    confidence: float = CONFIDENCE,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """(delta, low, high) of the pooled Δ = (1/S) Σ_s Δ_s over S seeds (strata).
-
-    Each stratum is one seed's `significance.paired_frames` (suffix _a: reference, _b:
-    model). Δ_s is the seed's own paired difference: mean(b − a) of exact match, or
-    Σ logp_b / Σ tokens_b − Σ logp_a / Σ tokens_a for the real log-likelihood. A resample
-    draws, within every seed, that seed's prompts with replacement (the pairing of the
-    two models on a prompt is kept; seeds are never mixed), and takes the pooled Δ; the
-    interval is the percentile interval of `n_resamples` resamples.
-    """
-    if not strata:
-        raise ValueError("no strata to pool")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    parts = []
-    for frame in strata:
-        if metric == sig.EXACT_MATCH:
-            d = (
-                frame["exact_match_b"].astype(float).to_numpy()
-                - frame["exact_match_a"].astype(float).to_numpy()
-            )
-            parts.append(("mean", (d,)))
-        elif metric == sig.REAL_LOGLIK:
-            arrays = tuple(
-                frame[c].astype(float).to_numpy()
-                for c in ("real_logps_a", "real_tokens_a", "real_logps_b", "real_tokens_b")
-            )
-            parts.append(("ratio", arrays))
-        else:
-            raise ValueError(f"unknown metric {metric!r}")
-
-    def statistic(kind: str, arrays: tuple, idx) -> np.ndarray:
-        if kind == "mean":
-            return arrays[0][idx].mean(axis=-1)
-        na, da, nb, db = arrays
-        with np.errstate(divide="ignore", invalid="ignore"):
-            value = nb[idx].sum(-1) / db[idx].sum(-1) - na[idx].sum(-1) / da[idx].sum(-1)
-        return np.where(np.isfinite(value), value, np.nan)
-
-    delta = float(np.mean([statistic(k, a, np.arange(len(a[0]))) for k, a in parts]))
-    rng = np.random.default_rng(seed)
-    largest = max(len(a[0]) for _, a in parts)
-    rows = max(1, 1_000_000 // largest)
-    values = []
-    for start in range(0, n_resamples, rows):
-        block = min(rows, n_resamples - start)
-        total = np.zeros(block)
-        for kind, arrays in parts:
-            n = len(arrays[0])
-            total += statistic(kind, arrays, rng.integers(0, n, size=(block, n)))
-        values.append(total / len(parts))
-    tail = (1 - confidence) / 2
-    low, high = np.nanquantile(np.concatenate(values), [tail, 1 - tail])
-    return delta, float(low), float(high)
 
 
 # --- collected results --------------------------------------------------------------------
@@ -453,7 +331,7 @@ class PooledComparison:
 def _evaluations(run_dir: Path, t: int) -> tuple[pd.DataFrame, pd.DataFrame] | str:
     """(SFT baseline t, θt) per-prompt evaluations of a run, checked to pair; or why not."""
     run = RunDir(run_dir)
-    sft, spin = run.baseline(t - 1) / "eval.parquet", run.eval(t - 1)
+    sft, spin = run.baseline_evaluation(t - 1).eval, run.eval(t - 1)
     for path in (sft, spin):
         if not path.exists():
             return f"no {path.relative_to(run.root)}"
@@ -557,16 +435,10 @@ class Comparison:
                     "seeds_significant": sum(x.significant for x in test.per_seed.values()),
                     "across_seeds_low": test.across[1],
                     "across_seeds_high": test.across[2],
-                    "verdict": _word(c),
+                    "verdict": sig.direction(c),
                 }
             )
         return rows
-
-
-def _word(c: sig.Comparison) -> str:
-    if not c.significant:
-        return "no significant difference"
-    return "significantly higher" if c.low > 0 else "significantly lower"
 
 
 def compare_runs(
@@ -608,222 +480,3 @@ def compare_runs(
                     seed=seed,
                 )
     return Comparison(list(results), values, summary, tests, notes, list(missing), n_resamples)
-
-
-# --- compare.md ---------------------------------------------------------------------------
-
-
-def _value(metric: str, value: float) -> str:
-    if value is None or not np.isfinite(value):
-        return "–"
-    return f"{value:.3f}" if metric == sig.EXACT_MATCH else f"{value:.4f}"
-
-
-def _interval(metric: str, low: float, high: float) -> str:
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return "–"
-    return f"{_value(metric, low)} … {_value(metric, high)}"
-
-
-def summary_table(summary: pd.DataFrame) -> str:
-    lines = [
-        "| recipe | model | seeds | exact match | 95% interval | real log-lik/token | 95% interval |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for _, row in summary.iterrows():
-        cells = [row["recipe"], row["model"], str(row["n_seeds"])]
-        for metric in METRICS:
-            cells += [
-                _value(metric, row[metric]),
-                _interval(metric, row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def runs_table(comparison: Comparison) -> str:
-    lines = [
-        "| recipe | seed | run directory | models | exact match (last θ) | real log-lik/token (last θ) |",
-        "|---|---|---|---|---|---|",
-    ]
-    values = comparison.values
-    for r in comparison.results:
-        mine = values[(values["recipe"] == r.recipe) & (values["seed"] == r.seed)]
-        spin = mine[mine["kind"] == SPIN].sort_values("iteration")
-        last = spin.iloc[-1] if len(spin) else None
-        lines.append(
-            f"| {r.recipe} | {r.seed} | `{r.run_dir}` | {', '.join(mine['model'])} | "
-            + (
-                f"{_value(sig.EXACT_MATCH, last[sig.EXACT_MATCH])} ({last['model']}) | "
-                f"{_value(sig.REAL_LOGLIK, last[sig.REAL_LOGLIK])} |"
-                if last is not None
-                else "– | – |"
-            )
-        )
-    return "\n".join(lines)
-
-
-def _signed(value: float, metric: str) -> str:
-    """A Δ as the verdicts write it: points (×100, 1 decimal) or nats (3 decimals)."""
-    scale, decimals = (100, 1) if metric == sig.EXACT_MATCH else (1, 3)
-    text = f"{abs(value * scale):.{decimals}f}"
-    if float(text) == 0:
-        return text  # no sign on a zero, even a rounded one
-    return ("+" if value > 0 else "−") + text
-
-
-def _seed_phrase(test: PooledComparison) -> str:
-    m = test.metric
-    parts = [
-        f"seed {s} {_word(test.per_seed[s])} (Δ {_signed(test.per_seed[s].delta, m)})"
-        for s in test.seeds
-    ]
-    text = "; ".join(parts)
-    mean, low, high = test.across
-    if np.isfinite(low):
-        text += (
-            f"; across seeds Δ {_signed(mean, m)}, 95% t-interval "
-            f"{_signed(low, m)}…{_signed(high, m)}"
-        )
-    return text
-
-
-def compare_markdown(comparison: Comparison, *, title: str, plots: Sequence[Path] = ()) -> str:
-    results = comparison.results
-    recipes = list(dict.fromkeys(r.recipe for r in results))
-    seeds = sorted({r.seed for r in results})
-    lines = [f"# SPIN comparison: {title}", ""]
-    lines += [
-        f"{len(recipes)} recipe(s) ({', '.join(recipes) or 'none'}) × seeds "
-        f"{', '.join(map(str, seeds)) or 'none'}: {len(results)} finished run(s). "
-        "Seed k sets data.seed, generation.seed and training.seed to k (the same k draws the "
-        "same training and held-out prompts, sampling seeds and data order in every recipe); "
-        "toy.seed is unchanged, so the embedded default's data and θ0 are shared by every run.",
-        "",
-    ]
-    if comparison.missing:
-        lines += ["Not finished, left out:", ""]
-        lines += [f"- {m}" for m in comparison.missing] + [""]
-    lines += ["## Runs", "", runs_table(comparison), ""]
-    lines += ["## Held-out metrics per iteration over seeds", ""]
-    if len(seeds) < 2:
-        interval_text = "With one seed there is no interval across seeds (shown as –)."
-    else:
-        interval_text = (
-            "The 95% interval is the Student-t interval of the mean over seeds, "
-            "mean ± t(0.975, n−1)·s/√n with n the seeds that reached that model: "
-            "it measures seed-to-seed variation (training, sampling, and which prompts are "
-            "drawn for training and for the held-out set); – where only one seed has the model."
-        )
-    lines += [
-        f"Mean over seeds of each model's held-out metrics. {interval_text} θ0 is shared by "
-        "SPIN and its SFT baseline; SFT baseline t is continued SFT with θt's optimizer steps "
-        "and learning rate.",
-        "",
-    ]
-    if len(comparison.summary):
-        lines += [summary_table(comparison.summary), ""]
-    lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    lines += ["", "## SPIN vs continued SFT", ""]
-    if comparison.tests:
-        lines += [
-            "For every recipe with an SFT baseline: θt against SFT baseline t, paired over the "
-            "held-out prompts within each seed and pooled over seeds. Pooled Δ = the mean over "
-            "seeds of each seed's Δ (model − baseline); its 95% CI is a stratified paired "
-            f"bootstrap ({comparison.n_resamples:,} resamples: within each seed its prompts are "
-            "drawn with replacement, both models' results on a prompt together). For exact "
-            "match, McNemar's exact test counts the discordant prompts of all seeds together. "
-            "Significant as in the run reports: the CI excludes 0 and, for exact match, also "
-            "p < 0.05. This pooled test is conditional on the trained seeds (prompt noise); "
-            "each seed's own verdict and, with two or more seeds, the t-interval of the "
-            "per-seed Δ (seed-to-seed variation) are given after it. Exact match in "
-            "percentage points, real log-lik/token in nats.",
-            "",
-        ]
-        for test in comparison.tests:
-            verdict = sig.verdict(test.pooled, unit=sig.UNITS[test.metric])
-            lines.append(
-                f"- {test.recipe}, {test.pooled.name}, {METRICS[test.metric]} "
-                f"(seeds {', '.join(map(str, test.seeds))}): {verdict}. Per seed: "
-                f"{_seed_phrase(test)}."
-            )
-        lines.append("")
-    lines += [f"- {note}" for note in comparison.notes]
-    if not comparison.tests and not comparison.notes:
-        lines.append("No runs to compare.")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def plot_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
-    """plots/compare_metrics.png: exact match and real log-lik per iteration, one colour
-    per recipe (SPIN solid, its SFT baseline dashed), error bars the across-seed interval."""
-    summary = comparison.summary
-    if not len(summary):
-        return []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    recipes = list(dict.fromkeys(summary["recipe"]))
-    series = [(r, k) for r in recipes for k in (SPIN, SFT)]
-    width = 0.3 / max(1, len(series))
-    for ax, metric in zip(axes, METRICS, strict=True):
-        for i, (recipe, kind) in enumerate(series):
-            rows = summary[(summary["recipe"] == recipe) & (summary["kind"] == kind)]
-            if not len(rows):
-                continue
-            if kind == SFT:  # the baseline starts from the shared θ0
-                theta0 = summary[
-                    (summary["recipe"] == recipe)
-                    & (summary["kind"] == SPIN)
-                    & (summary["iteration"] == 0)
-                ]
-                rows = pd.concat([theta0, rows]).sort_values("iteration")
-            rows = rows.sort_values("iteration")
-            x = rows["iteration"].to_numpy() + (i - (len(series) - 1) / 2) * width
-            y = rows[metric].to_numpy()
-            low, high = rows[f"{metric}_ci_low"], rows[f"{metric}_ci_high"]
-            yerr = np.vstack(
-                [(y - low).clip(lower=0).fillna(0), (high - y).clip(lower=0).fillna(0)]
-            )
-            color = f"C{recipes.index(recipe) % 10}"
-            style = (
-                {"marker": "o", "linestyle": "-"}
-                if kind == SPIN
-                else {"marker": "s", "linestyle": "--"}
-            )
-            label = recipe if kind == SPIN else f"{recipe} (SFT baseline)"
-            ax.errorbar(x, y, yerr=yerr, capsize=3, color=color, label=label, **style)
-        ax.set_title(f"{METRICS[metric]} (mean over seeds, 95% interval)", fontsize=9)
-        ax.set_xlabel("model θt / SFT baseline t")
-        ax.set_xticks(sorted(set(summary["iteration"])))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return [report.save_figure(fig, out_dir / "compare_metrics.png")]
-
-
-def write_compare(
-    out_dir: str | Path,
-    results: Sequence[RunResult],
-    *,
-    missing: Sequence[str] = (),
-    n_resamples: int = N_RESAMPLES,
-) -> tuple[Path, Comparison]:
-    """Write OUT/compare.md, OUT/plots/compare_metrics.png and OUT/compare.parquet (the
-    summary table); returns (compare.md, the comparison)."""
-    out = Path(out_dir).expanduser().resolve()
-    comparison = compare_runs(results, missing=missing, n_resamples=n_resamples)
-    plots = plot_comparison(comparison, out / "plots")
-    if len(comparison.summary):
-        write_parquet_atomic(comparison.summary, out / "compare.parquet")
-    text = compare_markdown(comparison, title=out.name, plots=plots)
-    path = out / "compare.md"
-    write_text_atomic(text, path)
-    return path, comparison
-
-
-def artifact_rows(frame: pd.DataFrame | list[dict]) -> list[dict]:
-    """Rows for a Prefect table artifact: plain Python values, NaN as None."""
-    frame = pd.DataFrame(frame)
-    if not len(frame):
-        return []
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")

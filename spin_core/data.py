@@ -164,50 +164,14 @@ def load_pairs(
             "data.prompt_column and data.response_column must be set together "
             f"(got {prompt_column!r} and {response_column!r})"
         )
-    columns = [prompt_column, response_column] if prompt_column else [messages_column]
-    prompts: list[str] = []
-    reals: list[str] = []
-    contexts: list[str] = []
-    rows_read = 0
-    for where, batches in _read_source(source, split, columns, revision):
-        # One batch of chats at a time, keeping only the first exchange as Python strings,
-        # so the chats' full text (GBs for UltraChat) is never in memory at once.
-        for table in batches:
-            if prompt_column:
-                prompt = _string_column(table, prompt_column, where)
-                real = _string_column(table, response_column, where)
-            elif prompt_turns == "all":
-                prompt, real, context = _last_exchange(
-                    table.column(messages_column), messages_column, where
-                )
-            else:
-                prompt, real = _first_exchange(
-                    table.column(messages_column), messages_column, where
-                )
-            rows_read += len(prompt)
-            usable = pc.and_(_non_blank(prompt), _non_blank(real))
-            prompts += prompt.filter(usable).to_pylist()
-            reals += real.filter(usable).to_pylist()
-            if prompt_turns == "all" and not prompt_column:
-                contexts += context.filter(usable).to_pylist()
-    dropped_empty = rows_read - len(prompts)
-    pa.default_memory_pool().release_unused()  # the decoded chats' buffers
-
-    # Object columns, not pandas 3's Arrow-backed strings: the row filters that follow
-    # (held-out split, overlap, sample) then copy pointers, not every prompt and response.
-    keyed = [c + p for c, p in zip(contexts, prompts, strict=True)] if contexts else prompts
-    pairs = pd.DataFrame(
-        {
-            "id": pd.Series(
-                [pair_id(p, r) for p, r in zip(keyed, reals, strict=True)], dtype=object
-            ),
-            "prompt": pd.Series(prompts, dtype=object),
-            "real": pd.Series(reals, dtype=object),
-        }
+    texts = _read_texts(
+        source, split, revision, messages_column, prompt_column, response_column, prompt_turns
     )
-    if contexts:
-        pairs["context"] = pd.Series(contexts, dtype=object)
-    del prompts, reals, contexts, keyed
+    rows_read = texts.rows_read
+    dropped_empty = rows_read - len(texts.prompts)
+    pa.default_memory_pool().release_unused()  # the decoded chats' buffers
+    pairs = _pairs_frame(texts)
+    del texts
     duplicated = pairs["id"].duplicated(keep="first")
     if duplicated.any():
         pairs = pairs[~duplicated].reset_index(drop=True)
@@ -237,6 +201,70 @@ def load_pairs(
         )
     pairs.attrs["source"] = str(source)
     return pairs, stats
+
+
+@dataclass
+class _Texts:
+    prompts: list[str] = field(default_factory=list)
+    reals: list[str] = field(default_factory=list)
+    contexts: list[str] = field(default_factory=list)  # prompt_turns "all": earlier turns
+    rows_read: int = 0
+
+
+def _read_texts(
+    source: str,
+    split: str,
+    revision: str | None,
+    messages_column: str,
+    prompt_column: str | None,
+    response_column: str | None,
+    prompt_turns: str,
+) -> _Texts:
+    """The usable (prompt, real[, context]) strings of a source, and the rows read."""
+    columns = [prompt_column, response_column] if prompt_column else [messages_column]
+    texts = _Texts()
+    for where, batches in _read_source(source, split, columns, revision):
+        # One batch of chats at a time, keeping only the first exchange as Python strings,
+        # so the chats' full text (GBs for UltraChat) is never in memory at once.
+        for table in batches:
+            if prompt_column:
+                prompt = _string_column(table, prompt_column, where)
+                real = _string_column(table, response_column, where)
+            elif prompt_turns == "all":
+                prompt, real, context = _last_exchange(
+                    table.column(messages_column), messages_column, where
+                )
+            else:
+                prompt, real = _first_exchange(
+                    table.column(messages_column), messages_column, where
+                )
+            texts.rows_read += len(prompt)
+            usable = pc.and_(_non_blank(prompt), _non_blank(real))
+            texts.prompts += prompt.filter(usable).to_pylist()
+            texts.reals += real.filter(usable).to_pylist()
+            if prompt_turns == "all" and not prompt_column:
+                texts.contexts += context.filter(usable).to_pylist()
+    return texts
+
+
+def _pairs_frame(texts: _Texts) -> pd.DataFrame:
+    """id, prompt, real (and context) as object columns, not pandas 3's Arrow-backed
+    strings: the row filters that follow (held-out split, overlap, sample) then copy
+    pointers, not every prompt and response."""
+    prompts, reals, contexts = texts.prompts, texts.reals, texts.contexts
+    keyed = [c + p for c, p in zip(contexts, prompts, strict=True)] if contexts else prompts
+    pairs = pd.DataFrame(
+        {
+            "id": pd.Series(
+                [pair_id(p, r) for p, r in zip(keyed, reals, strict=True)], dtype=object
+            ),
+            "prompt": pd.Series(prompts, dtype=object),
+            "real": pd.Series(reals, dtype=object),
+        }
+    )
+    if contexts:
+        pairs["context"] = pd.Series(contexts, dtype=object)
+    return pairs
 
 
 def _read_source(

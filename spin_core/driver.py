@@ -6,9 +6,9 @@
     report = driver.run(load_config("configs/demo.yaml"), "runs/plain")
 
 This is what `spin run` does without Prefect: the same step definitions
-(`spin_core/steps.py`), the same run directory, journal and resume (a step whose
-outputs are complete is loaded, not rerun), the same collapse / retry / stop
-policy. Nothing is cached beyond the outputs themselves, there is no UI, and
+(`spin_core/steps.py`) in the same order (`spin_core/pipeline.py`), the same run
+directory, journal and resume (a step whose outputs are complete is loaded, not
+rerun), the same collapse / retry / stop policy. Nothing is cached beyond the outputs themselves, there is no UI, and
 generation workers run one after the other. The benchmarks use it as the
 Prefect-free reference; a notebook can use it to step through an iteration.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from spin_core import steps
+from spin_core import pipeline
 from spin_core.config import SpinConfig
 from spin_core.errors import retryable
 from spin_core.status import announce
@@ -44,10 +44,10 @@ class PlainRunner:
                     self.log.warning("%s failed (%r); retrying", step.name, error)
 
     def iteration(self, *args, **kwargs) -> dict:
-        """One iteration in this process (`steps.run_iteration`'s arguments after the runner)."""
-        return steps.run_iteration(self, *args, **kwargs)
+        """One iteration in this process (`pipeline.run_iteration`'s arguments after the runner)."""
+        return pipeline.run_iteration(self, *args, **kwargs)
 
 
 def run(config: SpinConfig, run_dir: str, log: logging.Logger | None = None) -> str:
     """All iterations of `config` in `run_dir` (resuming what is there); returns report.md."""
-    return steps.run_pipeline(PlainRunner(PlainContext(log)), config, run_dir)
+    return pipeline.run_pipeline(PlainRunner(PlainContext(log)), config, run_dir)

@@ -10,6 +10,7 @@ is generated from and scored once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from spin_core.config import SpinConfig
 from spin_core.generation import Decoding, HFBackend
 from spin_core.prompts import encode_pairs
+from spin_core.rundir import RunDir
 from spin_core.score import examples_from_ids, score_named
 
 
@@ -43,8 +45,9 @@ def evaluate_model(
     opponent_frame: the opponent's own evaluation frame (same ids), whose
     `generated_ids`, `real_logps` and `generated_logps` give the held-out pairs
     and the opponent's log-probs; pairs whose y' equals y token for token are
-    ties, reported apart (`ties`) and left out of reward accuracy and margin. group_of: maps a prompt to a group (e.g. the toy
-    task) for a per-group exact-match breakdown.
+    ties, reported apart (`ties`) and left out of reward accuracy and margin.
+    group_of: maps a prompt to a group (e.g. the toy task) for a per-group exact-match
+    breakdown.
     Returns (per-example frame, metrics dict).
     """
     training = cfg.training
@@ -108,23 +111,45 @@ def evaluate_model(
     if opponent_frame is not None:
         if beta is None:
             raise ValueError("beta is needed to compute rewards against the opponent")
-        real_reward = beta * (frame["real_logps"].to_numpy() - opponent["real_logps"].to_numpy())
-        generated_reward = beta * (
-            logps["opponent_generated"] - opponent["generated_logps"].to_numpy()
-        )
-        margin = real_reward - generated_reward
-        frame["margin"] = margin
-        differ = ~frame["tie"].to_numpy(dtype=bool)
-        metrics |= {
-            "real_reward": float(np.mean(real_reward)),
-            "generated_reward": float(np.mean(generated_reward)),
-            # Over the pairs that differ: a tie's margin is 0 by construction, neither won
-            # nor lost, and counting it as a failure would understate the accuracy.
-            "margin": float(np.mean(margin[differ])) if differ.any() else 0.0,
-            "reward_accuracy": float(np.mean(margin[differ] > 0)) if differ.any() else None,
-            "ties": float(np.mean(~differ)),
-            "opponent_real_loglik_per_token": float(
-                opponent["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
-            ),
-        }
+        metrics |= _reward_metrics(frame, opponent, logps["opponent_generated"], beta)
     return frame, metrics
+
+
+def _reward_metrics(frame: pd.DataFrame, opponent: pd.DataFrame, opponent_generated_logps, beta):
+    """The implicit rewards against the opponent on the held-out pairs (y, the opponent's
+    y'); adds each pair's `margin` to `frame`."""
+    real_reward = beta * (frame["real_logps"].to_numpy() - opponent["real_logps"].to_numpy())
+    generated_reward = beta * (opponent_generated_logps - opponent["generated_logps"].to_numpy())
+    margin = real_reward - generated_reward
+    frame["margin"] = margin
+    differ = ~frame["tie"].to_numpy(dtype=bool)
+    return {
+        "real_reward": float(np.mean(real_reward)),
+        "generated_reward": float(np.mean(generated_reward)),
+        # Over the pairs that differ: a tie's margin is 0 by construction, neither won
+        # nor lost, and counting it as a failure would understate the accuracy.
+        "margin": float(np.mean(margin[differ])) if differ.any() else 0.0,
+        "reward_accuracy": float(np.mean(margin[differ] > 0)) if differ.any() else None,
+        "ties": float(np.mean(~differ)),
+        "opponent_real_loglik_per_token": float(
+            opponent["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
+        ),
+    }
+
+
+def training_summary(run: RunDir, iteration: int) -> dict:
+    """Counts of the training set and the last epoch's mean training metrics."""
+    summary = json.loads(run.pairs_counts(iteration).read_text())
+    steps = pd.read_json(run.step_log(iteration), lines=True)
+    last_epoch = steps[steps["epoch"] >= steps["epoch"].max() // 1]
+    summary["train_steps"] = int(steps["step"].max())
+    for key in ("loss", "margin", "reward_accuracy"):
+        summary[f"train_{key}"] = float(last_epoch[key].mean())
+    if "healthy" in steps:
+        checked = steps.dropna(subset=["healthy"])
+        summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
+    summary["lr_scale"] = run.lr_scale(iteration)
+    export = run.export_summary(iteration)
+    if export.exists():  # the fraction of θ(t+1)'s weights that differ from θt's
+        summary |= json.loads(export.read_text())
+    return summary

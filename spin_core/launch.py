@@ -31,9 +31,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spin_core.config import ConfigError, TrainingConfig
+from spin_core.config import ConfigError, SpinConfig, TrainingConfig
 from spin_core.files import write_json_atomic
 from spin_core.rundir import RunDir
+from spin_core.train_job import TrainJob
 
 STEP_PREFIX = "SPIN_STEP "  # rank 0 prints each step record after this prefix
 
@@ -264,9 +265,6 @@ def _rank_env() -> dict[str, str]:
     return env
 
 
-REQUEST = ".train-launch.json"  # in the run directory: the launch the other nodes join
-
-
 def _run_root(state_dir: Path) -> Path:
     """The run directory holding `state_dir` (the directory with spin.yaml)."""
     for folder in (state_dir, *state_dir.parents):
@@ -279,25 +277,26 @@ def _run_root(state_dir: Path) -> Path:
 
 
 def launch_training(
-    training_args: dict,
-    training: TrainingConfig,
+    cfg: SpinConfig,
+    job: TrainJob,
     *,
     on_step: Callable[[dict], None] | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> None:
-    """Run `spin_core.train_entry` with `training_args` on `training.num_processes` ranks.
+    """Run `spin_core.train_entry` on `job` on `training.num_processes` ranks.
 
     This is node 0. With torchrun on several nodes the launch is announced in the run
     directory (`.train-launch.json`), where `python -m spin_core.train_node RUN_DIR` on every
     other node picks it up and starts that node's ranks; with the deepspeed launcher the
     forwarded variables go to the remote ranks in a `.deepspeed_env` (DS_ENV_FILE).
     """
-    state_dir = Path(training_args["state_dir"])
+    training = cfg.training
+    state_dir = Path(job.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
         "w", suffix=".json", prefix=".launch-", dir=state_dir, delete=False
     ) as handle:
-        json.dump(training_args, handle)
+        json.dump({"config": cfg.model_dump(mode="json"), "job": job.to_json()}, handle)
         args_file = Path(handle.name)
     env = _rank_env()
     request = None
@@ -305,7 +304,7 @@ def launch_training(
         env["DS_ENV_FILE"] = str(write_deepspeed_env(state_dir / ".deepspeed_env", env).resolve())
     if launcher_kind(training) == "torchrun" and training.num_nodes > 1:
         endpoint = rendezvous_endpoint(training)
-        request = _run_root(state_dir) / REQUEST
+        request = RunDir(_run_root(state_dir)).launch_request
         announced = {"id": args_file.name, "args_file": str(args_file.resolve())}
         write_json_atomic(announced | {"rdzv_endpoint": endpoint}, request)
         command = launcher_command(training, args_file, rdzv_endpoint=endpoint)
@@ -371,7 +370,7 @@ def follow(run_dir: str | Path, node_rank: int, *, once: bool = False, poll: flo
     """Node `node_rank` (≥ 1) of a multi-node torchrun job: join every training launch of
     the run at `run_dir` as node 0 announces it, until the run ends (its .lock is gone
     after it was seen), or after one launch with `once`."""
-    request_path = RunDir(run_dir).root / REQUEST
+    request_path = RunDir(run_dir).launch_request
     joined: set[str] = set()
     lock_seen = False
     while True:

@@ -196,7 +196,7 @@ def evaluate_model(
         by_shots.setdefault(shots, []).append(name)
     scores: dict[str, dict] = {}
     runs = []
-    from spin_core.train import rng_state, set_rng_state
+    from spin_core.train_state import rng_state, set_rng_state
 
     rng = rng_state()  # simple_evaluate seeds Python's, NumPy's and torch's global generators
     try:

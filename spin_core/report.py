@@ -46,19 +46,18 @@ COLUMNS = [
 def collect_metrics(run: RunDir) -> pd.DataFrame:
     """One row per evaluated model: iteration 0 is θ0, iteration t+1 the model of iter_t."""
     rows = []
-    base = run.base_eval() / "metrics.json"
+    base = run.base_evaluation().metrics
     if base.exists():
         row = {"iteration": 0, "model_name": "θ0", **json.loads(base.read_text())}
         rows.append(row | _lm_eval_columns(run.base_eval()))
-    t = 0
-    while (path := run.iteration_metrics(t)).exists():
-        row = {"iteration": t + 1, "model_name": f"θ{t + 1}", **json.loads(path.read_text())}
+    for t in run.finished_iterations():
+        metrics = json.loads(run.iteration_metrics(t).read_text())
+        row = {"iteration": t + 1, "model_name": f"θ{t + 1}", **metrics}
         row |= _lm_eval_columns(run.iteration(t))
-        baseline = run.baseline(t) / "metrics.json"
+        baseline = run.baseline_evaluation(t).metrics
         if baseline.exists():
             row |= {f"sft_{k}": v for k, v in json.loads(baseline.read_text()).items()}
         rows.append(row)
-        t += 1
     frame = pd.DataFrame(rows)
     for prefix in ("", "sft_"):
         if f"{prefix}exact_match_by_group" in frame:
@@ -82,7 +81,7 @@ def step_logs(run: RunDir) -> pd.DataFrame:
     frames = []
     t = 0
     while run.iteration(t).exists():
-        log = run.train_state(t) / "metrics.jsonl"
+        log = run.step_log(t)
         if log.exists() and log.stat().st_size:
             frames.append(pd.read_json(log, lines=True))
         t += 1
@@ -108,15 +107,13 @@ def baseline_name(iteration: int) -> str:
 def evaluated_models(run: RunDir) -> list[EvaluatedModel]:
     """θ0, then per iteration t: θ(t+1) and the SFT baseline trained for the same steps."""
     models = []
-    if (run.base_eval() / "metrics.json").exists():
-        models.append(EvaluatedModel(0, "", "θ0", run.base_eval() / "eval.parquet"))
-    t = 0
-    while run.iteration_metrics(t).exists():
+    if run.base_evaluation().metrics.exists():
+        models.append(EvaluatedModel(0, "", "θ0", run.base_evaluation().eval))
+    for t in run.finished_iterations():
         models.append(EvaluatedModel(t + 1, "", f"θ{t + 1}", run.eval(t)))
-        if (run.baseline(t) / "metrics.json").exists():
-            baseline_eval = run.baseline(t) / "eval.parquet"
-            models.append(EvaluatedModel(t + 1, "sft_", baseline_name(t + 1), baseline_eval))
-        t += 1
+        baseline = run.baseline_evaluation(t)
+        if baseline.metrics.exists():
+            models.append(EvaluatedModel(t + 1, "sft_", baseline_name(t + 1), baseline.eval))
     return models
 
 
@@ -390,11 +387,10 @@ def _cell(text: str, limit: int = 80) -> str:
 
 def samples_table(run: RunDir, rows: int) -> str | None:
     """Held-out prompts with the real response and every model's greedy generation."""
-    frames = [("θ0", run.base_eval() / "eval.parquet")]
-    t = 0
-    while (path := run.eval(t)).exists():
-        frames.append((f"θ{t + 1}", path))
-        t += 1
+    frames = [("θ0", run.base_evaluation().eval)]
+    frames += [
+        (f"θ{t + 1}", run.eval(t)) for t in run.finished_iterations() if run.eval(t).exists()
+    ]
     if rows == 0 or not frames[0][1].exists():
         return None
     base = pd.read_parquet(frames[0][1]).head(rows)

@@ -25,6 +25,36 @@ from spin_core.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
+# In a training state directory (train_state/): the step log and the export's summary.
+STEP_LOG = "metrics.jsonl"
+EXPORT_SUMMARY = "export.json"
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    """Where one model's held-out evaluation lives: eval.parquet (one row per prompt) and
+    metrics.json (its summary). θ0's is theta0/, θ(t+1)'s iter_t/, SFT baseline t's
+    iter_t/baseline/."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    def done(self) -> bool:
+        """Whether both files are there (eval.parquet complete)."""
+        from spin_core.data import parquet_complete
+
+        return self.metrics.exists() and parquet_complete(self.eval)
+
 
 @dataclass
 class ToyArtifacts:
@@ -92,9 +122,48 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def launch_request(self) -> Path:
+        """A multi-node torchrun launch that nodes 1 … N−1 join (spin_core/launch.py)."""
+        return self.root / ".train-launch.json"
+
+    @property
+    def prefect_results(self) -> Path:
+        """Prefect's task results for this run (tasks/caching.py)."""
+        return self.root / ".prefect" / "results"
+
+    @property
+    def prefect_cache_keys(self) -> Path:
+        return self.root / ".prefect" / "cache-keys"
+
+    @property
+    def mlflow_state(self) -> Path:
+        """What run.tracking: mlflow has logged, and its run ids (spin_core/tracking.py)."""
+        return self.root / "tracking.json"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """MLflow's local artifact store, without MLFLOW_TRACKING_URI."""
+        return self.root / "mlartifacts"
+
+    @property
+    def wandb_state(self) -> Path:
+        return self.root / "tracking-wandb.json"
+
     def base_eval(self) -> Path:
         """Held-out evaluation of θ0 (eval.parquet, metrics.json)."""
         return self.root / "theta0"
+
+    def base_evaluation(self) -> EvalDir:
+        return EvalDir(self.base_eval())
+
+    def finished_iterations(self) -> list[int]:
+        """0, 1, … up to the last iteration whose model is evaluated (iter_t/metrics.json),
+        with no gap: what the report, the trackers and the schedule read."""
+        finished = []
+        while self.iteration_metrics(len(finished)).exists():
+            finished.append(len(finished))
+        return finished
 
     # iteration level
     def iteration(self, t: int) -> Path:
@@ -112,23 +181,46 @@ class RunDir:
     def pairs(self, t: int) -> Path:
         return self.iteration(t) / "pairs.parquet"
 
+    def pairs_counts(self, t: int) -> Path:
+        """The training set's counts (pairs, ties dropped, history) beside pairs.parquet."""
+        return self.iteration(t) / "pairs.json"
+
     def train(self, t: int) -> Path:
         return self.iteration(t) / "train.parquet"
 
     def train_state(self, t: int) -> Path:
         return self.iteration(t) / "train_state"
 
+    def step_log(self, t: int) -> Path:
+        return self.train_state(t) / STEP_LOG
+
+    def export_summary(self, t: int) -> Path:
+        return self.train_state(t) / EXPORT_SUMMARY
+
     def model(self, t: int) -> Path:
         return self.iteration(t) / "model"
 
+    def evaluation(self, t: int) -> EvalDir:
+        """θ(t+1)'s held-out evaluation (against θt), in iter_t/."""
+        return EvalDir(self.iteration(t))
+
     def eval(self, t: int) -> Path:
-        return self.iteration(t) / "eval.parquet"
+        return self.evaluation(t).eval
 
     def iteration_metrics(self, t: int) -> Path:
-        return self.iteration(t) / "metrics.json"
+        return self.evaluation(t).metrics
 
     def baseline(self, t: int) -> Path:
         return self.iteration(t) / "baseline"
+
+    def baseline_model(self, t: int) -> Path:
+        return self.baseline(t) / "model"
+
+    def baseline_state(self, t: int) -> Path:
+        return self.baseline(t) / "train_state"
+
+    def baseline_evaluation(self, t: int) -> EvalDir:
+        return EvalDir(self.baseline(t))
 
     def retry(self, t: int) -> Path:
         """Written when iteration t is retried at a lower learning rate after collapsing."""
@@ -160,7 +252,7 @@ class RunDir:
         import shutil
 
         removed = []
-        for state in (self.train_state(t), self.baseline(t) / "train_state"):
+        for state in (self.train_state(t), self.baseline_state(t)):
             for path in [*state.glob("step_*"), state / "latest"]:
                 if path.is_dir():
                     shutil.rmtree(path)

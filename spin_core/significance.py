@@ -10,22 +10,29 @@ paired by prompt id:
   (the token-weighted mean the report shows), with a bootstrap interval that
   resamples prompts jointly for both models.
 
-Pure numpy and the standard library: the binomial tail is summed exactly.
+Over seeds (`spin compare`): the Student-t interval of per-seed values
+(`mean_interval`), and a bootstrap that resamples prompts within each seed
+(`stratified_paired_bootstrap`). One resampling routine serves every interval; the
+t quantile and the binomial test come from scipy.stats.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 EXACT_MATCH = "exact_match"
 REAL_LOGLIK = "real_loglik_per_token"
 # How each metric's Δ is written in a verdict.
 UNITS = {EXACT_MATCH: "points", REAL_LOGLIK: "nats/token"}
 EVAL_COLUMNS = ("id", "exact_match", "real_logps", "real_tokens")
+CONFIDENCE = 0.95
+N_RESAMPLES = 10_000
 # Index elements drawn per vectorised block: bounds memory at ~8 MB per array.
 _BLOCK_ELEMENTS = 1_000_000
 
@@ -44,48 +51,67 @@ def _same_length(**arrays: np.ndarray) -> int:
     return next(iter(lengths.values()))
 
 
-def _resampled_indices(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
-    """Blocks of rows, each row n prompt indices drawn uniformly with replacement."""
+def _resampled_indices(
+    sizes: Sequence[int], n_resamples: int, seed: int
+) -> Iterator[list[np.ndarray]]:
+    """Blocks of resamples: in each block, for every stratum of n prompts, rows of n prompt
+    indices drawn uniformly with replacement from that stratum only."""
     rng = np.random.default_rng(seed)
-    rows_per_block = max(1, _BLOCK_ELEMENTS // n)
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(sizes))
     for start in range(0, n_resamples, rows_per_block):
-        yield rng.integers(0, n, size=(min(rows_per_block, n_resamples - start), n))
+        rows = min(rows_per_block, n_resamples - start)
+        yield [rng.integers(0, n, size=(rows, n)) for n in sizes]
 
 
 def _percentile_interval(
-    statistic: Callable[[np.ndarray], np.ndarray],
-    n: int,
+    statistic: Callable[[list[np.ndarray]], np.ndarray],
+    sizes: Sequence[int],
     n_resamples: int,
     confidence: float,
     seed: int,
 ) -> tuple[float, float]:
     """(low, high): the (1 − c)/2 and (1 + c)/2 quantiles of the statistic over resamples.
 
-    Resamples where the statistic is undefined (NaN) are left out.
+    `statistic` maps one block of resampled indices (one array per stratum) to one value
+    per resample. Resamples where the statistic is undefined (NaN) are left out.
     """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_confidence(confidence)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be positive, got {n_resamples}")
-    values = np.concatenate([statistic(idx) for idx in _resampled_indices(n, n_resamples, seed)])
+    values = np.concatenate(
+        [statistic(idx) for idx in _resampled_indices(sizes, n_resamples, seed)]
+    )
     tail = (1 - confidence) / 2
     low, high = np.nanquantile(values, [tail, 1 - tail])
     return float(low), float(high)
 
 
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _ratio_delta(na, da, nb, db, idx) -> np.ndarray:
+    """Σ nb / Σ db − Σ na / Σ da over the prompts `idx` (one value per row); NaN where a
+    denominator sums to 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = nb[idx].sum(-1) / db[idx].sum(-1) - na[idx].sum(-1) / da[idx].sum(-1)
+    return np.where(np.isfinite(value), value, np.nan)
+
+
 def bootstrap_mean_ci(
-    values, *, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+    values, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
 ) -> tuple[float, float, float]:
     """(mean, low, high) of one model's per-prompt values: percentile bootstrap of the mean."""
     x = _as_vector(values, "values")
     low, high = _percentile_interval(
-        lambda idx: x[idx].mean(axis=1), len(x), n_resamples, confidence, seed
+        lambda idx: x[idx[0]].mean(axis=1), [len(x)], n_resamples, confidence, seed
     )
     return float(x.mean()), low, high
 
 
 def paired_bootstrap_ci(
-    a, b, *, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+    a, b, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
 ) -> tuple[float, float, float]:
     """(delta, low, high) with delta = mean(b − a) over prompts i: (1/n) Σ_i (b_i − a_i).
 
@@ -98,7 +124,7 @@ def paired_bootstrap_ci(
     n = _same_length(a=x, b=y)
     difference = y - x
     low, high = _percentile_interval(
-        lambda idx: difference[idx].mean(axis=1), n, n_resamples, confidence, seed
+        lambda idx: difference[idx[0]].mean(axis=1), [n], n_resamples, confidence, seed
     )
     return float(difference.mean()), low, high
 
@@ -109,8 +135,8 @@ def paired_bootstrap_ratio_ci(
     num_b,
     den_b,
     *,
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """(delta, low, high) with delta = Σ num_b / Σ den_b − Σ num_a / Σ den_a.
@@ -132,14 +158,10 @@ def paired_bootstrap_ratio_ci(
         if arrays[name].sum() <= 0:
             raise ValueError(f"{name}: the denominators must sum to a positive value")
     na, da, nb, db = arrays.values()
-
-    def ratio_delta(idx: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            value = nb[idx].sum(-1) / db[idx].sum(-1) - na[idx].sum(-1) / da[idx].sum(-1)
-        return np.where(np.isfinite(value), value, np.nan)
-
-    delta = float(ratio_delta(np.arange(n)))
-    low, high = _percentile_interval(ratio_delta, n, n_resamples, confidence, seed)
+    delta = float(_ratio_delta(na, da, nb, db, np.arange(n)))
+    low, high = _percentile_interval(
+        lambda idx: _ratio_delta(na, da, nb, db, idx[0]), [n], n_resamples, confidence, seed
+    )
     return delta, low, high
 
 
@@ -148,20 +170,88 @@ def mcnemar_exact_p(a, b) -> float:
 
     With b01 = #(a false, b true) and b10 = #(a true, b false), under the null each
     discordant prompt is equally likely either way, so X ~ Bin(b01 + b10, 1/2) and
-    p = min(1, 2 · P(X ≤ min(b01, b10))), P(X ≤ k) = Σ_{i ≤ k} C(m, i) / 2^m.
-    p = 1 when no prompt is discordant. The sum is exact (integer arithmetic).
+    p = min(1, 2 · P(X ≤ min(b01, b10))): scipy's exact two-sided binomial test, which
+    for p = 1/2 is that sum. p = 1 when no prompt is discordant.
     """
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     _same_length(a=x, b=y)
     b01, b10 = int(np.sum(~x & y)), int(np.sum(x & ~y))
-    m, k = b01 + b10, min(b01, b10)
-    if m == 0:
+    if b01 + b10 == 0:
         return 1.0
-    tail, term = 0, 1  # term = C(m, i), updated by C(m, i + 1) = C(m, i)·(m − i)/(i + 1)
-    for i in range(k + 1):
-        tail += term
-        term = term * (m - i) // (i + 1)
-    return min(1.0, 2 * tail / 2**m)  # int / int is correctly rounded, even for large m
+    return float(stats.binomtest(min(b01, b10), b01 + b10, 0.5).pvalue)
+
+
+# --- over seeds -----------------------------------------------------------------------------
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The two-sided Student-t critical value q: P(|T| ≤ q) = confidence."""
+    if df < 1:
+        raise ValueError(f"df must be at least 1, got {df}")
+    _check_confidence(confidence)
+    return float(stats.t.ppf((1 + confidence) / 2, df))
+
+
+def mean_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): the t-interval of the mean of per-seed values; NaN bounds for one."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if len(x) == 1:
+        return mean, math.nan, math.nan
+    half = t_quantile(confidence, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
+def stratified_paired_bootstrap(
+    strata: Sequence[pd.DataFrame],
+    metric: str,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(delta, low, high) of the pooled Δ = (1/S) Σ_s Δ_s over S seeds (strata).
+
+    Each stratum is one seed's `paired_frames` (suffix _a: reference, _b: model). Δ_s is
+    the seed's own paired difference: mean(b − a) of exact match, or
+    Σ logp_b / Σ tokens_b − Σ logp_a / Σ tokens_a for the real log-likelihood. A resample
+    draws, within every seed, that seed's prompts with replacement (the pairing of the
+    two models on a prompt is kept; seeds are never mixed), and takes the pooled Δ; the
+    interval is the percentile interval of `n_resamples` resamples. With one stratum this
+    is `paired_bootstrap_ci` / `paired_bootstrap_ratio_ci`, draw for draw.
+    """
+    if not strata:
+        raise ValueError("no strata to pool")
+    _check_confidence(confidence)
+    parts: list[Callable[[np.ndarray], np.ndarray]] = []
+    for frame in strata:
+        if metric == EXACT_MATCH:
+            d = (
+                frame["exact_match_b"].astype(float).to_numpy()
+                - frame["exact_match_a"].astype(float).to_numpy()
+            )
+            parts.append(lambda idx, d=d: d[idx].mean(axis=-1))
+        elif metric == REAL_LOGLIK:
+            arrays = tuple(
+                frame[c].astype(float).to_numpy()
+                for c in ("real_logps_a", "real_tokens_a", "real_logps_b", "real_tokens_b")
+            )
+            parts.append(lambda idx, arrays=arrays: _ratio_delta(*arrays, idx))
+        else:
+            raise ValueError(f"unknown metric {metric!r}")
+    sizes = [len(frame) for frame in strata]
+    delta = float(np.mean([part(np.arange(n)) for part, n in zip(parts, sizes, strict=True)]))
+
+    def pooled(idx: list[np.ndarray]) -> np.ndarray:
+        total = np.zeros(len(idx[0]))
+        for part, rows in zip(parts, idx, strict=True):
+            total += part(rows)
+        return total / len(parts)
+
+    low, high = _percentile_interval(pooled, sizes, n_resamples, confidence, seed)
+    return delta, low, high
 
 
 @dataclass(frozen=True)
@@ -195,11 +285,27 @@ class Comparison:
         return excludes_zero and test_agrees
 
 
-def _signed(value: float, decimals: int) -> str:
-    text = f"{abs(value):.{decimals}f}"
+# How a Δ in each unit is written: points are fractions ×100 with 1 decimal.
+_WRITTEN = {"points": (100.0, 1), "nats/token": (1.0, 3)}
+
+
+def signed(value: float, unit: str) -> str:
+    """A Δ as the verdicts write it in `unit` ("points" or "nats/token"): "+5.0", "−0.012";
+    no sign on a zero, even a rounded or negative one."""
+    if unit not in _WRITTEN:
+        raise ValueError(f"unit must be 'points' or 'nats/token', got {unit!r}")
+    scale, decimals = _WRITTEN[unit]
+    text = f"{abs(value * scale):.{decimals}f}"
     if float(text) == 0:
-        return text  # no sign on a zero, even a rounded or negative one
+        return text
     return ("+" if value > 0 else "−") + text
+
+
+def direction(comparison: Comparison) -> str:
+    """significantly higher / significantly lower / no significant difference."""
+    if not comparison.significant:
+        return "no significant difference"
+    return "significantly higher" if comparison.low > 0 else "significantly lower"
 
 
 def _p_text(p: float) -> str:
@@ -216,25 +322,14 @@ def verdict(comparison: Comparison, *, unit: str) -> str:
     "nats/token": written with 3 decimals. Example:
     "significantly higher (Δ +5.0 points, 95% CI +2.1…+7.9, McNemar p = 0.003)".
     """
-    if unit == "points":
-        scale, decimals = 100.0, 1
-    elif unit == "nats/token":
-        scale, decimals = 1.0, 3
-    else:
-        raise ValueError(f"unit must be 'points' or 'nats/token', got {unit!r}")
     c = comparison
-    if not c.significant:
-        word = "no significant difference"
-    else:
-        word = "significantly higher" if c.low > 0 else "significantly lower"
     detail = (
-        f"Δ {_signed(c.delta * scale, decimals)} {unit}, "
-        f"{c.confidence * 100:g}% CI {_signed(c.low * scale, decimals)}…"
-        f"{_signed(c.high * scale, decimals)}"
+        f"Δ {signed(c.delta, unit)} {unit}, "
+        f"{c.confidence * 100:g}% CI {signed(c.low, unit)}…{signed(c.high, unit)}"
     )
     if c.p_value is not None:
         detail += f", McNemar {_p_text(c.p_value)}"
-    return f"{word} ({detail})"
+    return f"{direction(c)} ({detail})"
 
 
 def paired_frames(base_eval: pd.DataFrame, other_eval: pd.DataFrame) -> pd.DataFrame:

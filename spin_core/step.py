@@ -4,8 +4,12 @@ A `Step` (made with `@step`) is a function `body(ctx, config, run_dir, ...)` plu
 
 - `sections`: the config sections its result depends on;
 - `inputs(params)`: the files it reads (cache keys fingerprint them);
-- `done(params)`: whether its outputs are complete on disk;
-- `load(params)`: its result read back from those outputs.
+- `outputs`: what it writes, each an `Output` (a path and its kind), declared once;
+  from them come `done(params)` (every output is complete on disk) and `load(params)`
+  (the first output read back: a path, or a JSON file's content), and the remote
+  dispatch (`flows/dispatch.py`) knows what a worker's run leaves behind. A step whose
+  completeness is more than its files' (a generation worker's shards, lm-eval's
+  settings) gives `done` and `load` itself.
 
 `execute(step, ctx, params)` is the one way a step runs: when `done` says the
 outputs are complete, `load` answers and the body is not called; otherwise the
@@ -82,6 +86,48 @@ def _no_files(params: Params) -> list[Path]:
     return []
 
 
+@dataclass(frozen=True)
+class Output:
+    """One file or directory a step writes. kind: "parquet" (complete: a readable footer,
+    with `rows(params)` rows when given), "model" (a Hugging Face model directory) or
+    "json" (loaded as its content). Only the first output of a step is loaded."""
+
+    path: Callable[[Params], Path]
+    kind: str
+    rows: Callable[[Params], int | None] | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("parquet", "model", "json"):
+            raise ValueError(f"Output kind must be parquet, model or json, got {self.kind!r}")
+
+    def complete(self, params: Params) -> bool:
+        path = self.path(params)
+        if self.kind == "parquet":
+            from spin_core.data import parquet_complete
+
+            return parquet_complete(path, self.rows(params) if self.rows else None)
+        if self.kind == "model":
+            from spin_core.checkpoint import is_model_dir
+
+            return is_model_dir(path)
+        return path.is_file()
+
+    def load(self, params: Params) -> Any:
+        path = self.path(params)
+        return json.loads(path.read_text()) if self.kind == "json" else str(path)
+
+
+def at_iteration(where: Callable[[Any, int], Path]) -> Callable[[Params], Path]:
+    """An output path from a `RunDir` method of the iteration: `at_iteration(RunDir.pairs)`."""
+
+    def path(params: Params) -> Path:
+        from spin_core.rundir import RunDir
+
+        return where(RunDir(params["run_dir"]), params["iteration"])
+
+    return path
+
+
 @dataclass(eq=False)
 class Step:
     """One step of the pipeline; see the module docstring."""
@@ -94,12 +140,22 @@ class Step:
     load: Callable[[Params], Any] | None = None
     retries: int = 0  # extra attempts after a failure that is not bad input
     journaled: bool = True  # written to steps.jsonl (checks and reports are not)
+    outputs: tuple[Output, ...] = ()
     signature: inspect.Signature = field(init=False, repr=False)
 
     def __post_init__(self):
         parameters = list(inspect.signature(self.body).parameters.values())[1:]  # minus ctx
         self.signature = inspect.Signature(parameters)
         self.__doc__ = self.body.__doc__
+        if self.outputs:
+            if self.done is not None or self.load is not None:
+                raise ValueError(f"{self.name}: outputs, or done and load, not both")
+            self.done = lambda params: all(o.complete(params) for o in self.outputs)
+            self.load = self.outputs[0].load
+
+    def output(self, params: Params) -> Path:
+        """The path of the step's result (its first output)."""
+        return self.outputs[0].path(params)
 
     def params(self, *args, **kwargs) -> Params:
         """The call's arguments by name, defaults applied (`config`, `run_dir`, ...)."""
@@ -121,11 +177,12 @@ def step(
     load: Callable[[Params], Any] | None = None,
     retries: int = 0,
     journaled: bool = True,
+    outputs: tuple[Output, ...] = (),
 ) -> Callable[[Callable], Step]:
     """Declare `body(ctx, config, run_dir, ...)` as a Step (see the module docstring)."""
 
     def decorate(body: Callable) -> Step:
-        return Step(name, body, sections, inputs, done, load, retries, journaled)
+        return Step(name, body, sections, inputs, done, load, retries, journaled, outputs)
 
     return decorate
 

@@ -1,6 +1,7 @@
-"""The SPIN pipeline: every step, defined once, and the order they run in.
+"""The SPIN pipeline's steps, each defined once (the order they run in is
+spin_core/pipeline.py).
 
-Algorithm 1 of Chen et al. (2024), one iteration θt → θ(t+1) (`run_iteration` below):
+Algorithm 1 of Chen et al. (2024), one iteration θt → θ(t+1) (`pipeline.run_iteration`):
 
 1. `sample_prompts`: the SFT (prompt, real) pairs of the iteration, tokenized once;
 2. `generate_responses`: the opponent θt writes y' for every prompt;
@@ -9,55 +10,35 @@ Algorithm 1 of Chen et al. (2024), one iteration θt → θ(t+1) (`run_iteration
    training ranks before their first step);
 5. `evaluate`: θ(t+1)'s held-out metrics against θt, and the collapse decision.
 
-`run_pipeline` runs the checks, θ0's evaluation, the iterations with the collapse /
-retry / early-stop policy (`after_iteration`), and the report. Each step is a
-`spin_core.step.Step`: its inputs, outputs and body declared together. A runner
-executes them: `spin_core/driver.py` in plain Python (benchmarks, notebooks),
+Each step is a `spin_core.step.Step`: its inputs, outputs and body declared together.
+A runner executes them: `spin_core/driver.py` in plain Python (benchmarks, notebooks),
 `flows/` as cached Prefect tasks and flows, or on GPU workers. docs/DESIGN.md has
 the run directory layout and the step table.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import pandas as pd
 
-from spin_core import chat_tasks, data, generation, lm_eval, provenance, report, toy, train
+from spin_core import data, generation, lm_eval, provenance, report, toy, tracking, train
 from spin_core.checkpoint import (
     check_causal_lm,
     compute_dtype,
-    is_model_dir,
     load_policy,
     pinned_model,
 )
 from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
-from spin_core.errors import InputError
-from spin_core.evaluate import collapsed, evaluate_model
+from spin_core.evaluate import collapsed, evaluate_model, training_summary
 from spin_core.files import atomic_path, write_json_atomic
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
-from spin_core.rundir import RunDir, RunLock, check_config, save_config
-from spin_core.step import Context, Params, Step, step
-
-RETRY_LR_SCALE = 0.5  # run.on_collapse=retry_half_lr: the retry's learning-rate factor
-
-
-class Runner(Protocol):
-    """Executes steps (`Step`) and iterations; `spin_core/driver.py` and `flows/` are runners."""
-
-    log: Any
-
-    def step(self, step: Step, *args, **kwargs) -> Any: ...
-
-    def iteration(self, *args, **kwargs) -> dict:
-        """`run_iteration` with this runner and these arguments (maybe as a subflow)."""
+from spin_core.rundir import EvalDir, RunDir, RunLock, check_config
+from spin_core.step import Context, Output, Params, at_iteration, step
+from spin_core.train_job import TrainJob
 
 
 def _run(params: Params) -> RunDir:
@@ -71,22 +52,12 @@ def _tokenizer(config: SpinConfig, model: str):
 # ------------------------------------------------------------------ before iteration 0
 
 
-def check_tracking_available(config: SpinConfig) -> None:
-    """InputError naming run.tracking when its package is not installed."""
-    package = {"mlflow": "mlflow", "wandb": "wandb"}.get(config.run.tracking)
-    if package and importlib.util.find_spec(package) is None:
-        raise InputError(
-            f"run.tracking: {config.run.tracking!r} needs the {package} package, which is not "
-            "installed (pip install 'spin[tracking]'), or set run.tracking: none"
-        )
-
-
 def _check_model_data(
     config: SpinConfig, model: str | None, data_config: DataConfig | None
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict] | None:
     """The checks shared by both input checks: (training pairs, held-out pairs, stats) of
     `data_config`, None without one."""
-    check_tracking_available(config)
+    tracking.check_available(config)
     tokenizer = None
     if model is not None:
         check_causal_lm(model, trust_remote_code=config.model.trust_remote_code)
@@ -197,8 +168,7 @@ def _dataset(params: Params) -> list:
     "sample-prompts",
     sections=("data", "model", "toy", "training"),
     inputs=_dataset,
-    done=lambda p: data.parquet_complete(_run(p).prompts(p["iteration"])),
-    load=lambda p: str(_run(p).prompts(p["iteration"])),
+    outputs=(Output(at_iteration(RunDir.prompts), "parquet"),),
     retries=2,
 )
 def sample_prompts(ctx: Context, config: SpinConfig, run_dir: str, iteration: int) -> str:
@@ -237,17 +207,15 @@ def sample_prompts(ctx: Context, config: SpinConfig, run_dir: str, iteration: in
 # ------------------------------------------------------ 2. the opponent's responses
 
 
-def _generated_done(params: Params) -> bool:
-    run, t = _run(params), params["iteration"]
-    return data.parquet_complete(run.generated(t), data.parquet_rows(run.prompts(t)))
+def _prompt_rows(params: Params) -> int | None:
+    return data.parquet_rows(_run(params).prompts(params["iteration"]))
 
 
 @step(
     "generate-responses",
     sections=("generation", "model", "training"),
     inputs=lambda p: [_run(p).prompts(p["iteration"]), p["opponent"]],
-    done=_generated_done,
-    load=lambda p: str(_run(p).generated(p["iteration"])),
+    outputs=(Output(at_iteration(RunDir.generated), "parquet", rows=_prompt_rows),),
 )
 def generate_responses(
     ctx: Context, config: SpinConfig, run_dir: str, iteration: int, opponent: str
@@ -356,19 +324,14 @@ def history_window(config: SpinConfig, iteration: int) -> range:
     return range(max(0, iteration - config.data.history), iteration + 1)
 
 
-def _pairs_counts(params: Params) -> dict:
-    return json.loads((_run(params).iteration(params["iteration"]) / "pairs.json").read_text())
-
-
 @step(
     "build-training-set",
     sections=("data",),
     inputs=lambda p: [_run(p).generated(s) for s in history_window(p["config"], p["iteration"])],
-    done=lambda p: (
-        data.parquet_complete(_run(p).pairs(p["iteration"]))
-        and (_run(p).iteration(p["iteration"]) / "pairs.json").exists()
+    outputs=(
+        Output(at_iteration(RunDir.pairs_counts), "json"),
+        Output(at_iteration(RunDir.pairs), "parquet"),
     ),
-    load=_pairs_counts,
 )
 def build_training_set(ctx: Context, config: SpinConfig, run_dir: str, iteration: int) -> dict:
     """generated.parquet of t, t-1, ... → iter_t/pairs.parquet; returns the counts."""
@@ -382,7 +345,7 @@ def build_training_set(ctx: Context, config: SpinConfig, run_dir: str, iteration
         "identical_dropped": stats.identical_dropped,
         "identical_fraction": stats.identical_fraction,
     }
-    write_json_atomic(counts, run.iteration(iteration) / "pairs.json")
+    write_json_atomic(counts, run.pairs_counts(iteration))
     ctx.log.info(
         "iteration %d: %d training pairs from iterations %s; %d identical pairs dropped (%.1f%%)",
         iteration,
@@ -401,8 +364,7 @@ def build_training_set(ctx: Context, config: SpinConfig, run_dir: str, iteration
     "train-policy",
     sections=("model", "training"),
     inputs=lambda p: [_run(p).pairs(p["iteration"]), p["opponent"]],
-    done=lambda p: is_model_dir(_run(p).model(p["iteration"])),
-    load=lambda p: str(_run(p).model(p["iteration"])),
+    outputs=(Output(at_iteration(RunDir.model), "model"),),
 )
 def train_policy(
     ctx: Context,
@@ -421,71 +383,43 @@ def train_policy(
     it during training. lr_scale: multiplies the learning rate (collapse retry).
     """
     run = RunDir(run_dir)
-    _train(
-        ctx,
-        config,
-        ctx.progress(f"train-iter-{iteration}", f"iteration {iteration}: optimizer steps"),
+    job = TrainJob(
         init_model=opponent,
         train_path=run.pairs(iteration),
         scored_path=run.train(iteration),
         state_dir=run.train_state(iteration),
         model_out=run.model(iteration),
         iteration=iteration,
-        opponent_eval_file=str(Path(opponent_eval) / "eval.parquet") if opponent_eval else None,
+        opponent_eval_file=str(EvalDir(opponent_eval).eval) if opponent_eval else None,
         lr_scale=lr_scale,
     )
+    progress = ctx.progress(f"train-iter-{iteration}", f"iteration {iteration}: optimizer steps")
+    _train(ctx, config, progress, job)
     return str(run.model(iteration))
 
 
-def _train(ctx: Context, config: SpinConfig, progress, **kwargs) -> None:
-    """`train.run_rank` in this process, or on `num_processes` ranks launched as a group.
-
-    kwargs: run_rank's arguments other than cfg and on_step.
-    """
+def _train(ctx: Context, config: SpinConfig, progress, job: TrainJob) -> None:
+    """`train.run_rank(job)` in this process, or on `num_processes` ranks launched as a group."""
     from spin_core import launch
 
-    iteration = kwargs["iteration"]
+    iteration = job.iteration
 
     def on_step(record: dict) -> None:
         progress.update(record["step"], record["total_steps"])
-        accuracy = record["reward_accuracy"]
-        ctx.log.info(
-            "iter %d step %d/%d loss %.4f margin %.3f acc %s lr %.2e %.0f tok/s",
-            iteration,
-            record["step"],
-            record["total_steps"],
-            record["loss"],
-            record["margin"],
-            "–" if accuracy is None else f"{accuracy:.2f}",
-            record["learning_rate"],
-            record["tokens_per_s"],
-        )
-        if "heldout_real_loglik" in record:
-            ctx.log.info(
-                "iter %d step %d: held-out real log-lik %.4f nats/token (%s)",
-                iteration,
-                record["step"],
-                record["heldout_real_loglik"],
-                "healthy" if record["healthy"] else "BELOW the opponent's by more than tolerance",
-            )
+        for line in train.step_lines(record):
+            ctx.log.info(line)
 
     training = config.training
     if training.num_processes > 1 or training.hostfile:
-        args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
         ctx.log.info(
             "iteration %d: launching %d training ranks (ZeRO-%d)",
             iteration,
             training.num_processes,
             training.zero_stage,
         )
-        launch.launch_training(
-            args | {"config": config.model_dump(mode="json")},
-            training,
-            on_step=on_step,
-            on_log=ctx.log.info,
-        )
+        launch.launch_training(config, job, on_step=on_step, on_log=ctx.log.info)
         return
-    result = train.run_rank(config, on_step=on_step, **kwargs)
+    result = train.run_rank(config, job, on_step=on_step)
     if result.resumed_from:
         ctx.log.info("iteration %d: resumed training from step %d", iteration, result.resumed_from)
 
@@ -497,24 +431,21 @@ def _eval_inputs(params: Params) -> list:
     run = _run(params)
     files = [run.heldout, params["model"]]
     if params.get("opponent_dir"):
-        files.append(Path(params["opponent_dir"]) / "eval.parquet")
+        files.append(EvalDir(params["opponent_dir"]).eval)
     if params.get("iteration") is not None:
         t = params["iteration"]
-        files += [run.iteration(t) / "pairs.json", run.train_state(t) / "metrics.jsonl"]
+        files += [run.pairs_counts(t), run.step_log(t)]
     return files
-
-
-def _eval_done(params: Params) -> bool:
-    out = Path(params["out_dir"])
-    return (out / "metrics.json").exists() and data.parquet_complete(out / "eval.parquet")
 
 
 @step(
     "evaluate-model",
     sections=("eval", "generation", "model", "training", "run"),
     inputs=_eval_inputs,
-    done=_eval_done,
-    load=lambda p: json.loads((Path(p["out_dir"]) / "metrics.json").read_text()),
+    outputs=(
+        Output(lambda p: EvalDir(p["out_dir"]).metrics, "json"),
+        Output(lambda p: EvalDir(p["out_dir"]).eval, "parquet"),
+    ),
 )
 def evaluate(
     ctx: Context,
@@ -531,9 +462,9 @@ def evaluate(
     held-out y' for reward accuracy and margin. With `iteration`, the metrics also
     hold the training summary and `collapsed` (docs/DESIGN.md §5).
     """
-    run, out_dir = RunDir(run_dir), Path(out_dir)
+    run, out = RunDir(run_dir), EvalDir(out_dir)
     heldout = pd.read_parquet(run.heldout)
-    opponent_frame = pd.read_parquet(Path(opponent_dir) / "eval.parquet") if opponent_dir else None
+    opponent_frame = pd.read_parquet(EvalDir(opponent_dir).eval) if opponent_dir else None
     policy, tokenizer = load_policy(model, config.model)
     frame, metrics = evaluate_model(
         policy,
@@ -542,12 +473,12 @@ def evaluate(
         config,
         opponent_frame=opponent_frame,
         beta=schedule_at(config.training.beta, iteration or 0),
-        group_of=_toy_task_of(heldout),
+        group_of=toy.task_grouping(heldout),
         show_progress=True,
     )
     del policy  # the next step (vLLM generation, training) needs this process's GPU memory
     generation.release_memory()
-    data.write_parquet_atomic(frame, out_dir / "eval.parquet")
+    data.write_parquet_atomic(frame, out.eval)
     metrics["model"] = model
     metrics |= provenance.record(config.generation.backend, model)
     if iteration is not None:
@@ -558,7 +489,7 @@ def evaluate(
             metrics["opponent_real_loglik_per_token"],
             config.run.collapse_tolerance,
         )
-    write_json_atomic(metrics, out_dir / "metrics.json")
+    write_json_atomic(metrics, out.metrics)
     ctx.log.info(
         "%s: exact match %.3f, real log-lik %.4f nats/token%s",
         model,
@@ -567,36 +498,6 @@ def evaluate(
         f", margin {metrics['margin']:.3f}" if "margin" in metrics else "",
     )
     return metrics
-
-
-def training_summary(run: RunDir, iteration: int) -> dict:
-    """Counts of the training set and the last epoch's mean training metrics."""
-    summary = json.loads((run.iteration(iteration) / "pairs.json").read_text())
-    steps = pd.read_json(run.train_state(iteration) / "metrics.jsonl", lines=True)
-    last_epoch = steps[steps["epoch"] >= steps["epoch"].max() // 1]
-    summary["train_steps"] = int(steps["step"].max())
-    for key in ("loss", "margin", "reward_accuracy"):
-        summary[f"train_{key}"] = float(last_epoch[key].mean())
-    if "healthy" in steps:
-        checked = steps.dropna(subset=["healthy"])
-        summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
-    summary["lr_scale"] = run.lr_scale(iteration)
-    export = run.train_state(iteration) / train.EXPORT_SUMMARY
-    if export.exists():  # the fraction of θ(t+1)'s weights that differ from θt's
-        summary |= json.loads(export.read_text())
-    return summary
-
-
-def _toy_task_of(heldout: pd.DataFrame) -> Callable[[str], str] | None:
-    """The task of each held-out prompt when they are the embedded default's toy or chat
-    tasks (a per-task breakdown), else None."""
-    for task_of in (toy.task_of, chat_tasks.task_of):
-        try:
-            heldout["prompt"].map(task_of)
-        except ValueError:
-            continue
-        return task_of
-    return None
 
 
 # ------------------------------------------------------------ the comparison baseline
@@ -610,8 +511,7 @@ def _toy_task_of(heldout: pd.DataFrame) -> Callable[[str], str] | None:
         _run(p).iteration_metrics(p["iteration"]),
         p["previous"],
     ],
-    done=lambda p: is_model_dir(_run(p).baseline(p["iteration"]) / "model"),
-    load=lambda p: str(_run(p).baseline(p["iteration"]) / "model"),
+    outputs=(Output(at_iteration(RunDir.baseline_model), "model"),),
 )
 def train_sft_baseline(
     ctx: Context, config: SpinConfig, run_dir: str, iteration: int, previous: str
@@ -621,20 +521,21 @@ def train_sft_baseline(
     Continued SFT with the same steps and learning rate as SPIN's iteration.
     """
     run = RunDir(run_dir)
-    out = run.baseline(iteration) / "model"
+    out = run.baseline_model(iteration)
     spin_steps = json.loads(run.iteration_metrics(iteration).read_text())["train_steps"]
-    _train(
-        ctx,
-        config,
-        ctx.progress(f"baseline-iter-{iteration}", f"iteration {iteration}: SFT baseline steps"),
+    job = TrainJob(
         init_model=previous,
         train_path=run.prompts(iteration),
-        state_dir=run.baseline(iteration) / "train_state",
+        state_dir=run.baseline_state(iteration),
         model_out=out,
         iteration=iteration,
         objective="sft",
         num_steps=spin_steps,
     )
+    progress = ctx.progress(
+        f"baseline-iter-{iteration}", f"iteration {iteration}: SFT baseline steps"
+    )
+    _train(ctx, config, progress, job)
     ctx.log.info("iteration %d: SFT baseline trained for %d steps", iteration, spin_steps)
     return str(out)
 
@@ -731,148 +632,3 @@ def track_experiment(ctx: Context, config: SpinConfig, run_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------ the order
-
-
-def run_iteration(
-    run: Runner,
-    config: SpinConfig,
-    run_dir: str,
-    iteration: int,
-    opponent: str,
-    opponent_eval: str,
-    lr_scale: float = 1.0,
-) -> dict:
-    """One SPIN iteration: train θ(t+1) against the opponent θt; returns its metrics.
-
-    opponent_eval: the directory holding θt's held-out evaluation.
-    lr_scale: multiplies the learning rate (RETRY_LR_SCALE when retrying a collapse).
-    """
-    rundir = RunDir(run_dir)
-    # 1. Sample the SFT prompts (the same fixed sample every iteration by default).
-    run.step(sample_prompts, config, run_dir, iteration)
-    # 2. The opponent θt writes y' for every prompt.
-    run.step(generate_responses, config, run_dir, iteration, opponent)
-    # 3. D_t = {(x, y, y')} with `data.history` earlier iterations.
-    run.step(build_training_set, config, run_dir, iteration)
-    # 4. Train θ(t+1) from θt on the SPIN loss; θt's log-probs of D_t are scored once,
-    #    by the training ranks before their first step (θ(t+1) starts as θt).
-    model = run.step(train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale)
-    # 5. θ(t+1) is an HF model directory; evaluate it against θt (and decide `collapsed`).
-    metrics = run.step(
-        evaluate, config, run_dir, model, str(rundir.iteration(iteration)), opponent_eval, iteration
-    )
-    if config.run.baseline == "sft":
-        # The question users have: does SPIN beat continued SFT with the same steps?
-        previous = (
-            rundir.base_model(config)
-            if iteration == 0
-            else str(rundir.baseline(iteration - 1) / "model")
-        )
-        baseline = run.step(train_sft_baseline, config, run_dir, iteration, previous)
-        run.step(evaluate, config, run_dir, baseline, str(rundir.baseline(iteration)))
-    return metrics
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the pipeline does after an iteration (`after_iteration`)."""
-
-    action: str  # "promote", "retry" (once, at RETRY_LR_SCALE) or "stop"
-    reason: str = ""
-    promote: bool = False  # with "stop": θ(t+1) is still the new opponent (early stop)
-
-
-def after_iteration(config: SpinConfig, run: RunDir, iteration: int, metrics: dict) -> Decision:
-    """The collapse / retry / early-stop policy (`run.on_collapse`, `run.promote_collapsed`,
-    `run.early_stop_margin`)."""
-    loglik = (
-        f"held-out real log-likelihood {metrics['real_loglik_per_token']:.4f} "
-        f"vs opponent {metrics['opponent_real_loglik_per_token']:.4f}"
-    )
-    if metrics.get("collapsed"):
-        if config.run.on_collapse == "retry_half_lr" and not run.retry(iteration).exists():
-            return Decision(
-                "retry",
-                f"iteration {iteration} collapsed ({loglik}); retrying once at "
-                f"{RETRY_LR_SCALE}× the learning rate, the attempt kept in "
-                f"{run.collapsed_attempt(iteration)}",
-            )
-        if not config.run.promote_collapsed:
-            return Decision(
-                "stop",
-                f"iteration {iteration} collapsed: {loglik} (tolerance "
-                f"{config.run.collapse_tolerance:.2f}); θ{iteration + 1} is not promoted and "
-                "the run stops",
-            )
-    margin = config.run.early_stop_margin
-    if margin is not None and metrics["margin"] < margin:
-        return Decision(
-            "stop",
-            f"held-out margin {metrics['margin']:.4f} < early_stop_margin {margin:.4f}: "
-            f"stopping after iteration {iteration}",
-            promote=True,
-        )
-    return Decision("promote")
-
-
-def run_lm_eval(
-    run: Runner,
-    config: SpinConfig,
-    run_dir: str,
-    model: str,
-    out_dir: str,
-    iteration: int | None = None,
-) -> dict | None:
-    """The lm-eval step when `eval.lm_eval.tasks` is set; None (nothing runs) otherwise."""
-    if not lm_eval.enabled(config.eval.lm_eval):
-        return None
-    return run.step(lm_eval_model, config, run_dir, model, out_dir, iteration)
-
-
-def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
-    """θ0 → θ1 → ... → θT (`run.iterations`); returns the path of report.md.
-
-    Rerunning on the same run directory resumes: finished steps are not redone.
-    """
-    rundir = RunDir(run_dir)
-    run_dir = str(rundir.root)
-    with RunLock(rundir):
-        check_config(rundir, config)
-        train.use_deterministic(config.run.deterministic)  # before any GPU work here
-        if config.uses_toy():
-            run.step(check_own_inputs, config, run_dir)  # before minutes of toy build
-            run.step(build_embedded_default, config, run_dir)
-        # Data and model are checked before anything is written for the run, so a
-        # corrected rerun is not refused as a changed config.
-        run.step(check_inputs, config, run_dir)
-        save_config(rundir, config)
-        opponent, opponent_eval = rundir.base_model(config), str(rundir.base_eval())
-        run.step(evaluate, config, run_dir, opponent, opponent_eval)
-        run_lm_eval(run, config, run_dir, opponent, opponent_eval)
-        run.step(track_experiment, config, run_dir)
-        for t in range(config.run.iterations):
-            args = (config, run_dir, t, opponent, opponent_eval)
-            metrics = run.iteration(*args, lr_scale=rundir.lr_scale(t))
-            decision = after_iteration(config, rundir, t, metrics)
-            if decision.action == "retry":
-                run.log.warning(decision.reason)
-                rundir.archive_collapsed(t, lr_scale=RETRY_LR_SCALE)
-                metrics = run.iteration(*args, lr_scale=rundir.lr_scale(t))
-                decision = after_iteration(config, rundir, t, metrics)
-            if decision.action == "stop" and not decision.promote:
-                run.log.warning(decision.reason)
-                break
-            opponent, opponent_eval = metrics["model"], str(rundir.iteration(t))
-            if not config.training.keep_finished_state:
-                removed = rundir.remove_checkpoints(t)  # θ(t+1) is exported: no resume needed
-                if removed:
-                    run.log.info("iteration %d: removed %d checkpoints", t, len(removed))
-            # θ(t+1) is promoted: benchmark it (a collapsed, unpromoted model is not)
-            run_lm_eval(run, config, run_dir, opponent, opponent_eval, t)
-            run.step(track_experiment, config, run_dir)
-            if decision.action == "stop":
-                run.log.info(decision.reason)
-                break
-        path = run.step(write_report, config, run_dir)
-        run.step(track_experiment, config, run_dir)
-        return path

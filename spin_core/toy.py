@@ -23,6 +23,7 @@ import shutil
 import string
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -320,6 +321,29 @@ def build_from_config(out_dir: str | os.PathLike, spec: ToyConfig) -> ToyArtifac
     )
 
 
+def _untrained_theta0(
+    base_model: str | None,
+    texts: list[str],
+    model_dir: Path,
+    hidden_size: int,
+    num_layers: int,
+    seed: int,
+):
+    """(model, tokenizer) before the SFT warm-up: the chat model `base_model` as it is, or a
+    small Llama with a character-level tokenizer trained on `texts` (saved in model_dir)."""
+    if base_model is not None:
+        return load_model(base_model, dtype=torch.float32), load_tokenizer(base_model)
+    tokenizer = train_tokenizer(texts, model_dir)
+    model = build_model(
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        intermediate_size=4 * hidden_size,
+        seed=seed,
+    )
+    return model, tokenizer
+
+
 def build_toy(
     out_dir: str | os.PathLike,
     *,
@@ -347,7 +371,6 @@ def build_toy(
     for a finished one.
     """
     out_dir = Path(out_dir)
-    artifacts = toy_artifacts(out_dir)
     params = {
         "num_train": num_train,
         "num_eval": num_eval,
@@ -360,6 +383,14 @@ def build_toy(
         params |= {"hidden_size": hidden_size, "num_layers": num_layers}
     if base_model is not None:
         params["base_model"] = str(base_model)
+    return _build(out_dir, params, base_model, force)
+
+
+def _build(out_dir: Path, params: dict, base_model: str | None, force: bool) -> ToyArtifacts:
+    """`build_toy` with its parameters as recorded in the marker."""
+    num_train, num_eval, seed = params["num_train"], params["num_eval"], params["seed"]
+    hidden_size, num_layers = params.get("hidden_size", 128), params.get("num_layers", 4)
+    artifacts = toy_artifacts(out_dir)
     marker = out_dir / MARKER
     if not force and marker.exists() and artifacts.model_dir.is_dir():
         if json.loads(marker.read_text()).get("params") == params:
@@ -383,18 +414,9 @@ def build_toy(
         prompts = [messages[0]["content"] for messages in train["messages"]]
         responses = [messages[1]["content"] for messages in train["messages"]]
 
-        if base_model is None:
-            tokenizer = train_tokenizer(prompts + responses, staged.model_dir)
-            model = build_model(
-                tokenizer,
-                hidden_size=hidden_size,
-                num_layers=num_layers,
-                intermediate_size=4 * hidden_size,
-                seed=seed,
-            )
-        else:
-            tokenizer = load_tokenizer(base_model)
-            model = load_model(base_model, dtype=torch.float32)
+        model, tokenizer = _untrained_theta0(
+            base_model, prompts + responses, staged.model_dir, hidden_size, num_layers, seed
+        )
         logger.info(
             "θ0 before warm-up: a %.2fM-parameter %s, vocabulary %d",
             model.num_parameters() / 1e6,
@@ -406,9 +428,9 @@ def build_toy(
             tokenizer,
             prompts,
             responses,
-            steps=sft_steps,
-            lr=sft_lr,
-            batch_size=sft_batch_size,
+            steps=params["sft_steps"],
+            lr=params["sft_lr"],
+            batch_size=params["sft_batch_size"],
             seed=seed,
         )
         if base_model is None:
@@ -432,3 +454,15 @@ def build_toy(
     write_json_atomic(summary, marker)
     logger.info("built the toy in %s in %.0f s", out_dir, summary["build_seconds"])
     return artifacts
+
+
+def task_grouping(heldout: pd.DataFrame) -> Callable[[str], str] | None:
+    """The task of each held-out prompt when they are the embedded default's toy or chat
+    tasks (a per-task breakdown), else None."""
+    for candidate in (task_of, chat_tasks.task_of):
+        try:
+            heldout["prompt"].map(candidate)
+        except ValueError:
+            continue
+        return candidate
+    return None

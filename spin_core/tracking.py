@@ -25,14 +25,15 @@ or WANDB_API_KEY in the environment say otherwise; the project is WANDB_PROJECT
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
+from spin_core.config import SpinConfig
+from spin_core.errors import InputError
 from spin_core.files import write_json_atomic
 from spin_core.rundir import RunDir
-
-STATE = "tracking.json"  # what has been logged, and the MLflow run ids
 
 
 def tracking_uri(run: RunDir) -> str:
@@ -76,13 +77,13 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    state_path = run.root / STATE
+    state_path = run.mlflow_state
     state = json.loads(state_path.read_text()) if state_path.exists() else {"logged": []}
     client = MlflowClient(tracking_uri=tracking_uri(run))
     if "parent" not in state:
         experiment = client.get_experiment_by_name("spin")
         # The local store keeps its artifacts beside it, not in ./mlruns of the working directory.
-        local = None if os.environ.get("MLFLOW_TRACKING_URI") else (run.root / "mlartifacts")
+        local = None if os.environ.get("MLFLOW_TRACKING_URI") else run.mlflow_artifacts
         experiment_id = (
             experiment.experiment_id
             if experiment
@@ -106,36 +107,34 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
         for start in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
-    base = run.base_eval() / "metrics.json"
+    base = run.base_evaluation().metrics
     if "theta0" not in state["logged"] and base.exists():
         values = _numbers(json.loads(base.read_text()), "heldout/") | _lm_eval_scores(base.parent)
         log(state["parent"], values, step=0)
         state["logged"].append("theta0")
         write_json_atomic(state, state_path)
-    t = 0
-    while (metrics_path := run.iteration_metrics(t)).exists():
+    for t in run.finished_iterations():
         key = f"iter_{t}"
         if key not in state["logged"]:
             child = client.create_run(
                 state["experiment_id"],
                 tags={MLFLOW_PARENT_RUN_ID: state["parent"], MLFLOW_RUN_NAME: f"iteration {t}"},
             )
-            steps = run.train_state(t) / "metrics.jsonl"
+            steps = run.step_log(t)
             for line in steps.read_text().splitlines() if steps.exists() else []:
                 record = json.loads(line)
                 log(child.info.run_id, _numbers(record, "train/"), step=int(record["step"]))
-            metrics = json.loads(metrics_path.read_text())
+            metrics = json.loads(run.iteration_metrics(t).read_text())
             values = _numbers(metrics, "heldout/") | _lm_eval_scores(run.iteration(t))
             log(child.info.run_id, values, step=t + 1)
             log(state["parent"], values, step=t + 1)
-            baseline = run.baseline(t) / "metrics.json"
+            baseline = run.baseline_evaluation(t).metrics
             if baseline.exists():
                 log(state["parent"], _numbers(json.loads(baseline.read_text()), "sft/"), step=t + 1)
             client.set_terminated(child.info.run_id)
             client.log_batch(state["parent"], tags=[RunTag("spin.iterations_logged", str(t + 1))])
             state["logged"].append(key)
             write_json_atomic(state, state_path)
-        t += 1
     if run.report.exists() and "report" not in state["logged"]:
         client.log_artifact(state["parent"], str(run.report))
         client.set_terminated(state["parent"])
@@ -144,14 +143,11 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
     return state
 
 
-WANDB_STATE = "tracking-wandb.json"
-
-
 def track_wandb(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
     """Log to W&B whatever of `run` is finished and not logged yet; returns the state."""
     import wandb
 
-    state_path = run.root / WANDB_STATE
+    state_path = run.wandb_state
     state = json.loads(state_path.read_text()) if state_path.exists() else {"logged": []}
     mode = os.environ.get("WANDB_MODE") or (
         "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -170,31 +166,30 @@ def track_wandb(run: RunDir, config_params: dict[str, str] | None = None) -> dic
         state.setdefault("runs", {})[key] = wandb_run.id
         write_json_atomic(state, state_path)
 
-    t = 0
-    while (metrics_path := run.iteration_metrics(t)).exists():
+    finished = run.finished_iterations()
+    for t in finished:
         key = f"iter_{t}"
         if key not in state["logged"]:
             wandb_run = wandb.init(
                 name=f"{run.root.name} iteration {t}", job_type="iteration", **settings
             )
-            steps = run.train_state(t) / "metrics.jsonl"
+            steps = run.step_log(t)
             for line in steps.read_text().splitlines() if steps.exists() else []:
                 record = json.loads(line)
                 wandb_run.log(_numbers(record, "train/"), step=int(record["step"]))
-            metrics = json.loads(metrics_path.read_text())
+            metrics = json.loads(run.iteration_metrics(t).read_text())
             wandb_run.summary.update(
                 _numbers(metrics, "heldout/") | _lm_eval_scores(run.iteration(t))
             )
             wandb_run.finish()
             logged(key, wandb_run)
-        t += 1
     if run.report.exists() and "models" not in state["logged"]:
         wandb_run = wandb.init(name=f"{run.root.name} models", job_type="evaluation", **settings)
-        base = run.base_eval() / "metrics.json"
+        base = run.base_evaluation().metrics
         if base.exists():
             values = _numbers(json.loads(base.read_text()), "heldout/")
             wandb_run.log(values | _lm_eval_scores(base.parent), step=0)
-        for i in range(t):
+        for i in finished:
             values = _numbers(json.loads(run.iteration_metrics(i).read_text()), "heldout/")
             wandb_run.log(values | _lm_eval_scores(run.iteration(i)), step=i + 1)
         wandb_run.finish()
@@ -213,5 +208,15 @@ def config_params(config_dump: dict) -> dict[str, str]:
 
 def tracked_runs(run_dir: str | Path) -> dict:
     """The state file of a run directory (for tests and `spin report`)."""
-    path = Path(run_dir) / STATE
+    path = RunDir(run_dir).mlflow_state
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_available(config: SpinConfig) -> None:
+    """InputError naming run.tracking when its package is not installed."""
+    package = {"mlflow": "mlflow", "wandb": "wandb"}.get(config.run.tracking)
+    if package and importlib.util.find_spec(package) is None:
+        raise InputError(
+            f"run.tracking: {config.run.tracking!r} needs the {package} package, which is not "
+            "installed (pip install 'spin[tracking]'), or set run.tracking: none"
+        )

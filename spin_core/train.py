@@ -15,8 +15,6 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,78 +27,25 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from spin_core.checkpoint import (
-    all_reduce_sum,
-    compute_dtype,
-    device,
-    load_policy,
-    save_model_dir,
-)
-from spin_core.config import (
-    LoraConfig,
-    ModelConfig,
-    SpinConfig,
-    TrainingConfig,
-    deepspeed_config,
-    schedule_at,
-)
+from spin_core.checkpoint import all_reduce_sum, compute_dtype, device, load_policy
+from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
 from spin_core.data import read_parquet_checked, write_parquet_atomic
-from spin_core.evaluate import collapsed
-from spin_core.files import write_json_atomic
+from spin_core.export import EXPORT_DTYPES, export_model, with_adapter
+from spin_core.health import HealthProbe, check_health, health_probe
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_sft_loss
-from spin_core.score import Examples, frame_examples, score_with_opponent, tokenize_responses
+from spin_core.rundir import EXPORT_SUMMARY, STEP_LOG
+from spin_core.score import Examples, frame_examples, score_with_opponent
+from spin_core.train_job import TrainJob
+from spin_core.train_state import (
+    resume,
+    save_checkpoint,
+    seed_everything,
+    truncate_log,
+)
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "complete.json"
-STEP_LOG = "metrics.jsonl"
-EXPORT_SUMMARY = "export.json"  # in train_state/: the export's dtype and weights_changed
-# Below this fraction of weights changed vs θt, the export is warned about: the update
-# was (mostly) rounded away, e.g. a bf16 export at a small learning rate.
-MIN_WEIGHTS_CHANGED = 0.01
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class HealthProbe:
-    """The in-training health check (docs/DESIGN.md §5 "Health") on a held-out slice.
-
-    Every `every` optimizer steps the policy scores the real responses of
-    `examples`; when their mean per-token log-likelihood falls more than
-    `tolerance` below the opponent's (`opponent_loglik`), a warning is logged and
-    the step's record says `healthy: false`. Reward accuracy is never used here.
-    """
-
-    examples: Examples
-    opponent_loglik: float  # nats/token of the real responses under θt
-    tolerance: float
-    every: int
-    batch_tokens: int = 16_384
-
-
-def health_probe(cfg: SpinConfig, opponent: str, opponent_eval_file: str | Path) -> HealthProbe:
-    """The first `eval.health_size` held-out pairs of θt's evaluation, with θt's log-likelihood."""
-    from spin_core.checkpoint import load_tokenizer
-
-    scored = pd.read_parquet(opponent_eval_file).head(cfg.eval.health_size)
-    tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
-    examples = tokenize_responses(
-        tokenizer,
-        scored["prompt"].tolist(),
-        scored["real"].tolist(),
-        max_length=cfg.training.max_length,
-        max_prompt_length=cfg.training.max_prompt_length,
-        contexts=scored["context"].tolist() if "context" in scored else None,
-    )
-    return HealthProbe(
-        examples=examples,
-        opponent_loglik=float(scored["real_logps"].sum() / max(scored["real_tokens"].sum(), 1)),
-        tolerance=cfg.run.collapse_tolerance,
-        every=cfg.training.eval_steps,
-        batch_tokens=cfg.training.score_batch_tokens,
-    )
 
 
 @dataclass
@@ -152,35 +97,6 @@ def use_deterministic(enabled: bool) -> None:
     )
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """The generators this rank draws from; of the GPUs only its own (`device()`), so a
-    resume on a worker that sees fewer GPUs than the one that saved still works."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device()) if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, list):  # saved by an older version: one state per visible GPU
-        index = device().index or 0
-        cuda = cuda[index] if index < len(cuda) else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda, device())
-
-
 def steps_per_epoch(num_pairs: int, global_batch_size: int) -> int:
     return math.ceil(num_pairs / global_batch_size)
 
@@ -209,14 +125,6 @@ def micro_batches(
     ordered = sorted(indices, key=lambda i: lengths[i])
     batches = [ordered[s : s + micro_batch_size] for s in range(0, len(ordered), micro_batch_size)]
     return batches[rank::world_size]
-
-
-def complete_checkpoints(state_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of checkpoints whose save finished, oldest first."""
-    found = []
-    for marker in state_dir.glob(f"step_*/{COMPLETE_MARKER}"):
-        found.append((int(marker.parent.name.removeprefix("step_")), marker.parent))
-    return sorted(found)
 
 
 class PairData:
@@ -315,6 +223,24 @@ def _build_optimizer(model, training: TrainingConfig, lr: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay, foreach=False)
 
 
+def step_lines(record: dict) -> list[str]:
+    """A step record as the log lines the pipeline writes (spin.log; the console with -v)."""
+    accuracy = record["reward_accuracy"]
+    lines = [
+        f"iter {record['iteration']} step {record['step']}/{record['total_steps']} "
+        f"loss {record['loss']:.4f} margin {record['margin']:.3f} "
+        f"acc {'–' if accuracy is None else f'{accuracy:.2f}'} "
+        f"lr {record['learning_rate']:.2e} {record['tokens_per_s']:.0f} tok/s"
+    ]
+    if "heldout_real_loglik" in record:
+        health = "healthy" if record["healthy"] else "BELOW the opponent's by more than tolerance"
+        lines.append(
+            f"iter {record['iteration']} step {record['step']}: held-out real log-lik "
+            f"{record['heldout_real_loglik']:.4f} nats/token ({health})"
+        )
+    return lines
+
+
 def _reduce_sums(sums: dict[str, float], world_size: int) -> dict[str, float]:
     """Per-step sums of every rank added up (same keys on every rank)."""
     if world_size == 1:
@@ -395,94 +321,63 @@ def step_metrics(sums: dict[str, float]) -> dict[str, float | None]:
     return metrics
 
 
-def _truncate_log(log_path: Path, last_step: int) -> None:
-    """Drop logged steps after the checkpoint we resume from (they will be redone)."""
-    if not log_path.exists():
-        return
-    kept = [
-        line
-        for line in log_path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
-    log_path.write_text("".join(line + "\n" for line in kept))
-
-
 def run_rank(
-    cfg: SpinConfig,
-    *,
-    on_step: Callable[[dict], None] | None = None,
-    opponent_eval_file: str | None = None,
-    **kwargs,
+    cfg: SpinConfig, job: TrainJob, on_step: Callable[[dict], None] | None = None
 ) -> TrainResult:
-    """`train_iteration` as the pipeline runs it, in process or on each launched rank.
-
-    opponent_eval_file: θt's eval.parquet; with `training.eval_steps` set, the held-out
-    real log-likelihood is checked against it during training (`health_probe`).
-    kwargs: train_iteration's other arguments.
-    """
+    """`train_iteration` as the pipeline runs it, in process or on each launched rank: with
+    `training.eval_steps` and `job.opponent_eval_file` set, the held-out real
+    log-likelihood is checked during training (`health_probe`)."""
     health = None
-    if cfg.training.eval_steps and opponent_eval_file:
-        health = health_probe(cfg, kwargs["init_model"], opponent_eval_file)
-    return train_iteration(cfg=cfg, on_step=on_step, health=health, **kwargs)
+    if cfg.training.eval_steps and job.opponent_eval_file:
+        health = health_probe(cfg, job.init_model, job.opponent_eval_file)
+    return train_iteration(cfg, job, on_step=on_step, health=health)
 
 
 def train_iteration(
-    *,
-    init_model: str,
-    train_path: str | Path,
-    state_dir: str | Path,
-    model_out: str | Path,
     cfg: SpinConfig,
-    iteration: int,
-    objective: str = "spin",
+    job: TrainJob,
+    *,
     on_step: Callable[[dict], None] | None = None,
-    stop_after_steps: int | None = None,
-    num_steps: int | None = None,
     health: HealthProbe | None = None,
-    lr_scale: float = 1.0,
-    scored_path: str | Path | None = None,
+    stop_after_steps: int | None = None,
 ) -> TrainResult:
-    """Train one iteration from `init_model` (θt) on `train_path`; export θ(t+1) to `model_out`.
+    """Train one iteration as `job` says (spin_core/train_job.py); export θ(t+1).
 
-    objective: "spin" (the SPIN loss against the opponent's stored log-probs) or
-    "sft" (continued SFT on the real responses, the baseline).
-    `stop_after_steps` ends the call after that step's checkpoint, as a crash would.
-    `num_steps` fixes the number of optimizer steps (the baseline matches SPIN's);
-    by default it is num_epochs × ceil(pairs / global_batch_size).
-    `health` adds the held-out real log-likelihood to the step records every
-    `health.every` steps and warns when it falls below the opponent's.
-    `lr_scale` multiplies the iteration's learning rate (a retry after a collapse).
-    When `train_path` has no opponent log-probs yet (the pairs of step 3), the
-    engine scores them before its first step, every rank a share, and rank 0
-    writes the scored set to `scored_path` (train.parquet), which a rerun reuses.
+    `on_step` gets every step record on rank 0. `health` adds the held-out real
+    log-likelihood to the step records every `health.every` steps and warns when it
+    falls below the opponent's. `stop_after_steps` ends the call after that step's
+    checkpoint, as a crash would.
+    When `job.train_path` has no opponent log-probs yet (the pairs of step 3), the
+    engine scores them before its first step, every rank a share, and rank 0 writes
+    the scored set to `job.scored_path` (train.parquet), which a rerun reuses.
     """
-    training = cfg.training
-    state_dir, model_out = Path(state_dir), Path(model_out)
+    training, iteration, objective = cfg.training, job.iteration, job.objective
+    state_dir, model_out = Path(job.state_dir), Path(job.model_out)
     state_dir.mkdir(parents=True, exist_ok=True)
     use_deterministic(cfg.run.deterministic)
     init_distributed()
     seed_everything(training.seed + iteration)
-    frame = pd.read_parquet(train_path)
+    frame = pd.read_parquet(job.train_path)
     if objective == "spin" and "generated_ids" not in frame:
-        raise ValueError(f"{train_path}: no generated_ids column to train SPIN on")
-    total_steps = num_steps or training.num_epochs * steps_per_epoch(
+        raise ValueError(f"{job.train_path}: no generated_ids column to train SPIN on")
+    total_steps = job.num_steps or training.num_epochs * steps_per_epoch(
         len(frame), training.global_batch_size
     )
     # Set-up: θt under DeepSpeed, with the iteration's optimizer and schedule.
-    lr = schedule_at(training.learning_rate, iteration) * lr_scale
-    trainer = _Trainer.build(init_model, cfg, lr, total_steps)
+    lr = schedule_at(training.learning_rate, iteration) * job.lr_scale
+    trainer = _Trainer.build(job.init_model, cfg, lr, total_steps)
     try:
         if objective == "spin" and "opponent_real_logps" not in frame:
             # Before any checkpoint is loaded: the engine's weights are still θt's.
             frame = _score_opponent(
-                trainer.engine, frame, training, trainer.pad_id, scored_path, trainer.world_size
+                trainer.engine, frame, training, trainer.pad_id, job.scored_path, trainer.world_size
             )
         data = PairData(frame, training)
         sft_weight = training.sft_weight if objective == "spin" else 0.0
         objective_loss = make_objective(
             objective, data, beta=schedule_at(training.beta, iteration), sft_weight=sft_weight
         )
-        start_step = _resume(trainer.engine, state_dir, iteration)
+        start_step = resume(trainer.engine, state_dir, iteration)
         # The loop: one optimizer step, its record to every sink, a checkpoint when due.
         trainer.engine.train()
         with StepSinks(
@@ -493,7 +388,7 @@ def train_iteration(
                 if health is not None and (
                     (step + 1) % health.every == 0 or step + 1 == total_steps
                 ):
-                    record |= _check_health(
+                    record |= check_health(
                         trainer.engine,
                         health,
                         trainer.pad_id,
@@ -503,7 +398,7 @@ def train_iteration(
                 sink.write(record)
                 last = step + 1 == total_steps
                 if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
-                    _save_checkpoint(
+                    save_checkpoint(
                         trainer.engine, state_dir, step + 1, training.keep_checkpoints, trainer.rank
                     )
                 if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
@@ -516,7 +411,7 @@ def train_iteration(
             training.zero_stage,
             EXPORT_DTYPES[training.export_dtype],
             lora=training.lora,
-            base=(init_model, cfg.model),
+            base=(job.init_model, cfg.model),
             summary_path=state_dir / EXPORT_SUMMARY,
         )
     finally:
@@ -633,18 +528,6 @@ class _Trainer:
         return record
 
 
-def _resume(engine, state_dir: Path, iteration: int) -> int:
-    """Load the last complete checkpoint (weights, optimizer, schedule, RNG); its step, or 0."""
-    checkpoints = complete_checkpoints(state_dir)
-    if not checkpoints:
-        return 0
-    step, path = checkpoints[-1]
-    _, client_state = engine.load_checkpoint(str(state_dir), tag=path.name)
-    set_rng_state(client_state["rng"])
-    logger.info("resuming iteration %d from %s (step %d)", iteration, path, step)
-    return step
-
-
 class StepSinks:
     """Where step records go on rank 0: metrics.jsonl, TensorBoard, a progress bar and
     `on_step`. A context manager, so every exit path closes them."""
@@ -661,7 +544,7 @@ class StepSinks:
         self.log_path = state_dir / STEP_LOG
         self.total_steps, self.on_step, self.main = total_steps, on_step, rank == 0
         if self.main:
-            _truncate_log(self.log_path, start_step)  # steps after the checkpoint are redone
+            truncate_log(self.log_path, start_step)  # steps after the checkpoint are redone
         self.writer = _tensorboard(state_dir) if self.main else None
         self.bar = tqdm(
             total=total_steps,
@@ -737,37 +620,6 @@ def _score_opponent(
     return scored
 
 
-def _check_health(engine, health: HealthProbe, pad_id: int, chunk: int, step: int) -> dict:
-    """Held-out real log-likelihood per token now, and whether it is within tolerance."""
-    from spin_core.score import score_examples
-
-    policy = engine.module.policy
-    policy.eval()
-    logps, counts = score_examples(
-        policy,
-        health.examples,
-        pad_id,
-        batch_tokens=health.batch_tokens,
-        chunk_size=chunk,
-        check=False,
-        world_size=dist.get_world_size(),
-    )
-    policy.train()
-    loglik = float(logps.sum() / max(counts.sum(), 1))
-    healthy = not collapsed(loglik, health.opponent_loglik, health.tolerance)
-    if not healthy:
-        logger.warning(
-            "step %d: held-out real log-likelihood %.4f nats/token is %.4f below the opponent's "
-            "%.4f (collapse_tolerance %.2f): training may be collapsing",
-            step,
-            loglik,
-            health.opponent_loglik - loglik,
-            health.opponent_loglik,
-            health.tolerance,
-        )
-    return {"heldout_real_loglik": loglik, "healthy": healthy}
-
-
 def _float(value) -> float | None:
     if value is None:
         return None
@@ -778,179 +630,3 @@ def _tensorboard(state_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(state_dir / "tensorboard"))
-
-
-def _save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) -> None:
-    """Save, then mark complete; a checkpoint without the marker is ignored on resume."""
-    tag = f"step_{step:06d}"
-    engine.save_checkpoint(str(state_dir), tag=tag, client_state={"step": step, "rng": rng_state()})
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    if rank == 0:
-        (state_dir / tag / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
-        for _, old in complete_checkpoints(state_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def with_adapter(model, lora: LoraConfig):
-    """`model` with a fresh LoRA adapter on `lora.target_modules`; only the adapter trains."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def merge_adapter(state_dict: dict, base: tuple[str, ModelConfig], lora: LoraConfig, adapter_dir):
-    """θt + adapter as a plain model: the trained adapter (the fp32 master copies of its
-    weights, `trained_state_dict`) is loaded onto a fresh fp32 copy of θt, saved to
-    `adapter_dir`, and merged into the weights in fp32 (in bf16, a ΔW of ~1e-4 on weights
-    of ~0.02 would be partly rounded away)."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    init_model, model_cfg = base
-    unset_hf_deepspeed_config()  # training is over: a whole θt, not a ZeRO-3 partition
-    fresh, _ = load_policy(init_model, model_cfg, for_training=True)  # fp32, on the CPU
-    peft_model = with_adapter(fresh, lora)
-    missing, unexpected = peft_model.load_state_dict(state_dict, strict=False)
-    if unexpected or [k for k in missing if "lora_" in k]:
-        raise RuntimeError(f"adapter state does not match: {unexpected[:3]} {missing[:3]}")
-    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
-    return peft_model.merge_and_unload()
-
-
-def export_model(
-    engine,
-    tokenizer,
-    out_dir: Path,
-    rank: int,
-    zero_stage: int,
-    dtype: torch.dtype,
-    *,
-    lora: LoraConfig | None = None,
-    base: tuple[str, ModelConfig] | None = None,
-    summary_path: Path | None = None,
-) -> dict | None:
-    """Write θ(t+1) as one HF directory in `dtype`, from the optimizer's fp32 master weights.
-
-    With bf16 compute the module holds bf16 copies; an update smaller than half of bf16's
-    spacing (lr 5e-7 on weights of 0.02, whose spacing is 1.2e-4) is in the fp32 master
-    only, so exporting the module would drop it. With LoRA the adapter (fp32 master) is
-    merged into θt's weights in fp32, so the next iteration, evaluation and vLLM see an
-    ordinary model; the adapter alone is saved beside it, in `adapter/`.
-    Returns on rank 0 (None elsewhere) the export summary, also written to
-    `summary_path`: the dtype and `weights_changed`, the fraction of weight elements that
-    differ from θt's as stored; a warning says when it is below MIN_WEIGHTS_CHANGED.
-    """
-    module = engine.module.policy
-    state_dict = trained_state_dict(engine, rank, zero_stage, trainable_only=lora is not None)
-    summary = None
-    if rank == 0:
-        init_model = base[0] if base is not None else None
-        if lora is not None:  # the adapter onto a fresh fp32 θt, merged there
-            module = merge_adapter(state_dict, base, lora, Path(out_dir).parent / "adapter")
-            state_dict = module.state_dict()
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        summary = export_summary(init_model, state_dict, dtype)
-        if summary_path is not None:
-            write_json_atomic(summary, summary_path)  # before the model: a model has one
-        module.config.use_cache = True
-        module.config.dtype = dtype
-        save_model_dir(module, tokenizer, out_dir, state_dict=state_dict)
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    return summary
-
-
-def trained_state_dict(
-    engine, rank: int, zero_stage: int, *, trainable_only: bool = False
-) -> dict[str, torch.Tensor]:
-    """θ(t+1)'s tensors on rank 0's host (an empty dict on the other ranks).
-
-    A trained parameter comes from the optimizer's fp32 master copy
-    (`safe_get_full_fp32_param`), anything else as the module holds it. Called on every
-    rank in the same order: under ZeRO each assembly is a collective. One tensor at a
-    time, so a GPU holds one whole parameter at once, and only rank 0 copies to the host
-    (8 ranks would otherwise each hold the whole model in host memory).
-    """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    module = engine.module.policy
-    copies: dict[int, torch.Tensor | None] = {}  # tied weights are assembled once
-    out = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        trained = isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad
-        if trainable_only and not trained:
-            continue
-        if id(tensor) not in copies:
-            master = safe_get_full_fp32_param(tensor) if trained else None
-            if master is not None:
-                copies[id(tensor)] = host_copy(master, rank)
-            elif zero_stage == 3 and hasattr(tensor, "ds_id"):
-                with deepspeed.zero.GatheredParameters([tensor]):
-                    copies[id(tensor)] = host_copy(tensor, rank)
-            else:
-                copies[id(tensor)] = host_copy(tensor, rank)
-        if rank == 0:
-            out[name] = copies[id(tensor)]
-    return out
-
-
-def host_copy(tensor: torch.Tensor, rank: int) -> torch.Tensor | None:
-    """A host copy of `tensor` on rank 0; None (no copy) on the others."""
-    if rank != 0:
-        return None
-    return tensor.detach().to("cpu", copy=True)
-
-
-def export_summary(init_model: str | None, state_dict: dict, dtype: torch.dtype) -> dict:
-    """The export's dtype and the fraction of its weights that differ from θt's (warned
-    about when below MIN_WEIGHTS_CHANGED); None when θt's weights cannot be read."""
-    changed = weights_changed(init_model, state_dict) if init_model else None
-    if changed is not None and changed < MIN_WEIGHTS_CHANGED:
-        logger.warning(
-            "the exported model equals θt in %.2f%% of its weights: the update was mostly lost%s",
-            100 * (1 - changed),
-            " to bf16 rounding; set training.export_dtype=fp32 to keep it"
-            if dtype == torch.bfloat16
-            else " (learning rate too small for these steps?)",
-        )
-    return {"export_dtype": str(dtype).removeprefix("torch."), "weights_changed": changed}
-
-
-def _safetensors_files(init_model: str) -> list[Path]:
-    path = Path(init_model).expanduser()
-    if not path.is_dir():  # a hub name: the snapshot from_pretrained loaded
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(init_model, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached: the fraction is then unknown
-            return []
-    return sorted(path.glob("*.safetensors"))
-
-
-def weights_changed(init_model: str, state_dict: dict) -> float | None:
-    """Fraction of the elements of `state_dict`'s floating tensors that differ from θt's
-    tensors of the same name in `init_model`'s safetensors files, read one at a time."""
-    from safetensors import safe_open
-
-    changed = total = 0
-    for path in _safetensors_files(init_model):
-        with safe_open(str(path), framework="pt") as stored:
-            for key in stored.keys():  # noqa: SIM118 - safe_open is not a dict
-                new = state_dict.get(key)
-                if new is None or not new.is_floating_point():
-                    continue
-                old = stored.get_tensor(key)
-                if old.shape == new.shape:
-                    changed += int((new.float() != old.float()).sum())
-                    total += old.numel()
-    return changed / total if total else None

@@ -1,8 +1,9 @@
 """One training rank: `python -m spin_core.train_entry ARGS.json` (started by spin_core.launch).
 
-ARGS.json holds the keyword arguments of `run_rank` with the config as a plain
-dict, so a launched rank trains exactly as the in-process one does. Rank 0 prints every step record on a line of its own, prefixed with
-`SPIN_STEP `, for the launching task to log and report as progress.
+ARGS.json is `{"config": <the config as a plain dict>, "job": <TrainJob.to_json()>}`, so a
+launched rank trains exactly as the in-process one does. Rank 0 prints every step record
+on a line of its own, prefixed with `SPIN_STEP `, for the launching task to log and report
+as progress.
 """
 
 from __future__ import annotations
@@ -10,20 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 from spin_core.config import SpinConfig
 from spin_core.launch import STEP_PREFIX
 from spin_core.train import run_rank
+from spin_core.train_job import TrainJob
 
 
 def main(args_file: str) -> None:
-    args = json.loads(open(args_file).read())
-    cfg = SpinConfig.model_validate(args.pop("config"))
+    args = json.loads(Path(args_file).read_text())
+    cfg = SpinConfig.model_validate(args["config"])
 
     def on_step(record: dict) -> None:
         print(STEP_PREFIX + json.dumps(record), flush=True)
 
-    run_rank(cfg, on_step=on_step, **args)
+    run_rank(cfg, TrainJob.from_json(args["job"]), on_step=on_step)
 
 
 if __name__ == "__main__":

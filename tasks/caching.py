@@ -120,7 +120,7 @@ def _result_storage(run: RunDir) -> str:
     """A saved LocalFileSystem block rooted in the run directory (once per process and run)."""
     from prefect.filesystems import LocalFileSystem
 
-    root = str((run.root / ".prefect" / "results").resolve())
+    root = str(run.prefect_results.resolve())
     if root not in _saved_storage:
         slug = "spin-" + hashlib.blake2b(root.encode(), digest_size=6).hexdigest()
         LocalFileSystem(basepath=root).save(slug, overwrite=True)
@@ -159,7 +159,7 @@ def run_local(step: Step, *args, **kwargs) -> Any:
     policy = StepInputs(step=step.name, sections=step.sections, files=step.inputs)
     complete = step.complete(params)
     configured = prefect_step.with_options(
-        cache_policy=policy.configure(key_storage=str(run.root / ".prefect" / "cache-keys")),
+        cache_policy=policy.configure(key_storage=str(run.prefect_cache_keys)),
         result_storage=_result_storage(run),
         refresh_cache=not complete,
     )

@@ -48,7 +48,7 @@ def test_prefect_yaml_puts_the_heavy_steps_on_the_gpu_pool():
     }
     flows = {"spin-generate": spin_generate, "spin-train": spin_train}
     for remote in REMOTE_STEPS.values():
-        flow_name, deployment = remote.deployment.split("/")
+        flow_name, deployment = remote.split("/")
         assert flows[deployment].name == flow_name
         assert deployments[deployment]["entrypoint"].endswith(flows[deployment].fn.__name__)
     config = deployments["spin-pipeline"]["parameters"]["config"]

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from spin_core import compare
+from spin_core import compare, compare_report
 from spin_core import significance as sig
 from spin_core.config import ConfigError, load_config
 from spin_core.errors import InputError
@@ -37,25 +37,25 @@ DEMO = ROOT / "configs" / "demo.yaml"
     [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (10, 2.2281), (30, 2.0423)],
 )
 def test_t_quantile_matches_the_t_table(df, expected):
-    assert compare.t_quantile(0.95, df) == pytest.approx(expected, abs=1e-4)
+    assert sig.t_quantile(0.95, df) == pytest.approx(expected, abs=1e-4)
 
 
 def test_t_quantile_other_confidences():
-    assert compare.t_quantile(0.99, 5) == pytest.approx(4.0321, abs=1e-4)
-    assert compare.t_quantile(0.90, 1) == pytest.approx(6.3138, abs=1e-4)
+    assert sig.t_quantile(0.99, 5) == pytest.approx(4.0321, abs=1e-4)
+    assert sig.t_quantile(0.90, 1) == pytest.approx(6.3138, abs=1e-4)
     with pytest.raises(ValueError):
-        compare.t_quantile(0.95, 0)
+        sig.t_quantile(0.95, 0)
 
 
 def test_mean_interval_is_the_t_interval_and_none_for_one_seed():
-    mean, low, high = compare.mean_interval([1.0, 2.0, 3.0])
+    mean, low, high = sig.mean_interval([1.0, 2.0, 3.0])
     half = 4.302653 * 1.0 / math.sqrt(3)  # s = 1
     assert mean == 2.0
     assert (low, high) == (pytest.approx(2 - half, abs=1e-5), pytest.approx(2 + half, abs=1e-5))
-    mean, low, high = compare.mean_interval([0.4])
+    mean, low, high = sig.mean_interval([0.4])
     assert mean == 0.4 and math.isnan(low) and math.isnan(high)
-    assert compare.mean_interval([0.5, 0.5]) == (0.5, 0.5, 0.5)
-    assert all(math.isnan(v) for v in compare.mean_interval([]))
+    assert sig.mean_interval([0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert all(math.isnan(v) for v in sig.mean_interval([]))
 
 
 def _evals(n: int, rng: np.random.Generator, p_a: float, p_b: float, shift: float = 0.0):
@@ -78,14 +78,14 @@ def _evals(n: int, rng: np.random.Generator, p_a: float, p_b: float, shift: floa
 def test_one_stratum_is_the_plain_paired_bootstrap():
     a, b = _evals(80, np.random.default_rng(1), 0.4, 0.6, shift=0.05)
     paired = sig.paired_frames(a, b)
-    got = compare.stratified_paired_bootstrap([paired], sig.EXACT_MATCH, n_resamples=2000)
+    got = sig.stratified_paired_bootstrap([paired], sig.EXACT_MATCH, n_resamples=2000)
     want = sig.paired_bootstrap_ci(
         paired["exact_match_a"].astype(float),
         paired["exact_match_b"].astype(float),
         n_resamples=2000,
     )
     assert got == pytest.approx(want)
-    got = compare.stratified_paired_bootstrap([paired], sig.REAL_LOGLIK, n_resamples=2000)
+    got = sig.stratified_paired_bootstrap([paired], sig.REAL_LOGLIK, n_resamples=2000)
     want = sig.paired_bootstrap_ratio_ci(
         paired["real_logps_a"],
         paired["real_tokens_a"],
@@ -102,15 +102,13 @@ def test_pooled_delta_is_the_mean_of_the_seeds_deltas_and_resamples_within_seeds
     for n, shift in ((50, 0.1), (70, 0.3)):
         a, b = _evals(n, rng, 0.5, 0.5, shift=shift)
         strata.append(sig.paired_frames(a, b))
-    delta, low, high = compare.stratified_paired_bootstrap(
-        strata, sig.REAL_LOGLIK, n_resamples=1000
-    )
+    delta, low, high = sig.stratified_paired_bootstrap(strata, sig.REAL_LOGLIK, n_resamples=1000)
     assert delta == pytest.approx(0.2)  # Σ(logp + shift·tokens)/Σtokens − Σlogp/Σtokens = shift
     assert low == pytest.approx(0.2) and high == pytest.approx(0.2)  # every resample: exactly
     # exact match: each seed's prompts are drawn from that seed only
     same = pd.DataFrame({"exact_match_a": [False] * 10, "exact_match_b": [True] * 10})
     other = pd.DataFrame({"exact_match_a": [False] * 40, "exact_match_b": [False] * 40})
-    assert compare.stratified_paired_bootstrap([same, other], sig.EXACT_MATCH) == (0.5, 0.5, 0.5)
+    assert sig.stratified_paired_bootstrap([same, other], sig.EXACT_MATCH) == (0.5, 0.5, 0.5)
 
 
 def test_pooled_comparison_uses_every_seed_and_agrees_with_per_seed_tests():
@@ -168,7 +166,9 @@ def _finish(run_dir: Path, config, iterations: int, **iteration_metrics) -> RunD
     run = RunDir(run_dir)
     save_config(run, config)
     for t in range(iterations):
-        write_json_atomic({"margin": 0.1} | iteration_metrics, run.iteration_metrics(t))
+        metrics = {"margin": 0.1, "real_loglik_per_token": -1.0}
+        metrics |= {"opponent_real_loglik_per_token": -0.9}
+        write_json_atomic(metrics | iteration_metrics, run.iteration_metrics(t))
         if config.run.baseline == "sft":
             write_json_atomic({}, run.baseline(t) / "metrics.json")
     run.report.write_text("# report\n")
@@ -203,6 +203,29 @@ def test_a_run_that_stopped_early_is_finished(tmp_path):
     assert not compare.is_finished(run.root, retry)  # the retry has not run yet
     write_json_atomic({"lr_scale": 0.5}, run.retry(0))
     assert compare.is_finished(run.root, retry)
+
+
+def test_compare_follows_the_pipelines_stop_rule_when_it_changes(tmp_path, monkeypatch):
+    """The rule lives in `pipeline.after_iteration` only: change it there and `spin compare`
+    sees a run stopped by the new rule as finished, and one the rule continues as not."""
+    from spin_core import pipeline
+
+    config = load_config(DEMO, ["run.iterations=3"])
+    run = _finish(tmp_path / "run", config, 1)
+    assert not compare.is_finished(run.root, config)  # 1 of 3 iterations, nothing stopped it
+
+    def stop_after_the_first(config, run, iteration, metrics):
+        return pipeline.Decision("stop", "a new rule")
+
+    monkeypatch.setattr(pipeline, "after_iteration", stop_after_the_first)
+    assert compare.is_finished(run.root, config)
+
+    def always_retry(config, run, iteration, metrics):
+        return pipeline.Decision("retry", "another rule")
+
+    monkeypatch.setattr(pipeline, "after_iteration", always_retry)
+    complete = _finish(tmp_path / "complete", config, 3)
+    assert not compare.is_finished(complete.root, config)  # the rule would retry iteration 0
 
 
 def test_a_run_directory_made_with_another_config_is_refused_before_anything_runs(tmp_path):
@@ -261,7 +284,7 @@ def test_compare_md_holds_every_run_the_intervals_and_the_tests(tmp_path):
             run_dir = compare.run_dir_for(out, recipe, s)
             _synthetic_run(run_dir, s, 2, baseline)
             results.append(compare.RunResult(recipe, s, run_dir))
-    path, comparison = compare.write_compare(
+    path, comparison = compare_report.write_compare(
         out, results, missing=["plain/seed-1: failed (boom)"], n_resamples=500
     )
     text = path.read_text()
@@ -287,7 +310,7 @@ def test_compare_md_holds_every_run_the_intervals_and_the_tests(tmp_path):
         .loc[2, "exact_match"]
         for s in (0, 1, 2)
     ]
-    mean, low, high = compare.mean_interval(values)
+    mean, low, high = sig.mean_interval(values)
     assert (row["exact_match"], row["exact_match_ci_low"], row["exact_match_ci_high"]) == (
         pytest.approx(mean),
         pytest.approx(low),
@@ -322,7 +345,7 @@ def test_compare_md_holds_every_run_the_intervals_and_the_tests(tmp_path):
 def test_one_seed_says_there_is_no_interval(tmp_path):
     run_dir = compare.run_dir_for(tmp_path, "solo", 0)
     _synthetic_run(run_dir, 0, 1, True)
-    path, comparison = compare.write_compare(
+    path, comparison = compare_report.write_compare(
         tmp_path, [compare.RunResult("solo", 0, run_dir)], n_resamples=200
     )
     text = path.read_text()
@@ -332,7 +355,7 @@ def test_one_seed_says_there_is_no_interval(tmp_path):
 
 
 def test_artifact_rows_are_plain_values():
-    rows = compare.artifact_rows(pd.DataFrame({"a": [1.5, float("nan")], "b": ["x", "y"]}))
+    rows = compare_report.artifact_rows(pd.DataFrame({"a": [1.5, float("nan")], "b": ["x", "y"]}))
     assert rows == [{"a": 1.5, "b": "x"}, {"a": None, "b": "y"}]
     json.dumps(rows)
 

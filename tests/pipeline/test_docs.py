@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from spin_core.config import reference_markdown
+from spin_core.config_reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 

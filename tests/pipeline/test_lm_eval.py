@@ -152,8 +152,8 @@ def test_task_writes_lm_eval_json_and_a_rerun_is_cached(toy_build, task_dir, off
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.dispatch import PrefectRunner
+    from spin_core.pipeline import run_lm_eval
     from spin_core.step import read_journal
-    from spin_core.steps import run_lm_eval
 
     @flow
     def benchmark(config, run_dir: str, model: str, out_dir: str) -> dict | None:

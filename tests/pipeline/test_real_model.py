@@ -169,10 +169,16 @@ TINY = {
 }
 
 
-def spin_run(run_dir: Path, smollm2_dir, home: Path, **changes) -> subprocess.Popen:
+def spin_run(
+    run_dir: Path, smollm2_dir, home: Path, theta0_of: Path | None = None, **changes
+) -> subprocess.Popen:
+    """`spin run` of the tiny example; with `theta0_of`, on the θ0 and data that run's
+    embedded default built (θ0's SFT warm-up is not redone)."""
     settings = TINY | {"toy.base_model": str(smollm2_dir)} | changes
     command = [sys.executable, "-m", "flows.cli", "run", "configs/smollm2-chat.yaml"]
     command += ["--run-dir", str(run_dir), *set_args(f"{k}={v}" for k, v in settings.items())]
+    if theta0_of is not None:
+        command += set_args(toy_artifacts(RunDir(theta0_of).toy).config_overrides())
     env = os.environ | {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -195,9 +201,13 @@ def example_runs(smollm2_dir, tmp_path_factory):
     reference, crashed = root / "reference", root / "crashed"
     finish(spin_run(reference, smollm2_dir, home), reference)
     shards = crashed / "iter_0" / "generated"
-    kill_when(spin_run(crashed, smollm2_dir, home), lambda: any(shards.glob("part-*.parquet")), 600)
+    kill_when(
+        spin_run(crashed, smollm2_dir, home, theta0_of=reference),
+        lambda: any(shards.glob("part-*.parquet")),
+        600,
+    )
     assert not (crashed / "iter_0" / "generated.parquet").exists()
-    finish(spin_run(crashed, smollm2_dir, home), crashed)
+    finish(spin_run(crashed, smollm2_dir, home, theta0_of=reference), crashed)
     return RunDir(reference), RunDir(crashed)
 
 
@@ -240,11 +250,10 @@ def test_a_run_killed_during_generation_resumes_to_the_same_generations(example_
 
 
 @pytest.mark.slow
-def test_bf16_on_the_cpu_runs_end_to_end(smollm2_dir, tmp_path):
-    run_dir = tmp_path / "bf16"
-    finish(
-        spin_run(run_dir, smollm2_dir, tmp_path / "home", **{"model.precision": "bf16"}), run_dir
-    )
+def test_bf16_on_the_cpu_runs_end_to_end(smollm2_dir, example_runs, tmp_path):
+    run_dir, reference = tmp_path / "bf16", example_runs[0].root
+    bf16 = {"model.precision": "bf16"}
+    finish(spin_run(run_dir, smollm2_dir, tmp_path / "home", reference, **bf16), run_dir)
     metrics = json.loads(RunDir(run_dir).iteration_metrics(0).read_text())
     assert metrics["train_steps"] >= 1
     assert torch.isfinite(torch.tensor(metrics["real_loglik_per_token"]))

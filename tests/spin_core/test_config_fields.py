@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from spin_core.config import SpinConfig, _is_section
+from spin_core.config import SpinConfig
+from spin_core.config_reference import is_section
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("spin_core", "tasks", "flows")
@@ -17,7 +18,7 @@ def _config_fields(model: type, section: str):
     for name, field in model.model_fields.items():
         yield section, name
         for annotation in getattr(field.annotation, "__args__", ()) or (field.annotation,):
-            if _is_section(annotation):  # a sub-section (training.lora, eval.lm_eval)
+            if is_section(annotation):  # a sub-section (training.lora, eval.lm_eval)
                 yield from _config_fields(annotation, name)
 
 

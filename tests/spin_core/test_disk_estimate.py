@@ -6,7 +6,8 @@ import shutil
 from collections import namedtuple
 
 from spin_core.config import load_config
-from spin_core.preflight import GIB, ModelShape, estimate_disk
+from spin_core.memory import GIB, ModelShape
+from spin_core.preflight import estimate_disk
 
 PAPER = "configs/zephyr-7b-ultrachat.yaml"
 MISTRAL_7B = ModelShape(

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from spin_core.config import deepspeed_config, load_config
 from spin_core.rundir import RunDir
-from tests.spin_core.test_train import _config, train_parquet  # noqa: F401 - a fixture
+from spin_core.train_job import TrainJob
+from tests.spin_core.test_train import _config, toy_job, train_parquet  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     """bf16 compute, ZeRO-0, lr 1e-6, 4 steps with accumulation 2: the update lives in the fp32
     master weights. Exported in fp32 it is kept; in bf16 it rounds away (θ1 = θ0 almost
     everywhere), which metrics.json, metrics.parquet and the report then say."""
-    from spin_core import steps
+    from spin_core.evaluate import training_summary
     from spin_core.report import write_report
     from spin_core.train import train_iteration
     from tests.spin_core.test_report import write_eval
@@ -68,14 +69,16 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     )
     with caplog.at_level(logging.WARNING, logger="spin_core.train"):
         train_iteration(
-            init_model=str(bf16_theta0),
-            train_path=train_parquet,
-            state_dir=run.train_state(0),
-            model_out=run.model(0),
-            cfg=cfg,
-            iteration=0,
+            cfg,
+            TrainJob(
+                init_model=str(bf16_theta0),
+                train_path=train_parquet,
+                state_dir=run.train_state(0),
+                model_out=run.model(0),
+                iteration=0,
+                num_steps=4,
+            ),
             stop_after_steps=None,
-            num_steps=4,
         )
     exported, theta0 = _weights(run.model(0)), _weights(bf16_theta0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[export_dtype]
@@ -92,7 +95,7 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     (run.iteration(0) / "pairs.json").write_text(json.dumps({"train_pairs": 64}))
     write_eval(run.base_eval(), right=20, loglik_per_token=-1.0)
     metrics = write_eval(run.iteration(0), right=21, loglik_per_token=-1.0)
-    (run.iteration_metrics(0)).write_text(json.dumps(metrics | steps.training_summary(run, 0)))
+    (run.iteration_metrics(0)).write_text(json.dumps(metrics | training_summary(run, 0)))
     report, table = write_report(run.root)
     assert table.loc[table["iteration"] == 1, "weights_changed"].item() == pytest.approx(changed)
     text = report.read_text()
@@ -118,13 +121,8 @@ def test_the_engine_is_freed_when_training_returns(toy_build, train_parquet, tmp
     gc.disable()
     try:
         train.train_iteration(
-            init_model=str(toy_build.model_dir),
-            train_path=train_parquet,
-            state_dir=tmp_path / "state",
-            model_out=tmp_path / "model",
-            cfg=_config(toy_build, "training.num_epochs=1"),
-            iteration=0,
-            num_steps=1,
+            _config(toy_build, "training.num_epochs=1"),
+            toy_job(toy_build, train_parquet, tmp_path / "state", tmp_path / "model", num_steps=1),
         )
         assert len(engines) == 1 and engines[0]() is None, "the DeepSpeed engine is still alive"
     finally:
@@ -149,7 +147,7 @@ def test_deterministic_mode_sets_the_flag_and_the_cublas_workspace(monkeypatch):
 
 def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     """Saved on rank 1 of an 8-GPU node, restored on a worker that sees one GPU."""
-    from spin_core import train
+    from spin_core import train_state
 
     calls = []
 
@@ -162,9 +160,9 @@ def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_all)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_all)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    state = train.rng_state()
+    state = train_state.rng_state()
     monkeypatch.setenv("LOCAL_RANK", "0")
-    train.set_rng_state(state)
+    train_state.set_rng_state(state)
     gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
     assert calls == [("get", gpu1), ("set", gpu1, gpu0)]
 
@@ -173,7 +171,7 @@ def test_bf16_at_zero_0_accumulates_gradients_in_fp32_and_preflight_counts_it():
     """One GPU, bf16, 8 accumulation micro-batches: DeepSpeed's BF16_Optimizer (ZeRO-1 with
     fp32 accumulation) instead of summing bf16 gradients; the pre-flight adds its
     persistent fp32 gradient buffer (4 B/param) and drops the step-time fp32 copy."""
-    from spin_core.preflight import GIB, ModelShape, memory_for
+    from spin_core.memory import GIB, ModelShape, memory_for
 
     cfg = load_config(
         "configs/demo.yaml",
@@ -232,7 +230,7 @@ def _export_rank(rank, port, model_dir, out_dir, results):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     os.environ["WORLD_SIZE"] = "2"
-    from spin_core import train
+    from spin_core import export, train
     from tests.spin_core.test_train import ZERO3_ALL_PARTITIONED
 
     cfg = load_config(
@@ -248,7 +246,7 @@ def _export_rank(rank, port, model_dir, out_dir, results):
     )
     train.init_distributed()
     copies = []
-    real_copy = train.host_copy
+    real_copy = export.host_copy
 
     def counting_copy(tensor, rank):
         copy = real_copy(tensor, rank)
@@ -256,9 +254,9 @@ def _export_rank(rank, port, model_dir, out_dir, results):
             copies.append(copy.numel() * copy.element_size())
         return copy
 
-    train.host_copy = counting_copy
+    export.host_copy = counting_copy
     trainer = train._Trainer.build(str(model_dir), cfg, 1e-6, 1)
-    train.export_model(
+    export.export_model(
         trainer.engine,
         trainer.tokenizer,
         out_dir,
@@ -314,13 +312,15 @@ def test_a_lora_update_on_a_bf16_model_is_merged_and_exported_in_fp32(
         "training.num_epochs=1",
     )
     train_iteration(
-        init_model=str(bf16_theta0),
-        train_path=train_parquet,
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        cfg=cfg,
-        iteration=0,
-        num_steps=4,
+        cfg,
+        TrainJob(
+            init_model=str(bf16_theta0),
+            train_path=train_parquet,
+            state_dir=tmp_path / "state",
+            model_out=tmp_path / "model",
+            iteration=0,
+            num_steps=4,
+        ),
     )
     exported, theta0 = _weights(tmp_path / "model"), _weights(bf16_theta0)
     assert exported.keys() == theta0.keys()

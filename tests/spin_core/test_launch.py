@@ -11,7 +11,6 @@ import pytest
 
 from spin_core.config import load_config
 from spin_core.launch import (
-    REQUEST,
     free_port,
     launch_training,
     launcher_command,
@@ -19,6 +18,7 @@ from spin_core.launch import (
     write_deepspeed_env,
 )
 from spin_core.rundir import RunDir, save_config
+from spin_core.train_job import TrainJob
 from tests.spin_core.test_train import train_parquet  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,19 +155,23 @@ def test_remote_ranks_get_the_hub_variables_through_deepspeeds_runner(tmp_path):
     _fake(bin_dir, "pdsh", 'echo "PDSH $*"\n')
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    training = _training(
-        f"training.hostfile={hostfile}",
-        "training.num_nodes=2",
-        "training.num_processes=2",
-        "training.global_batch_size=8",
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            "training.micro_batch_size=1",
+            f"training.hostfile={hostfile}",
+            "training.num_nodes=2",
+            "training.num_processes=2",
+            "training.global_batch_size=8",
+        ],
     )
-    args = {"config": {}, "state_dir": str(tmp_path / "state")}
+    job = TrainJob("model", "pairs.parquet", tmp_path / "state", tmp_path / "out", 0)
     lines: list[str] = []
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HOME": "/shared/hf", "HF_HUB_OFFLINE": "1"}
     saved = dict(os.environ)
     try:
         os.environ.update(env | {"HF_TOKEN": "hf_secret", "HOME": str(tmp_path)})
-        launch_training(args, training, on_log=lines.append)
+        launch_training(cfg, job, on_log=lines.append)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -199,15 +203,8 @@ def _config(toy_build, *extra: str):
     )
 
 
-def _args(cfg, train_path: Path, run: RunDir) -> dict:
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "init_model": cfg.model.name_or_path,
-        "train_path": str(train_path),
-        "state_dir": str(run.train_state(0)),
-        "model_out": str(run.model(0)),
-        "iteration": 0,
-    }
+def _job(cfg, train_path: Path, run: RunDir) -> TrainJob:
+    return TrainJob(cfg.model.name_or_path, train_path, run.train_state(0), run.model(0), 0)
 
 
 @pytest.mark.slow
@@ -221,7 +218,7 @@ def test_deepspeed_launcher_trains_two_ranks_without_the_venv_on_path(
     cfg = _config(toy_build, "training.launcher=deepspeed")
     run = RunDir(tmp_path / "run")
     steps: list[dict] = []
-    launch_training(_args(cfg, train_parquet, run), cfg.training, on_step=steps.append)
+    launch_training(cfg, _job(cfg, train_parquet, run), on_step=steps.append)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 64 pairs / 16 per step
     assert (run.model(0) / "model.safetensors").exists()
 
@@ -256,8 +253,8 @@ def test_two_nodes_train_through_a_torchrun_rendezvous(
     )
     try:
         steps: list[dict] = []
-        launch_training(_args(cfg, train_parquet, run), cfg.training, on_step=steps.append)
-        assert not (run.root / REQUEST).exists()  # the launch is no longer announced
+        launch_training(cfg, _job(cfg, train_parquet, run), on_step=steps.append)
+        assert not run.launch_request.exists()  # the launch is no longer announced
         run.lock.unlink()  # the pipeline ended
         assert node1.wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
     finally:

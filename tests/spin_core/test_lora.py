@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spin_core.train import train_iteration, with_adapter
-from tests.spin_core.test_train import _config, train_parquet  # noqa: F401 (fixture)
+from spin_core.export import with_adapter
+from spin_core.train import train_iteration
+from tests.spin_core.test_train import _config, toy_job, train_parquet  # noqa: F401 (fixture)
 
 LORA = ["training.lora.r=4", "training.lora.alpha=8", "training.learning_rate=1e-2"]
 
@@ -34,12 +35,8 @@ def test_only_the_adapter_is_trainable(toy_build):
 def lora_run(toy_build, train_parquet, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("lora")
     result = train_iteration(
-        init_model=str(toy_build.model_dir),
-        train_path=train_parquet,
-        state_dir=out / "state",
-        model_out=out / "model",
-        cfg=_config(toy_build, "training.num_epochs=1", "training.save_steps=3", *LORA),
-        iteration=0,
+        _config(toy_build, "training.num_epochs=1", "training.save_steps=3", *LORA),
+        toy_job(toy_build, train_parquet, out / "state", out / "model"),
     )
     return out, result
 
@@ -74,17 +71,11 @@ def test_an_interrupted_lora_iteration_resumes_with_the_same_losses(
     tmp_path,
 ):
     _, straight = lora_run
-    kwargs = dict(
-        init_model=str(toy_build.model_dir),
-        train_path=train_parquet,
-        cfg=_config(toy_build, "training.num_epochs=1", "training.save_steps=3", *LORA),
-        iteration=0,
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-    )
-    stopped = train_iteration(stop_after_steps=3, **kwargs)
+    cfg = _config(toy_build, "training.num_epochs=1", "training.save_steps=3", *LORA)
+    job = toy_job(toy_build, train_parquet, tmp_path / "state", tmp_path / "model")
+    stopped = train_iteration(cfg, job, stop_after_steps=3)
     assert stopped.model_dir is None
-    resumed = train_iteration(**kwargs)
+    resumed = train_iteration(cfg, job)
     assert resumed.resumed_from == 3
     for a, b in zip(_log(straight.log_path), _log(resumed.log_path), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
@@ -94,18 +85,14 @@ def test_an_interrupted_lora_iteration_resumes_with_the_same_losses(
 def test_lora_under_zero3_equals_lora_under_zero0(toy_build, train_parquet, lora_run, tmp_path):  # noqa: F811
     _, zero0 = lora_run
     zero3 = train_iteration(
-        init_model=str(toy_build.model_dir),
-        train_path=train_parquet,
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        cfg=_config(
+        _config(
             toy_build,
             "training.num_epochs=1",
             "training.save_steps=3",
             "training.zero_stage=3",
             *LORA,
         ),
-        iteration=0,
+        toy_job(toy_build, train_parquet, tmp_path / "state", tmp_path / "model"),
     )
     for a, b in zip(_log(zero0.log_path), _log(zero3.log_path), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)

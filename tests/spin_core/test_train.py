@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,14 +14,16 @@ from transformers import AutoModelForCausalLM
 from spin_core.checkpoint import load_policy
 from spin_core.generation import Decoding, HFBackend
 from spin_core.prompts import encode_pairs
+from spin_core.rundir import STEP_LOG
 from spin_core.score import score_with_opponent
-from spin_core.train import (
-    COMPLETE_MARKER,
-    STEP_LOG,
-    complete_checkpoints,
-    step_indices,
-    train_iteration,
-)
+from spin_core.train import step_indices, train_iteration
+from spin_core.train_job import TrainJob
+from spin_core.train_state import COMPLETE_MARKER, complete_checkpoints
+
+
+def toy_job(toy_build, train_path, state_dir, model_out, **changes) -> TrainJob:
+    """Iteration 0 of training the toy θ0 on `train_path`."""
+    return TrainJob(str(toy_build.model_dir), train_path, state_dir, model_out, 0, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +86,8 @@ def _log(path):
 def test_spin_training_lowers_loss_and_raises_reward_accuracy(toy_build, train_parquet, tmp_path):
     cfg = _config(toy_build)
     result = train_iteration(
-        init_model=str(toy_build.model_dir),
-        train_path=train_parquet,
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        cfg=cfg,
-        iteration=0,
+        cfg,
+        toy_job(toy_build, train_parquet, tmp_path / "state", tmp_path / "model"),
     )
     log = _log(result.log_path)
     assert result.steps == 32 and len(log) == 32  # 64 pairs / 8 per step × 4 epochs
@@ -120,14 +119,10 @@ def test_spin_training_lowers_loss_and_raises_reward_accuracy(toy_build, train_p
 
 def test_interrupted_then_resumed_run_reproduces_losses(toy_build, train_parquet, tmp_path):
     cfg = _config(toy_build, "training.num_epochs=2", "training.save_steps=3")
-    kwargs = dict(
-        init_model=str(toy_build.model_dir), train_path=train_parquet, cfg=cfg, iteration=0
-    )
-    straight = train_iteration(state_dir=tmp_path / "a", model_out=tmp_path / "ma", **kwargs)
-
-    stopped = train_iteration(
-        state_dir=tmp_path / "b", model_out=tmp_path / "mb", stop_after_steps=7, **kwargs
-    )
+    job = toy_job(toy_build, train_parquet, tmp_path / "a", tmp_path / "ma")
+    straight = train_iteration(cfg, job)
+    interrupted = replace(job, state_dir=tmp_path / "b", model_out=tmp_path / "mb")
+    stopped = train_iteration(cfg, interrupted, stop_after_steps=7)
     assert stopped.model_dir is None and not (tmp_path / "mb").exists()
     assert [s for s, _ in complete_checkpoints(tmp_path / "b")] == [6, 7]  # keep_checkpoints=2
     # A checkpoint without its completion marker (a crash mid-save: files copied, one of
@@ -137,7 +132,7 @@ def test_interrupted_then_resumed_run_reproduces_losses(toy_build, train_parquet
     (half / COMPLETE_MARKER).unlink()
     biggest = max(half.rglob("*.pt"), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:100])
-    resumed = train_iteration(state_dir=tmp_path / "b", model_out=tmp_path / "mb", **kwargs)
+    resumed = train_iteration(cfg, interrupted)
     assert resumed.resumed_from == 7
 
     a, b = _log(straight.log_path), _log(resumed.log_path)
@@ -163,15 +158,8 @@ def _launch(cfg, train_parquet, state_dir, model_out):
     from spin_core.launch import launch_training
 
     steps: list[dict] = []
-    args = {
-        "config": cfg.model_dump(mode="json"),
-        "init_model": cfg.model.name_or_path,
-        "train_path": str(train_parquet),
-        "state_dir": str(state_dir),
-        "model_out": str(model_out),
-        "iteration": 0,
-    }
-    launch_training(args, cfg.training, on_step=steps.append)
+    job = TrainJob(cfg.model.name_or_path, train_parquet, state_dir, model_out, iteration=0)
+    launch_training(cfg, job, on_step=steps.append)
     return steps
 
 
@@ -182,13 +170,8 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(
 ):
     common = ["training.num_epochs=1"]
     one = train_iteration(
-        init_model=str(toy_build.model_dir),
-        train_path=train_parquet,
-        state_dir=tmp_path / "one",
-        model_out=tmp_path / "m1",
-        # 1 rank, 2 micro-batches of 4 per step
-        cfg=_config(toy_build, *common, "training.zero_stage=2"),
-        iteration=0,
+        _config(toy_build, *common, "training.zero_stage=2"),
+        toy_job(toy_build, train_parquet, tmp_path / "one", tmp_path / "m1"),
     )
     two_cfg = _config(
         toy_build, *common, "training.num_processes=2", f"training.zero_stage={zero_stage}"
@@ -232,12 +215,8 @@ def test_zero3_with_accumulation_equals_zero0_and_two_zero2_ranks(
 
     def one_rank(stage: int, *extra: str):
         return train_iteration(
-            init_model=str(toy_build.model_dir),
-            train_path=train_parquet,
-            state_dir=tmp_path / f"z{stage}",
-            model_out=tmp_path / f"m{stage}",
-            cfg=_config(toy_build, *common, f"training.zero_stage={stage}", *extra),
-            iteration=0,
+            _config(toy_build, *common, f"training.zero_stage={stage}", *extra),
+            toy_job(toy_build, train_parquet, tmp_path / f"z{stage}", tmp_path / f"m{stage}"),
         )
 
     zero0 = _log(one_rank(0).log_path)
@@ -265,13 +244,14 @@ def test_training_scores_unscored_pairs_itself_before_its_first_step(
     cfg = _config(toy_build, "training.num_epochs=1")
     pairs = train_parquet.parent / "pairs.parquet"
     train_iteration(
-        init_model=str(toy_build.model_dir),
-        train_path=pairs,
-        scored_path=tmp_path / "train.parquet",
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        cfg=cfg,
-        iteration=0,
+        cfg,
+        toy_job(
+            toy_build,
+            pairs,
+            tmp_path / "state",
+            tmp_path / "model",
+            scored_path=tmp_path / "train.parquet",
+        ),
     )
     ours, reference = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(train_parquet)
     for column in ("opponent_real_logps", "opponent_generated_logps"):
@@ -283,18 +263,17 @@ def test_training_scores_unscored_pairs_itself_before_its_first_step(
 @pytest.mark.slow
 def test_two_ranks_score_the_same_opponent_columns_as_one(toy_build, train_parquet, tmp_path):
     cfg = _config(toy_build, "training.num_epochs=1", "training.num_processes=2")
-    args = {
-        "config": cfg.model_dump(mode="json"),
-        "init_model": cfg.model.name_or_path,
-        "train_path": str(train_parquet.parent / "pairs.parquet"),
-        "scored_path": str(tmp_path / "train.parquet"),
-        "state_dir": str(tmp_path / "state"),
-        "model_out": str(tmp_path / "model"),
-        "iteration": 0,
-    }
+    job = TrainJob(
+        init_model=cfg.model.name_or_path,
+        train_path=train_parquet.parent / "pairs.parquet",
+        scored_path=tmp_path / "train.parquet",
+        state_dir=tmp_path / "state",
+        model_out=tmp_path / "model",
+        iteration=0,
+    )
     from spin_core.launch import launch_training
 
-    launch_training(args, cfg.training, on_step=lambda record: None)
+    launch_training(cfg, job, on_step=lambda record: None)
     ours, reference = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(train_parquet)
     for column in ("opponent_real_logps", "opponent_generated_logps"):
         np.testing.assert_allclose(ours[column], reference[column], atol=1e-5)
@@ -311,12 +290,14 @@ def test_dropout_is_off_during_training(toy_build, train_parquet, tmp_path):
     config.save_pretrained(model_dir)
     cfg = _config(toy_build, "training.num_epochs=1", f"model.name_or_path={model_dir}")
     result = train_iteration(
-        init_model=str(model_dir),
-        train_path=train_parquet,
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        cfg=cfg,
-        iteration=0,
+        cfg,
+        TrainJob(
+            init_model=str(model_dir),
+            train_path=train_parquet,
+            state_dir=tmp_path / "state",
+            model_out=tmp_path / "model",
+            iteration=0,
+        ),
     )
     assert _log(result.log_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
@@ -326,12 +307,8 @@ def test_sft_weight_is_logged_apart_and_zero_gives_the_papers_losses(
 ):
     def run(name: str, *extra: str) -> list[dict]:
         result = train_iteration(
-            init_model=str(toy_build.model_dir),
-            train_path=train_parquet,
-            state_dir=tmp_path / name,
-            model_out=tmp_path / f"m-{name}",
-            cfg=_config(toy_build, "training.num_epochs=1", *extra),
-            iteration=0,
+            _config(toy_build, "training.num_epochs=1", *extra),
+            toy_job(toy_build, train_parquet, tmp_path / name, tmp_path / f"m-{name}"),
             stop_after_steps=2,
         )
         return _log(result.log_path)
@@ -351,13 +328,14 @@ def one_rank_reference(toy_build, train_parquet, tmp_path_factory):
     """1 rank, ZeRO-0, one log-prob chunk per forward: scores pairs.parquet, then trains."""
     folder = tmp_path_factory.mktemp("reference")
     train_iteration(
-        init_model=str(toy_build.model_dir),
-        train_path=train_parquet.parent / "pairs.parquet",
-        scored_path=folder / "train.parquet",
-        state_dir=folder / "state",
-        model_out=folder / "model",
-        cfg=_config(toy_build, "training.num_epochs=1", "training.zero_stage=0"),
-        iteration=0,
+        _config(toy_build, "training.num_epochs=1", "training.zero_stage=0"),
+        toy_job(
+            toy_build,
+            train_parquet.parent / "pairs.parquet",
+            folder / "state",
+            folder / "model",
+            scored_path=folder / "train.parquet",
+        ),
     )
     return folder
 
@@ -384,19 +362,18 @@ def test_two_ranks_with_many_logprob_chunks_equal_one_rank(
         ZERO3_ALL_PARTITIONED,
         "run.deterministic=true",
     )
-    args = {
-        "config": cfg.model_dump(mode="json"),
-        "init_model": cfg.model.name_or_path,
-        "train_path": str(train_parquet.parent / "pairs.parquet"),
-        "scored_path": str(tmp_path / "train.parquet"),
-        "state_dir": str(tmp_path / "state"),
-        "model_out": str(tmp_path / "model"),
-        "iteration": 0,
-    }
+    job = TrainJob(
+        init_model=cfg.model.name_or_path,
+        train_path=train_parquet.parent / "pairs.parquet",
+        scored_path=tmp_path / "train.parquet",
+        state_dir=tmp_path / "state",
+        model_out=tmp_path / "model",
+        iteration=0,
+    )
     from spin_core.launch import launch_training
 
     lines: list[str] = []
-    launch_training(args, cfg.training, on_step=lambda record: None, on_log=lines.append)
+    launch_training(cfg, job, on_step=lambda record: None, on_log=lines.append)
     for rank in (0, 1):
         assert any(f"rank {rank}: deterministic algorithms on (CUBLAS" in x for x in lines)
     ours = pd.read_parquet(tmp_path / "train.parquet")

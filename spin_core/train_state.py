@@ -1,0 +1,94 @@
+"""A training run's resumable state in `train_state/`: DeepSpeed checkpoints (weights,
+optimizer, schedule, this rank's RNG), each marked complete once its save has finished, and
+the step log `metrics.jsonl`, cut back to the checkpoint a rerun resumes from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from spin_core.checkpoint import device
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "complete.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The generators this rank draws from; of the GPUs only its own (`device()`), so a
+    resume on a worker that sees fewer GPUs than the one that saved still works."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device()) if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved by an older version: one state per visible GPU
+        index = device().index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, device())
+
+
+def complete_checkpoints(state_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoints whose save finished, oldest first."""
+    found = []
+    for marker in state_dir.glob(f"step_*/{COMPLETE_MARKER}"):
+        found.append((int(marker.parent.name.removeprefix("step_")), marker.parent))
+    return sorted(found)
+
+
+def save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) -> None:
+    """Save, then mark complete; a checkpoint without the marker is ignored on resume."""
+    tag = f"step_{step:06d}"
+    engine.save_checkpoint(str(state_dir), tag=tag, client_state={"step": step, "rng": rng_state()})
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    if rank == 0:
+        (state_dir / tag / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        for _, old in complete_checkpoints(state_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(engine, state_dir: Path, iteration: int) -> int:
+    """Load the last complete checkpoint (weights, optimizer, schedule, RNG); its step, or 0."""
+    checkpoints = complete_checkpoints(state_dir)
+    if not checkpoints:
+        return 0
+    step, path = checkpoints[-1]
+    _, client_state = engine.load_checkpoint(str(state_dir), tag=path.name)
+    set_rng_state(client_state["rng"])
+    logger.info("resuming iteration %d from %s (step %d)", iteration, path, step)
+    return step
+
+
+def truncate_log(log_path: Path, last_step: int) -> None:
+    """Drop logged steps after the checkpoint we resume from (they will be redone)."""
+    if not log_path.exists():
+        return
+    kept = [
+        line
+        for line in log_path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    log_path.write_text("".join(line + "\n" for line in kept))
