@@ -27,13 +27,20 @@ pytestmark = pytest.mark.slow
 STOP_SECONDS = 20
 
 
-def start(run_dir: Path, sets: list[str], home: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml"]
-    command += ["--run-dir", str(run_dir), *sets]
+def start(run_dir: Path, sets: list[str], home: Path, command: list[str] | None = None):
+    """`spin run` of the demo config into `run_dir` (or `spin <command>`), in a session of
+    its own as a shell starts it; its output goes to RUN_DIR.log beside the run."""
+    command = command or ["run", "configs/demo.yaml", "--run-dir", str(run_dir)]
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)  # Prefect's temporary server, in the group as for a user
     log = (run_dir.parent / f"{run_dir.name}.log").open("a")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *command, *sets],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def started(run_dir: Path, step: str) -> bool:
@@ -158,6 +165,29 @@ def test_sigterm_to_the_group_during_training_on_two_ranks(toy_build, tmp_path):
         ranks = [p for p in processes if _is_rank(_cmd(p))]
         assert len(ranks) == 2, [" ".join(_cmd(p))[:160] for p in processes]
         assert_stopped(proc, processes, 143, run_dir)
+    finally:
+        _reap(proc)
+
+
+def test_ctrl_c_to_the_group_stops_spin_compare_during_training(toy_build, tmp_path):
+    out = tmp_path / "out"
+    run_dir = out / "demo" / "seed-0"
+    run_dir.parent.mkdir(parents=True)
+    changes = {
+        "data.num_prompts": 64,
+        "run.iterations": 1,
+        "run.baseline": "none",
+        "generation.max_new_tokens": 16,
+        "training.num_epochs": 50,  # long enough to be stopped mid-training
+    }
+    command = ["compare", "configs/demo.yaml", "--seeds", "1", "--out", str(out)]
+    proc = start(run_dir, set_args(overrides(toy_build, changes)), tmp_path / "home", command)
+    try:
+        metrics = run_dir / "iter_0" / "train_state" / "metrics.jsonl"
+        log = run_dir.parent / f"{run_dir.name}.log"
+        processes = signal_group_when(proc, metrics.exists, signal.SIGINT, log)
+        assert_stopped(proc, processes, 130, run_dir)
+        assert not (out / "compare.md").exists()
     finally:
         _reap(proc)
 
