@@ -1,11 +1,12 @@
 """Orchestration overhead: the Prefect pipeline versus the same steps run without Prefect.
 
-Prefect side: `spin run CONFIG --run-dir DIR` (`flows.cli.main`), with its temporary
-Prefect server started in the background while the inputs are checked, as for a user. Plain side:
-`spin_core.driver.run`, the same step definitions (spin_core/steps.py) in the
-same order with the same policy, in plain Python, no Prefect imported. Both run
-the same small toy config in a fresh process each; the figure is the ratio of
-their wall times, interpreter start to exit.
+Prefect side: exactly a user's `spin run CONFIG --run-dir DIR` (`python -m flows.cli`), with
+its temporary Prefect server started in the background while the inputs are checked; and
+the same against a running server (PREFECT_API_URL). Plain side: the same config file
+loaded and run by `spin_core.driver.run`, the same step definitions (spin_core/steps.py)
+in the same order with the same policy, in plain Python, no Prefect imported. Each run is
+a fresh process; the figures are the differences and ratios of their wall times,
+interpreter start to exit.
 
     python -m benchmarks.bench_overhead     # target: at most 5 s more than the plain loop
 """
@@ -13,8 +14,6 @@ their wall times, interpreter start to exit.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -48,51 +47,47 @@ QUICK_OVERRIDES = [
 # ------------------------------------------------------------------- sides
 
 
-def run_side(args) -> None:
-    if args.side == "prefect":
-        # Exactly `spin run CONFIG --run-dir DIR`: the temporary server (or PREFECT_API_URL),
-        # started while the inputs are checked; torch's threads from OMP_NUM_THREADS.
-        from flows.cli import main as spin
+def run_plain(args) -> None:
+    """The plain side: the config file loaded and its steps run by `spin_core.driver`."""
+    from spin_core import driver
+    from spin_core.config import load_config
 
-        cfg = _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES)
-        config_path = Path(args.run_dir).parent / f"{Path(args.run_dir).name}.yaml"
-        config_path.write_text(cfg.dump_yaml())
-        with contextlib.redirect_stdout(io.StringIO()):  # the report
-            code = spin(["run", str(config_path), "--run-dir", str(args.run_dir)])
-        assert code == 0, f"spin run exited {code}"
-        report = Path(args.run_dir) / "report.md"
-    else:
-        from spin_core import driver
-
-        _common.setup(args.threads)
-        cfg = _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES)
-        report = driver.run(cfg, str(args.run_dir))
-    metrics = json.loads((Path(args.run_dir) / "iter_0" / "metrics.json").read_text())
-    print(json.dumps({"report": str(report), "exact_match_1": metrics["exact_match"]}))
+    _common.setup(args.threads)
+    driver.run(load_config(args.config), str(args.run_dir))
 
 
-def timed_side(side: str, args, round_: int, api_url: str | None) -> tuple[float, dict]:
-    """Wall time of one side in a fresh process, from interpreter start to exit."""
+def timed_side(side: str, args, round_: int, api_url: str | None) -> tuple[float, float]:
+    """Wall time of one side in a fresh process, from interpreter start to exit; θ1's
+    held-out exact match (both sides must train the same θ1)."""
     run_dir = _common.CACHE / "overhead" / f"{side}-{'server-' if api_url else ''}{round_}"
     shutil.rmtree(run_dir, ignore_errors=True)
+    config_path = run_dir.parent / f"{run_dir.name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(
+        _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES).dump_yaml()
+    )
     env = prefect_env() | {
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url
-    command = [sys.executable, "-m", "benchmarks.bench_overhead", f"--side={side}"]
-    command += [f"--run-dir={run_dir}", f"--threads={args.threads}"]
-    command += ["--quick"] if args.quick else []
+    if side == "prefect":  # exactly the user's `spin run CONFIG --run-dir DIR`
+        command = [sys.executable, "-m", "flows.cli", "run", str(config_path)]
+        command += ["--run-dir", str(run_dir)]
+    else:
+        command = [sys.executable, "-m", "benchmarks.bench_overhead", "--side=plain"]
+        command += [f"--config={config_path}", f"--run-dir={run_dir}"]
+        command += [f"--threads={args.threads}"]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=_common.ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-8000:])
         raise RuntimeError(f"{side} side exited {done.returncode}")
-    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    metrics = json.loads((run_dir / "iter_0" / "metrics.json").read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
-    return seconds, result
+    return seconds, metrics["exact_match"]
 
 
 def prefect_env() -> dict:
@@ -103,51 +98,59 @@ def prefect_env() -> dict:
     return env
 
 
+def alternate(sides, args, rounds: int, api_url: str | None) -> dict:
+    """{side: ([wall seconds per round], θ1's exact match)}, the sides alternating."""
+    times: dict[str, tuple[list[float], float]] = {side: ([], 0.0) for side in sides}
+    for round_ in range(rounds):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            seconds, exact = timed_side(side, args, round_, api_url)
+            times[side] = (times[side][0] + [seconds], exact)
+    return times
+
+
 def main() -> None:
     args = _common.parser(__doc__.splitlines()[0])
-    args.add_argument("--side", choices=["prefect", "plain"], help=argparse.SUPPRESS)
+    args.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)
+    args.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args.add_argument("--rounds", type=int, default=1, help="alternating rounds (median)")
     args = args.parse_args()
     if args.side:
-        run_side(args)
+        run_plain(args)
         return
     _common.toy()  # built once, outside the timings
     _common.warm_up_deepspeed()
-    sides = ("plain", "prefect", "prefect_server")
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    results = {}
+    rounds = 1 if args.quick else args.rounds
+    # Two phases, each alternating its two sides round by round (a change in the machine's
+    # load hits both alike): the temporary server against plain, with no other server
+    # alive; then a running server against plain, with that server (and its background
+    # services, which take CPU from everything) alive through the phase.
+    times = alternate(("plain", "prefect"), args, rounds, api_url=None)
     with prefect_server(free_port(), env=prefect_env()) as api_url:
-        for round_ in range(1 if args.quick else args.rounds):
-            # Alternating order, so a change in the machine's load hits every side alike.
-            for side in sides if round_ % 2 == 0 else sides[::-1]:
-                seconds, results[side] = timed_side(
-                    side.removesuffix("_server"),
-                    args,
-                    round_,
-                    api_url if side == "prefect_server" else None,
-                )
-                times[side].append(seconds)
-    # Same config, same seeds: both must have trained the same θ1.
-    assert len({r["exact_match_1"] for r in results.values()}) == 1, results
-    plain, prefect = statistics.median(times["plain"]), statistics.median(times["prefect"])
-    served = statistics.median(times["prefect_server"])
+        served_times = alternate(("plain", "prefect"), args, rounds, api_url=api_url)
+    exact = {side: values[1] for side, values in (times | served_times).items()}
+    assert len(set(exact.values())) == 1, exact  # same config and seeds: the same θ1
+    plain, prefect = statistics.median(times["plain"][0]), statistics.median(times["prefect"][0])
+    plain_b = statistics.median(served_times["plain"][0])
+    served = statistics.median(served_times["prefect"][0])
     ratio = prefect / plain
     _common.emit(
         "overhead",
         {
             "config": " ".join(QUICK_OVERRIDES if args.quick else OVERRIDES),
-            "rounds": len(times["plain"]),
+            "rounds": rounds,
             "plain_s": round(plain, 2),
             "prefect_s": round(prefect, 2),
-            "plain_runs_s": [round(t, 2) for t in times["plain"]],
-            "prefect_runs_s": [round(t, 2) for t in times["prefect"]],
+            "plain_runs_s": [round(t, 2) for t in times["plain"][0]],
+            "prefect_runs_s": [round(t, 2) for t in times["prefect"][0]],
             "overhead_s": round(prefect - plain, 2),
             "ratio": round(ratio, 3),
+            "plain_beside_server_s": round(plain_b, 2),
             "prefect_server_s": round(served, 2),
-            "prefect_server_runs_s": [round(t, 2) for t in times["prefect_server"]],
-            "server_overhead_s": round(served - plain, 2),
-            "server_ratio": round(served / plain, 3),
+            "plain_beside_server_runs_s": [round(t, 2) for t in served_times["plain"][0]],
+            "prefect_server_runs_s": [round(t, 2) for t in served_times["prefect"][0]],
+            "server_overhead_s": round(served - plain_b, 2),
+            "server_ratio": round(served / plain_b, 3),
             "threads": args.threads,
         },
         target=f"`spin run` <= {TARGET_SECONDS:.0f} s more than the plain loop (temporary server)",

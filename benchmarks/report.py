@@ -41,11 +41,15 @@ def summary(r: dict) -> tuple[str, str]:
     if name.startswith("train"):
         return _train_summary(r)
     if name == "overhead":
+        # Newer records time the running-server side against its own plain runs.
+        beside = f" vs plain {r['plain_beside_server_s']} s" if "plain_beside_server_s" in r else ""
         return (
-            f"{r['config']}: plain loop {r['plain_s']} s, Prefect {r['prefect_s']} s "
-            f"(+{r['overhead_s']} s, ephemeral server), Prefect on a running server "
-            f"{r['prefect_server_s']} s (+{r['server_overhead_s']} s); median of {r['rounds']}",
-            f"{r['ratio']}× ({r['server_ratio']}× on a running server)",
+            f"{r['config']}: plain loop {r['plain_s']} s, `spin run` {r['prefect_s']} s "
+            f"(+{r['overhead_s']} s, temporary server), on a running server "
+            f"{r['prefect_server_s']} s{beside} (+{r['server_overhead_s']} s); "
+            f"median of {r['rounds']}",
+            f"+{r['overhead_s']} s, {r['ratio']}× (+{r['server_overhead_s']} s, "
+            f"{r['server_ratio']}× on a running server)",
         )
     if name == "data":
         encode = f" incl. tokenizing {r['encode_s']} s" if "encode_s" in r else ""

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from flows.server import api_for_run
+from flows.server import api_for_run, flow_settings
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -116,11 +116,12 @@ def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[
         check_before_start(config, run_dir)  # every input, before the orchestrator starts
         log_to_run_dir(run_dir)
         _RUN_DIRS.append(run_dir)
+        from flows.pipeline import spin_pipeline  # Prefect's import, while the server starts
+
         if server is not None:
             server.wait_healthy()
-        from flows.pipeline import spin_pipeline
-
-        report_path = spin_pipeline(config, run_dir)
+        with flow_settings(server):
+            report_path = spin_pipeline(config, run_dir)
     print(Path(report_path).read_text())
     return 0
 
@@ -139,17 +140,18 @@ def _compare(args: argparse.Namespace) -> int:
             check_before_start(run.config, str(run.run_dir))
         log_to_run_dir(args.out)
         _RUN_DIRS.append(args.out)
+        from flows.compare import spin_compare  # Prefect's import, while the server starts
+
         if server is not None:
             server.wait_healthy()
-        from flows.compare import spin_compare
-
-        path = spin_compare(
-            args.configs,
-            seeds=args.seeds,
-            out_dir=args.out,
-            max_parallel=args.max_parallel,
-            overrides=args.overrides,
-        )
+        with flow_settings(server):
+            path = spin_compare(
+                args.configs,
+                seeds=args.seeds,
+                out_dir=args.out,
+                max_parallel=args.max_parallel,
+                overrides=args.overrides,
+            )
     print(Path(path).read_text())
     return 0
 

@@ -137,6 +137,24 @@ def api_for_run() -> Iterator[TemporaryServer | None]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
+@contextmanager
+def flow_settings(server: TemporaryServer | None) -> Iterator[None]:
+    """Prefect settings for the flows this process runs against `server` (api_for_run's).
+
+    With a TemporaryServer: no flow-run heartbeats. Heartbeats let a long-lived server
+    mark a run whose process died as crashed; a temporary server dies with that process,
+    so nothing would read them, while every flow's exit waits up to 1 s for the heartbeat
+    thread to wake (Prefect's flow engine): about 1 s per iteration of a small run.
+    """
+    if server is None:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def _served_file() -> Path:
     return Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "spin-serve.json"
 

@@ -42,7 +42,7 @@ from tasks.context import PrefectContext
 
 HASHED_FILE_LIMIT = 64 * 2**20  # larger files (model weights) are fingerprinted by size and mtime
 
-_saved_storage: dict[str, str] = {}
+_saved_storage: dict[str, Any] = {}
 _tasks: dict[Step, Any] = {}
 
 
@@ -116,15 +116,17 @@ def transient_only(task, task_run, state) -> bool:
     return True
 
 
-def _result_storage(run: RunDir) -> str:
-    """A saved LocalFileSystem block rooted in the run directory (once per process and run)."""
+def _result_storage(run: RunDir):
+    """A saved LocalFileSystem block rooted in the run directory, saved once per process
+    and run; the block itself, not its name, so no task loads it from the API again."""
     from prefect.filesystems import LocalFileSystem
 
     root = str(run.prefect_results.resolve())
     if root not in _saved_storage:
         slug = "spin-" + hashlib.blake2b(root.encode(), digest_size=6).hexdigest()
-        LocalFileSystem(basepath=root).save(slug, overwrite=True)
-        _saved_storage[root] = f"local-file-system/{slug}"
+        block = LocalFileSystem(basepath=root)
+        block.save(slug, overwrite=True)
+        _saved_storage[root] = block
     return _saved_storage[root]
 
 

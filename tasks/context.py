@@ -21,17 +21,24 @@ from spin_core import interrupt
 
 
 class Progress:
-    """A Prefect progress artifact (0–100 %) updated from a spin_core callback."""
+    """A Prefect progress artifact (0–100 %) updated from a spin_core callback: at most
+    one update per UPDATE_SECONDS (an API call each, made from the step's own thread),
+    and always the last."""
+
+    UPDATE_SECONDS = 2.0
 
     def __init__(self, key: str, description: str):
         self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
         self.last = 0.0
+        self.last_time = time.monotonic()
 
     def update(self, done: float, total: float) -> None:
         percent = 100.0 * done / max(total, 1)
-        if percent - self.last >= 5 or done >= total:  # a few dozen updates, not thousands
+        now = time.monotonic()
+        due = percent - self.last >= 5 and now - self.last_time >= self.UPDATE_SECONDS
+        if due or (done >= total and percent > self.last):
             update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
-            self.last = percent
+            self.last, self.last_time = percent, now
 
 
 @task(name="worker", cache_policy=NO_CACHE)

@@ -65,3 +65,26 @@ def test_the_temporary_server_starts_in_its_own_session_and_stops(tmp_path, monk
         assert os.environ["PREFECT_API_URL"] == started.url
     assert started.process.poll() is not None
     assert "PREFECT_API_URL" not in os.environ
+
+
+def test_flows_on_the_temporary_server_send_no_heartbeats(tmp_path, monkeypatch):
+    """A flow run against the temporary server runs without Prefect's heartbeat thread (its
+    exit waited up to 1 s for it, per flow: one per iteration); against any other server
+    (server None) Prefect's default stands."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(server, "_configured_api", lambda: None)
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    @flow
+    def heartbeat_setting() -> int | None:
+        return get_current_settings().flows.heartbeat_frequency
+
+    default = get_current_settings().flows.heartbeat_frequency
+    with server.api_for_run() as started:
+        started.wait_healthy()
+        with server.flow_settings(started):
+            assert heartbeat_setting() is None
+        with server.flow_settings(None):
+            assert get_current_settings().flows.heartbeat_frequency == default
