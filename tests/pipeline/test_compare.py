@@ -588,3 +588,19 @@ def test_parallel_runs_get_their_own_gpus(monkeypatch):
     _one_rank_worker(shares)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     assert os.environ["RANK"] == os.environ["LOCAL_RANK"] == "0"
+
+
+def test_the_real_model_sft_anchor_recipe_differs_only_in_its_anchor(tmp_path):
+    """docs/EXPERIMENTS.md compares configs/smollm2-chat.yaml with its SFT-anchored variant:
+    the two differ in training.sft_weight (and the run name) alone, and share one θ0."""
+    spin, anchored = compare.load_recipes(
+        ["configs/smollm2-chat.yaml", "configs/smollm2-chat-sft-anchor.yaml"], []
+    )
+    a, b = spin.config.model_dump(mode="json"), anchored.config.model_dump(mode="json")
+    assert (a["training"]["sft_weight"], b["training"]["sft_weight"]) == (0.0, 1.0)
+    for dump in (a, b):
+        dump["training"].pop("sft_weight"), dump["run"].pop("name")
+    assert a == b
+    assert compare.shared_toy_dir(spin.config, tmp_path) == compare.shared_toy_dir(
+        anchored.config, tmp_path
+    )

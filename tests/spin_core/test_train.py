@@ -26,6 +26,19 @@ def toy_job(toy_build, train_path, state_dir, model_out, **changes) -> TrainJob:
     return TrainJob(str(toy_build.model_dir), train_path, state_dir, model_out, 0, **changes)
 
 
+def _unscored_job(toy_build, train_parquet, tmp_path) -> TrainJob:
+    """Training on the unscored pairs beside `train_parquet`: the ranks score them first,
+    into tmp_path/train.parquet."""
+    pairs = train_parquet.parent / "pairs.parquet"
+    return toy_job(
+        toy_build,
+        pairs,
+        tmp_path / "state",
+        tmp_path / "model",
+        scored_path=tmp_path / "train.parquet",
+    )
+
+
 @pytest.fixture(scope="module")
 def train_parquet(toy_build, tmp_path_factory):
     """A SPIN training set: real answers vs the toy θ0's own greedy answers, scored by θ0."""
@@ -263,14 +276,7 @@ def test_training_scores_unscored_pairs_itself_before_its_first_step(
 @pytest.mark.slow
 def test_two_ranks_score_the_same_opponent_columns_as_one(toy_build, train_parquet, tmp_path):
     cfg = _config(toy_build, "training.num_epochs=1", "training.num_processes=2")
-    job = TrainJob(
-        init_model=cfg.model.name_or_path,
-        train_path=train_parquet.parent / "pairs.parquet",
-        scored_path=tmp_path / "train.parquet",
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        iteration=0,
-    )
+    job = _unscored_job(toy_build, train_parquet, tmp_path)
     from spin_core.launch import launch_training
 
     launch_training(cfg, job, on_step=lambda record: None)
@@ -362,14 +368,7 @@ def test_two_ranks_with_many_logprob_chunks_equal_one_rank(
         ZERO3_ALL_PARTITIONED,
         "run.deterministic=true",
     )
-    job = TrainJob(
-        init_model=cfg.model.name_or_path,
-        train_path=train_parquet.parent / "pairs.parquet",
-        scored_path=tmp_path / "train.parquet",
-        state_dir=tmp_path / "state",
-        model_out=tmp_path / "model",
-        iteration=0,
-    )
+    job = _unscored_job(toy_build, train_parquet, tmp_path)
     from spin_core.launch import launch_training
 
     lines: list[str] = []
