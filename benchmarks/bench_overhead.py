@@ -56,16 +56,13 @@ def run_plain(args) -> None:
     driver.run(load_config(args.config), str(args.run_dir))
 
 
-def timed_side(side: str, args, round_: int, api_url: str | None) -> tuple[float, float]:
+def timed_side(
+    side: str, config_path: Path, args, round_: int, api_url: str | None
+) -> tuple[float, float]:
     """Wall time of one side in a fresh process, from interpreter start to exit; θ1's
     held-out exact match (both sides must train the same θ1)."""
     run_dir = _common.CACHE / "overhead" / f"{side}-{'server-' if api_url else ''}{round_}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config_path = run_dir.parent / f"{run_dir.name}.yaml"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(
-        _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES).dump_yaml()
-    )
     env = prefect_env() | {
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
@@ -98,14 +95,20 @@ def prefect_env() -> dict:
     return env
 
 
-def alternate(sides, args, rounds: int, api_url: str | None) -> dict:
-    """{side: ([wall seconds per round], θ1's exact match)}, the sides alternating."""
-    times: dict[str, tuple[list[float], float]] = {side: ([], 0.0) for side in sides}
+def alternate(
+    config_path: Path, args, rounds: int, api_url: str | None
+) -> tuple[dict[str, list[float]], set[float]]:
+    """({side: wall seconds per round}, the θ1 exact matches seen), plain and `spin run`
+    alternating round by round."""
+    sides = ("plain", "prefect")
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    exact: set[float] = set()
     for round_ in range(rounds):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
-            seconds, exact = timed_side(side, args, round_, api_url)
-            times[side] = (times[side][0] + [seconds], exact)
-    return times
+            seconds, exact_match = timed_side(side, config_path, args, round_, api_url)
+            times[side].append(seconds)
+            exact.add(exact_match)
+    return times, exact
 
 
 def main() -> None:
@@ -121,18 +124,22 @@ def main() -> None:
     _common.toy()  # built once, outside the timings
     _common.warm_up_deepspeed()
     rounds = 1 if args.quick else args.rounds
+    config_path = _common.CACHE / "overhead" / "config.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(
+        _common.toy_config(QUICK_OVERRIDES if args.quick else OVERRIDES).dump_yaml()
+    )
     # Two phases, each alternating its two sides round by round (a change in the machine's
     # load hits both alike): the temporary server against plain, with no other server
     # alive; then a running server against plain, with that server (and its background
     # services, which take CPU from everything) alive through the phase.
-    times = alternate(("plain", "prefect"), args, rounds, api_url=None)
+    times, exact = alternate(config_path, args, rounds, api_url=None)
     with prefect_server(free_port(), env=prefect_env()) as api_url:
-        served_times = alternate(("plain", "prefect"), args, rounds, api_url=api_url)
-    exact = {side: values[1] for side, values in (times | served_times).items()}
-    assert len(set(exact.values())) == 1, exact  # same config and seeds: the same θ1
-    plain, prefect = statistics.median(times["plain"][0]), statistics.median(times["prefect"][0])
-    plain_b = statistics.median(served_times["plain"][0])
-    served = statistics.median(served_times["prefect"][0])
+        served_times, served_exact = alternate(config_path, args, rounds, api_url=api_url)
+    assert len(exact | served_exact) == 1, exact | served_exact  # same config, seeds: same θ1
+    plain, prefect = statistics.median(times["plain"]), statistics.median(times["prefect"])
+    plain_b = statistics.median(served_times["plain"])
+    served = statistics.median(served_times["prefect"])
     ratio = prefect / plain
     _common.emit(
         "overhead",
@@ -141,14 +148,14 @@ def main() -> None:
             "rounds": rounds,
             "plain_s": round(plain, 2),
             "prefect_s": round(prefect, 2),
-            "plain_runs_s": [round(t, 2) for t in times["plain"][0]],
-            "prefect_runs_s": [round(t, 2) for t in times["prefect"][0]],
+            "plain_runs_s": [round(t, 2) for t in times["plain"]],
+            "prefect_runs_s": [round(t, 2) for t in times["prefect"]],
             "overhead_s": round(prefect - plain, 2),
             "ratio": round(ratio, 3),
             "plain_beside_server_s": round(plain_b, 2),
             "prefect_server_s": round(served, 2),
-            "plain_beside_server_runs_s": [round(t, 2) for t in served_times["plain"][0]],
-            "prefect_server_runs_s": [round(t, 2) for t in served_times["prefect"][0]],
+            "plain_beside_server_runs_s": [round(t, 2) for t in served_times["plain"]],
+            "prefect_server_runs_s": [round(t, 2) for t in served_times["prefect"]],
             "server_overhead_s": round(served - plain_b, 2),
             "server_ratio": round(served / plain_b, 3),
             "threads": args.threads,

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from flows.server import api_for_run, flow_settings
+from flows.server import api_for_run, ready_for_flows
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -118,9 +118,7 @@ def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[
         _RUN_DIRS.append(run_dir)
         from flows.pipeline import spin_pipeline  # Prefect's import, while the server starts
 
-        if server is not None:
-            server.wait_healthy()
-        with flow_settings(server):
+        with ready_for_flows(server):
             report_path = spin_pipeline(config, run_dir)
     print(Path(report_path).read_text())
     return 0
@@ -142,9 +140,7 @@ def _compare(args: argparse.Namespace) -> int:
         _RUN_DIRS.append(args.out)
         from flows.compare import spin_compare  # Prefect's import, while the server starts
 
-        if server is not None:
-            server.wait_healthy()
-        with flow_settings(server):
+        with ready_for_flows(server):
             path = spin_compare(
                 args.configs,
                 seeds=args.seeds,

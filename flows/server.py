@@ -138,8 +138,8 @@ def api_for_run() -> Iterator[TemporaryServer | None]:
 
 
 @contextmanager
-def flow_settings(server: TemporaryServer | None) -> Iterator[None]:
-    """Prefect settings for the flows this process runs against `server` (api_for_run's).
+def ready_for_flows(server: TemporaryServer | None) -> Iterator[None]:
+    """Run flows against `server` (api_for_run's): once it answers, and with its settings.
 
     With a TemporaryServer: no flow-run heartbeats. Heartbeats let a long-lived server
     mark a run whose process died as crashed; a temporary server dies with that process,
@@ -149,6 +149,7 @@ def flow_settings(server: TemporaryServer | None) -> Iterator[None]:
     if server is None:
         yield
         return
+    server.wait_healthy()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

@@ -83,8 +83,7 @@ def test_flows_on_the_temporary_server_send_no_heartbeats(tmp_path, monkeypatch)
 
     default = get_current_settings().flows.heartbeat_frequency
     with server.api_for_run() as started:
-        started.wait_healthy()
-        with server.flow_settings(started):
+        with server.ready_for_flows(started):
             assert heartbeat_setting() is None
-        with server.flow_settings(None):
+        with server.ready_for_flows(None):
             assert get_current_settings().flows.heartbeat_frequency == default
