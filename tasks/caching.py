@@ -42,7 +42,6 @@ from tasks.context import PrefectContext
 
 HASHED_FILE_LIMIT = 64 * 2**20  # larger files (model weights) are fingerprinted by size and mtime
 
-_saved_storage: dict[str, Any] = {}
 _tasks: dict[Step, Any] = {}
 
 
@@ -116,20 +115,6 @@ def transient_only(task, task_run, state) -> bool:
     return True
 
 
-def _result_storage(run: RunDir):
-    """A saved LocalFileSystem block rooted in the run directory, saved once per process
-    and run; the block itself, not its name, so no task loads it from the API again."""
-    from prefect.filesystems import LocalFileSystem
-
-    root = str(run.prefect_results.resolve())
-    if root not in _saved_storage:
-        slug = "spin-" + hashlib.blake2b(root.encode(), digest_size=6).hexdigest()
-        block = LocalFileSystem(basepath=root)
-        block.save(slug, overwrite=True)
-        _saved_storage[root] = block
-    return _saved_storage[root]
-
-
 def prefect_task(step: Step):
     """`step` as a Prefect task (made once per step): cached on its declared inputs and,
     when they are complete, its declared outputs loaded without calling the body."""
@@ -162,7 +147,10 @@ def run_local(step: Step, *args, **kwargs) -> Any:
     complete = step.complete(params)
     configured = prefect_step.with_options(
         cache_policy=policy.configure(key_storage=str(run.prefect_cache_keys)),
-        result_storage=_result_storage(run),
+        # A path, not a saved block: Prefect writes each result under its absolute path and
+        # reads it back from there in any process that mounts the run directory. Saving a
+        # block cost the first cached step 2 s on the temporary server.
+        result_storage=run.prefect_results.resolve(),
         refresh_cache=not complete,
     )
     with announce(step.name, params, complete=complete):
