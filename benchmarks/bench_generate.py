@@ -116,12 +116,10 @@ def spin_generation(model, tokenizer, prompts: list[str], cfg, out_dir: str):
     paths = generation.generate_shards(
         backend,
         frame,
-        prompt_ids,
         out_dir,
         shard_size=cfg.generation.shard_size,
         opponent=str(cfg.model.name_or_path),
         decoding=decoding,
-        show_progress=False,
     )
     shards = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
     return shards["generated"].tolist(), [ids.tolist() for ids in shards["generated_ids"]]

@@ -495,12 +495,10 @@ def timed_generation(cfg, model_dir: Path, prompts, out_dir: Path) -> tuple[Path
         generation.generate_shards(
             backend,
             prompts,
-            [list(ids) for ids in prompts["prompt_ids"]],
             out_dir / "shards",
             shard_size=len(prompts),
             opponent=str(model_dir),
             decoding=decoding,
-            show_progress=False,
         )
         synchronize()
     merged = generation.merge_shards(

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from spin_core.config import ModelConfig
 from spin_core.errors import InputError
+from spin_core.generation.decoding import stop_token_ids
 from spin_core.prompts import ensure_pad_token
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         )
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def worker_device(worker: int) -> torch.device:
-    """The device of generation worker `worker`: one GPU each, round robin; else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", worker % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -186,7 +180,7 @@ def load_policy(
     on_device: torch.device | None = None,
 ):
     """Model and tokenizer of `path` in the configured compute dtype, on this rank's device
-    (or `on_device`, e.g. one generation worker's GPU)."""
+    (or `on_device`)."""
     tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
     # Training keeps fp32 master weights; DeepSpeed casts to bf16 when enabled.
     dtype = torch.float32 if for_training else compute_dtype(model_cfg.precision)
@@ -221,7 +215,9 @@ def save_model_dir(
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     generation_config = getattr(model, "generation_config", None) or GenerationConfig()
-    generation_config.eos_token_id = tokenizer.eos_token_id
+    # Every EOS id the model stops at is kept (Llama-3: <|end_of_text|> and <|eot_id|>).
+    stops = stop_token_ids(generation_config, tokenizer)
+    generation_config.eos_token_id = stops[0] if len(stops) == 1 else list(stops)
     generation_config.pad_token_id = tokenizer.pad_token_id
     generation_config.save_pretrained(tmp)
     return replace_dir(tmp, out_dir)

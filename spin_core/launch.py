@@ -18,13 +18,10 @@ every rank:
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,37 +31,10 @@ from pathlib import Path
 from spin_core.config import ConfigError, SpinConfig, TrainingConfig
 from spin_core.files import write_json_atomic
 from spin_core.rundir import RunDir
+from spin_core.runtime.processes import LaunchError, free_port, run_group
 from spin_core.train_job import TrainJob
 
 STEP_PREFIX = "SPIN_STEP "  # rank 0 prints each step record after this prefix
-
-# "[rank1]: FileNotFoundError: ..." or "ValueError: ...", not the launcher's own summary.
-_EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(?!torch\.distributed)[\w.]*(Error|Exception): ")
-
-
-class LaunchError(RuntimeError):
-    """The training ranks failed."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# Exec'd in front of the launcher: the kernel sends it SIGTERM when spin dies, even by
-# kill -9 (set in the child itself, since preexec_fn is unsafe with threads).
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\n"
-    "except OSError:\n"
-    "    pass\n"
-    "if os.getppid() == 1:\n"
-    "    sys.exit(143)\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n"
-)
 
 
 def launcher_kind(training: TrainingConfig) -> str:
@@ -189,71 +159,6 @@ def write_deepspeed_env(path: Path, env: dict[str, str]) -> Path:
             lines.append(f"{key}={value}")
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-def terminate_group(pgid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def run_group(
-    command: list[str],
-    *,
-    on_line: Callable[[str], None],
-    env: dict[str, str] | None = None,
-    tail: int = 40,
-) -> None:
-    """Run `command` in its own process group, passing each output line to `on_line`.
-
-    Raises LaunchError (with the last `tail` lines) when it exits non-zero; any
-    exception while waiting stops the whole group first.
-    """
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _DIE_WITH_PARENT, *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env=env,
-        start_new_session=True,
-    )
-    last = collections.deque(maxlen=tail)
-    first_error = None  # the first exception a rank printed: the root cause, usually
-    try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            last.append(line)
-            if first_error is None and _EXCEPTION_LINE.match(line):
-                first_error = line
-            on_line(line)
-        code = proc.wait()
-    except BaseException:
-        terminate_group(proc.pid)
-        proc.wait()
-        raise
-    terminate_group(proc.pid, grace=2.0)  # ranks that outlived the launcher
-    if code != 0:
-        cause = f": {first_error.split(':', 1)[-1].strip()}" if first_error else ""
-        raise LaunchError(
-            f"training ranks failed (launcher exit code {code}){cause}\n"
-            + "last output:\n"
-            + "\n".join(last)
-        )
 
 
 def _rank_env() -> dict[str, str]:

@@ -18,7 +18,7 @@ journal, `steps.jsonl`. The plain driver (`spin_core/driver.py`) calls it
 directly; the Prefect layer (`tasks/caching.py`) calls it inside a cached task.
 
 The body talks to whoever runs it through `ctx` (a `Context`): a logger, progress
-reporting, artifacts, and `map` to fan work out (generation workers).
+reporting and artifacts.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,9 +46,6 @@ class Context(Protocol):
     log: logging.Logger | logging.LoggerAdapter
 
     def progress(self, key: str, description: str) -> Progress: ...
-
-    def map(self, fn: Callable[[Any], Any], items: Iterable, name: str) -> list:
-        """fn(item) for each item; `name` names the shares (e.g. Prefect task runs)."""
 
     def table(self, key: str, rows: list[dict], description: str) -> None: ...
 
@@ -68,9 +65,6 @@ class PlainContext:
 
     def progress(self, key: str, description: str) -> Progress:
         return _NoProgress()
-
-    def map(self, fn: Callable[[Any], Any], items: Iterable, name: str) -> list:
-        return [fn(item) for item in items]
 
     def table(self, key: str, rows: list[dict], description: str) -> None:
         pass

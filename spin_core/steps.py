@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from spin_core import data, generation, lm_eval, provenance, report, toy, tracking, train
 from spin_core.checkpoint import (
@@ -37,6 +38,7 @@ from spin_core.evaluate import collapsed, evaluate_model, training_summary
 from spin_core.files import atomic_path, write_json_atomic
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.rundir import EvalDir, RunDir, RunLock, check_config
+from spin_core.runtime.devices import release_memory
 from spin_core.step import Context, Output, Params, at_iteration, step
 from spin_core.train_job import TrainJob
 
@@ -222,46 +224,30 @@ def generate_responses(
 ) -> str:
     """prompts.parquet + θt → generated/part-*.parquet → generated.parquet.
 
-    `generation.num_workers` workers (one device each) write every num_workers-th
-    shard; finished shards are kept, so a crash costs at most one shard.
+    `generation.num_workers` worker processes (one device each) claim shards as they go;
+    finished shards are kept, so a crash costs at most one shard per worker.
     """
     run = RunDir(run_dir)
-    prompts = pd.read_parquet(run.prompts(iteration))
+    rows = data.parquet_rows(run.prompts(iteration))
+    shards = run.generated_shards(iteration)
+    size = config.generation.shard_size
+    finished = rows - sum(
+        min(size, rows - k * size) for k in generation.missing_shards(shards, rows, size)
+    )
+    progress = ctx.progress(f"generate-iter-{iteration}", f"iteration {iteration}: responses")
+    bar = tqdm(total=rows, initial=finished, desc="generate", unit="prompt")
 
-    def share(worker: int) -> int:
-        return _generate_share(ctx, config, run, prompts, iteration, opponent, worker)
+    def on_rows(count: int) -> None:
+        bar.update(count)
+        progress.update(bar.n, rows)
 
-    ctx.map(share, range(config.generation.num_workers), name="generate-shards")
+    try:
+        generation.generate(
+            opponent, config, run.prompts(iteration), shards, on_rows=on_rows, on_log=ctx.log.info
+        )
+    finally:
+        bar.close()
     return merge_generated(ctx.log, config, run_dir, iteration)
-
-
-def _generate_share(
-    ctx: Context,
-    config: SpinConfig,
-    run: RunDir,
-    prompts: pd.DataFrame,
-    iteration: int,
-    opponent: str,
-    worker: int,
-) -> int:
-    """Worker `worker`'s shards (k with k % num_workers == worker); returns how many."""
-    workers = config.generation.num_workers
-    mine = generation.worker_shards(len(prompts), config.generation.shard_size, workers, worker)
-    progress = ctx.progress(
-        f"generate-iter-{iteration}-worker-{worker}",
-        f"iteration {iteration}, generation worker {worker}: shards",
-    )
-    generation.generate_from_model(
-        opponent,
-        config,
-        prompts,
-        run.generated_shards(iteration),
-        worker=worker,
-        shard_indices=mine,
-        show_progress=workers == 1,
-        on_shard=progress.update,
-    )
-    return len(mine)
 
 
 def merge_generated(log, config: SpinConfig, run_dir: str, iteration: int) -> str:
@@ -280,40 +266,6 @@ def merge_generated(log, config: SpinConfig, run_dir: str, iteration: int) -> st
         100 * (finished == "stop").mean(),
     )
     return str(out)
-
-
-def _share_done(params: Params) -> bool:
-    """Whether every shard of worker `params["worker"]` is complete on disk."""
-    run, t, generation_config = _run(params), params["iteration"], params["config"].generation
-    rows = data.parquet_rows(run.prompts(t))
-    if rows is None:
-        return False
-    size = generation_config.shard_size
-    mine = generation.worker_shards(rows, size, generation_config.num_workers, params["worker"])
-    return all(
-        data.parquet_complete(
-            generation.shard_path(run.generated_shards(t), k), min(size, rows - k * size)
-        )
-        for k in mine
-    )
-
-
-@step(
-    "generate-share",
-    sections=("generation", "model", "training"),
-    inputs=lambda p: [_run(p).prompts(p["iteration"]), p["opponent"]],
-    done=_share_done,
-    load=lambda p: str(_run(p).generated_shards(p["iteration"])),
-)
-def generate_share(
-    ctx: Context, config: SpinConfig, run_dir: str, iteration: int, opponent: str, worker: int
-) -> str:
-    """One generation worker's part of step 2 on its own machine (`run.execution:
-    deployments` with `generation.num_workers` > 1): its shards → iter_t/generated/."""
-    run = RunDir(run_dir)
-    prompts = pd.read_parquet(run.prompts(iteration))
-    _generate_share(ctx, config, run, prompts, iteration, opponent, worker)
-    return str(run.generated_shards(iteration))
 
 
 # ---------------------------------------------------------- 3. the training set D_t
@@ -477,7 +429,7 @@ def evaluate(
         show_progress=True,
     )
     del policy  # the next step (vLLM generation, training) needs this process's GPU memory
-    generation.release_memory()
+    release_memory()
     data.write_parquet_atomic(frame, out.eval)
     metrics["model"] = model
     metrics |= provenance.record(config.generation.backend, model)

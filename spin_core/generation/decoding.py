@@ -52,17 +52,28 @@ class Generated:
         return len(self.token_ids)
 
     @classmethod
-    def from_ids(cls, new_ids: Sequence[int], tokenizer) -> Generated:
-        """A response from the new ids of one row: cut after the first EOS, if any."""
-        eos = tokenizer.eos_token_id
+    def from_ids(cls, new_ids: Sequence[int], tokenizer, stop_ids=None) -> Generated:
+        """A response from the new ids of one row: cut after the first stop token (EOS, or
+        any of `stop_ids`), if any, which it keeps as the model produced it."""
+        stops = set(stop_ids or ()) | {tokenizer.eos_token_id}
         new_ids = list(new_ids)
-        if eos in new_ids:
-            new_ids, reason = new_ids[: new_ids.index(eos) + 1], "stop"
+        first = next((i for i, token in enumerate(new_ids) if token in stops), None)
+        if first is not None:
+            new_ids, reason = new_ids[: first + 1], "stop"
         else:
             reason = "length"
         text_ids = new_ids[:-1] if reason == "stop" else new_ids
         text = tokenizer.decode(text_ids, skip_special_tokens=True)
         return cls(text=text, finish_reason=reason, token_ids=new_ids)
+
+
+def stop_token_ids(model_config, tokenizer) -> tuple[int, ...]:
+    """The tokens generation stops at: the tokenizer's EOS and every EOS id of the model's
+    `generation_config.json` (Llama-3 instruct models end a turn with `<|eot_id|>`, which
+    is not the tokenizer's EOS), as `generate` and vLLM stop."""
+    listed = getattr(model_config, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return tuple(dict.fromkeys([tokenizer.eos_token_id, *listed]))
 
 
 class GenerationBackend(Protocol):

@@ -4,20 +4,26 @@ Prompts arrive as token ids, are batched by a token budget
 (`spin_core.generation.decoding.token_budget_batches`) and left-padded; each
 response keeps the exact ids the model produced. Sampling applies transformers'
 own temperature and top-p warpers and draws from a `torch.Generator` of the call
-(one per shard), never from torch's global generator: generation workers are
-threads of one process, and a global reseed in one would move the others' draws.
+(one per shard), never from torch's global generator, so a shard draws the same
+whichever worker writes it and whatever ran before it in that process.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from spin_core import interrupt
-from spin_core.generation.decoding import Decoding, Generated, token_budget_batches
+from spin_core.generation.decoding import (
+    Decoding,
+    Generated,
+    stop_token_ids,
+    token_budget_batches,
+)
 
 
 def shard_generator(seed: int, first_row: int, device: torch.device) -> torch.Generator:
@@ -45,6 +51,7 @@ class HFBackend:
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
+        self.stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
 
     @torch.no_grad()
     def generate(
@@ -67,7 +74,6 @@ class HFBackend:
             generator = shard_generator(self.decoding.seed, first_row, device)
             warpers = sampling_warpers(self.decoding)
         for batch in batches:
-            interrupt.check()  # a worker thread stops here when the run was interrupted
             rows = [prompt_ids[i] for i in batch]
             longest = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
@@ -80,12 +86,12 @@ class HFBackend:
                 input_ids.to(device),
                 attention_mask.to(device),
                 max_new_tokens=self.decoding.max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.stop_ids,
                 warpers=warpers,
                 generator=generator,
             )
             for j, index in enumerate(batch):
-                results[index] = Generated.from_ids(new_ids[j], self.tokenizer)
+                results[index] = Generated.from_ids(new_ids[j], self.tokenizer, self.stop_ids)
             if progress is not None:
                 progress(len(batch))
         return results
@@ -120,6 +126,18 @@ def _next_tokens(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The name `model_class.forward` gives its KV cache: `cache` in transformers 5.20 and
+    later, `past_key_values` before. An unknown keyword is swallowed by `**kwargs`, and
+    every step after the prefill would then see only its last token, with no error."""
+    parameters = inspect.signature(model_class.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise TypeError(f"{model_class.__name__}.forward takes neither `cache` nor `past_key_values`")
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -127,7 +145,7 @@ def decode(
     attention_mask: torch.Tensor,
     *,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     warpers: LogitsProcessorList | None = None,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
@@ -139,9 +157,13 @@ def decode(
     row until the batch's longest one ends, and on the toy task one row that never
     stops makes 255 finished ones run 32 steps. Here the KV cache and the batch
     shrink as rows finish, so decoding costs the tokens actually generated.
+    `eos_token_id` may be several ids (a row stops at any of them), as in `generate`.
     """
     from transformers import DynamicCache
 
+    cache_keyword = _cache_keyword(type(model))
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    stops = torch.tensor(eos, device=input_ids.device)
     new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     rows = torch.arange(input_ids.shape[0])  # (active,) row of each live sequence
     cache = DynamicCache(config=model.config)
@@ -150,15 +172,15 @@ def decode(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_keyword: cache},
     ).logits[:, -1]  # (active, vocab)
     for step in range(max_new_tokens):
         tokens = _next_tokens(logits, warpers, generator)  # (active,)
         for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
             new_tokens[row].append(token)
-        running = tokens != eos_token_id  # (active,)
+        running = ~torch.isin(tokens, stops)  # (active,)
         if step + 1 == max_new_tokens or not running.any():
             break
         if not running.all():
@@ -170,7 +192,7 @@ def decode(
             input_ids=tokens[:, None],
             attention_mask=attention_mask,
             position_ids=attention_mask.sum(-1, keepdim=True) - 1,  # (active, 1)
-            cache=cache,
             use_cache=True,
+            **{cache_keyword: cache},
         ).logits[:, -1]
     return new_tokens

@@ -13,35 +13,21 @@ only maps prompt token ids to responses, so vLLM can stand in for Hugging Face
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from spin_core import interrupt
-from spin_core.config import ConfigError, SpinConfig
+from spin_core.config import SpinConfig
 from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
+from spin_core.generation.claims import claimed_shards
 from spin_core.generation.decoding import Decoding, GenerationBackend
 from spin_core.generation.hf import HFBackend
-from spin_core.generation.memory import release_memory
+from spin_core.runtime.devices import release_memory
 
 logger = logging.getLogger(__name__)
-
-
-def check_backend_available(cfg: SpinConfig) -> None:
-    """ConfigError, naming the field, when the selected backend is not installed."""
-    import importlib.util
-
-    if cfg.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "generation.backend: 'vllm' needs the vllm package, which is not installed "
-            "(pip install 'spin[vllm]', on a GPU machine), or use backend 'hf'"
-        )
 
 
 def make_backend(
@@ -51,19 +37,17 @@ def make_backend(
     *,
     max_new_tokens: int | None = None,
     model=None,
-    worker: int = 0,
 ):
-    """The configured backend for the opponent at `model_path` (on worker `worker`'s device)."""
+    """The configured backend for the opponent at `model_path`, on this process's device."""
     decoding = Decoding.from_config(cfg.generation, tokenizer, max_new_tokens)
     if cfg.generation.backend == "vllm":
-        check_backend_available(cfg)
         from spin_core.generation.vllm import VLLMBackend
 
         return VLLMBackend(model_path, tokenizer, decoding, cfg)
     if model is None:
-        from spin_core.checkpoint import load_policy, worker_device
+        from spin_core.checkpoint import device, load_policy
 
-        model, _ = load_policy(model_path, cfg.model, on_device=worker_device(worker))
+        model, _ = load_policy(model_path, cfg.model, on_device=device())
     return HFBackend(
         model,
         tokenizer,
@@ -73,53 +57,49 @@ def make_backend(
     )
 
 
-def worker_shards(num_rows: int, shard_size: int, num_workers: int, worker: int) -> list[int]:
-    """The shard indices of one generation worker (round robin, so every worker gets work)."""
-    total = (num_rows + shard_size - 1) // shard_size
-    return list(range(worker, total, num_workers))
+def shard_count(num_rows: int, shard_size: int) -> int:
+    return (num_rows + shard_size - 1) // shard_size
 
 
 def shard_path(shards_dir: Path, index: int) -> Path:
     return shards_dir / f"part-{index:05d}.parquet"
 
 
+def shard_complete(shards_dir: Path, index: int, num_rows: int, shard_size: int) -> bool:
+    expected = min(shard_size, num_rows - index * shard_size)
+    return read_parquet_checked(shard_path(shards_dir, index), expected_rows=expected) is not None
+
+
 def generate_shards(
     backend: GenerationBackend,
     prompts: pd.DataFrame,
-    prompt_ids: Sequence[list[int]],
     shards_dir: str | Path,
     *,
     shard_size: int,
     opponent: str,
     decoding: Decoding,
-    shard_indices: Sequence[int] | None = None,
-    show_progress: bool = True,
-    on_shard: Callable[[int, int], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Generate every missing or truncated shard of `prompts`; returns all shard paths.
+    """Generate every missing or truncated shard of `prompts` that no other worker holds;
+    returns the paths of all its shards.
 
-    prompts: prompts.parquet rows (id, prompt, real, prompt_ids, real_ids; in sample order). Shard k holds rows
-    [k·shard_size, (k+1)·shard_size). `shard_indices` restricts the work to some
-    shards (one worker's share); `on_shard(done, total)` reports progress.
+    prompts: prompts.parquet rows (id, prompt, real, prompt_ids, real_ids; in sample order).
+    Shard k holds rows [k·shard_size, (k+1)·shard_size). Workers claim shards as they go
+    (`spin_core.generation.claims`), so any number of them, in any processes, share the
+    work; `on_rows(n)` is told of every n rows generated.
     """
     shards_dir = Path(shards_dir)
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    total = (len(prompts) + shard_size - 1) // shard_size
-    todo = list(range(total)) if shard_indices is None else list(shard_indices)
-    paths = []
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not show_progress)
-    for done, k in enumerate(todo, 1):
+    total = shard_count(len(prompts), shard_size)
+
+    def done(k: int) -> bool:
+        return shard_complete(shards_dir, k, len(prompts), shard_size)
+
+    for k in claimed_shards(shards_dir, list(range(total)), done):
         rows = prompts.iloc[k * shard_size : (k + 1) * shard_size]
-        path = shard_path(shards_dir, k)
-        if read_parquet_checked(path, expected_rows=len(rows)) is not None:
-            bar.update(len(rows))
-            paths.append(path)
-            continue
-        interrupt.check()  # a worker thread stops between shards when the run was interrupted
-        ids = list(prompt_ids[k * shard_size : (k + 1) * shard_size])
+        ids = [[int(t) for t in row] for row in rows["prompt_ids"]]
         # A backend seeds its sampling from (seed, first_row), so a redone shard samples
         # what the lost one did (HF: a generator of the shard; vLLM: a seed per request).
-        generated = backend.generate(ids, progress=bar.update, first_row=k * shard_size)
+        generated = backend.generate(ids, progress=on_rows, first_row=k * shard_size)
         shard = (
             rows[[c for c in SAMPLE_COLUMNS if c in rows]]
             .reset_index(drop=True)
@@ -132,11 +112,8 @@ def generate_shards(
                 decoding=decoding.to_json(),
             )
         )
-        paths.append(write_parquet_atomic(shard, path))
-        if on_shard is not None:
-            on_shard(done, len(todo))
-    bar.close()
-    return paths
+        write_parquet_atomic(shard, shard_path(shards_dir, k))
+    return [shard_path(shards_dir, k) for k in range(total)]
 
 
 def generate_from_model(
@@ -145,42 +122,40 @@ def generate_from_model(
     prompts: pd.DataFrame,
     shards_dir: str | Path,
     *,
-    worker: int = 0,
-    shard_indices: Sequence[int] | None = None,
-    show_progress: bool = True,
-    on_shard: Callable[[int, int], None] | None = None,
-) -> list[Path]:
-    """The whole generation step for `prompts` with the model at `opponent`: load it on
-    worker `worker`'s device, answer the prompts' stored token ids shard by shard, then
-    free the model and its GPU memory (the next step may be training, in this process)."""
-    from spin_core.checkpoint import load_tokenizer, worker_device
+    on_rows: Callable[[int], None] | None = None,
+) -> None:
+    """One generation worker, in this process: load the opponent at `opponent` on this
+    process's device, answer the prompts' stored token ids shard by shard (those no other
+    worker holds), then free the model and its GPU memory."""
+    from spin_core.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
-    device = worker_device(worker)
-    # Workers are threads; CUDA's current device is per thread, so each sets its own
-    # (vLLM places its engine itself, in its own process).
-    on_device = device.type == "cuda" and cfg.generation.backend == "hf"
-    with torch.cuda.device(device) if on_device else contextlib.nullcontext():
-        backend = make_backend(opponent, cfg, tokenizer, worker=worker)
-        try:
-            return generate_shards(
-                backend,
-                prompts,
-                [list(ids) for ids in prompts["prompt_ids"]],
-                shards_dir,
-                shard_size=cfg.generation.shard_size,
-                opponent=opponent,
-                decoding=Decoding.from_config(cfg.generation, tokenizer),
-                shard_indices=shard_indices,
-                show_progress=show_progress,
-                on_shard=on_shard,
-            )
-        finally:
-            close = getattr(backend, "close", None)
-            if close is not None:
-                close()  # vLLM: stops the engine
-            del backend, close
-            release_memory()
+    backend = make_backend(opponent, cfg, tokenizer)
+    try:
+        generate_shards(
+            backend,
+            prompts,
+            shards_dir,
+            shard_size=cfg.generation.shard_size,
+            opponent=opponent,
+            decoding=Decoding.from_config(cfg.generation, tokenizer),
+            on_rows=on_rows,
+        )
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()  # vLLM: stops the engine
+        del backend, close
+        release_memory()
+
+
+def missing_shards(shards_dir: str | Path, num_rows: int, shard_size: int) -> list[int]:
+    """The shards not yet complete on disk."""
+    return [
+        k
+        for k in range(shard_count(num_rows, shard_size))
+        if not shard_complete(Path(shards_dir), k, num_rows, shard_size)
+    ]
 
 
 def merge_shards(
@@ -188,7 +163,7 @@ def merge_shards(
 ) -> Path:
     """Concatenate the shards in order into `generated.parquet` (atomically)."""
     shards_dir = Path(shards_dir)
-    total = (num_rows + shard_size - 1) // shard_size
+    total = shard_count(num_rows, shard_size)
     frames = []
     for k in range(total):
         expected = min(shard_size, num_rows - k * shard_size)

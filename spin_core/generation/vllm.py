@@ -7,19 +7,33 @@ token ids per row, in input order. Only responses come from vLLM: the
 log-probabilities used for training are always recomputed by `spin_core.score`
 with the training forward pass, never taken from vLLM.
 
-The engine takes `generation.gpu_memory_utilization` of the GPU and gives it back
-in `close()`, which `spin_core.generation.generate_from_model` calls once the
-shards are written: on one GPU, training starts next in the same process.
+It runs only in a generation worker process (`spin_core/generation/worker.py`), never in
+the flow process: its engine takes `generation.gpu_memory_utilization` of the worker's
+GPU, and the memory returns when the worker exits.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections.abc import Callable, Sequence
 
 from spin_core.checkpoint import compute_dtype
 from spin_core.config import SpinConfig
-from spin_core.generation.decoding import Decoding, Generated
+from spin_core.generation.decoding import Decoding, Generated, stop_token_ids
+
+CPU_KV_CACHE_GIB = 4.0  # vLLM's own default for VLLM_CPU_KVCACHE_SPACE
+
+
+def kv_cache_bytes(gib: float | None) -> int | None:
+    """The KV cache of one engine: `gib`; unset, None on a GPU (vLLM sizes it from
+    gpu_memory_utilization) and VLLM_CPU_KVCACHE_SPACE or 4 GiB on a CPU. On a CPU vLLM
+    otherwise refuses to start unless gpu_memory_utilization of the machine's memory is
+    free, which two engines side by side never have."""
+    import torch
+
+    if gib is None and not torch.cuda.is_available():
+        gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KV_CACHE_GIB)
+    return None if gib is None else int(gib * 2**30)
 
 
 class VLLMBackend:
@@ -30,6 +44,13 @@ class VLLMBackend:
 
         self.vllm = vllm
         self.tokenizer, self.decoding = tokenizer, decoding
+        from transformers import GenerationConfig
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json
+            generation_config = None
+        self.stop_ids = stop_token_ids(generation_config, tokenizer)
         dtype = compute_dtype(cfg.model.precision)
         self.llm = vllm.LLM(
             model=model_path,
@@ -39,6 +60,10 @@ class VLLMBackend:
             seed=decoding.seed,
             trust_remote_code=cfg.model.trust_remote_code,
             gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
+            # Room for the longest prompt and response; vLLM plans its KV cache for it.
+            max_model_len=cfg.training.max_prompt_length + decoding.max_new_tokens,
+            enforce_eager=cfg.generation.vllm_eager,
+            kv_cache_memory_bytes=kv_cache_bytes(cfg.generation.kv_cache_gib),
         )
 
     def _params(self, seed: int | None):
@@ -48,7 +73,7 @@ class VLLMBackend:
             top_p=decoding.top_p if decoding.do_sample else 1.0,
             max_tokens=decoding.max_new_tokens,
             seed=seed,
-            stop_token_ids=[self.tokenizer.eos_token_id],
+            stop_token_ids=list(self.stop_ids),
             skip_special_tokens=True,
         )
 
@@ -70,36 +95,36 @@ class VLLMBackend:
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = [generated_from_vllm(o.outputs[0], self.tokenizer) for o in outputs]
+        results = [
+            generated_from_vllm(o.outputs[0], self.tokenizer, self.stop_ids) for o in outputs
+        ]
         if progress is not None:
             progress(len(prompt_ids))
         return results
 
     def close(self) -> None:
-        """Stop the engine and give its GPU memory back (the vLLM maintainers' recipe:
-        drop the engine, then `cleanup_dist_env_and_memory`); a second call does nothing.
-        Callers then run `spin_core.generation.release_memory()`."""
+        """Stop the engine: its EngineCore process holds the model and the KV cache. The
+        worker process exits next, which gives back whatever is left; nothing here touches
+        torch.distributed (vLLM's `cleanup_dist_env_and_memory` would destroy the calling
+        process's process group). A second call does nothing."""
         llm = self.__dict__.pop("llm", None)
-        if llm is None:
-            return
         engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if callable(getattr(engine_core, "shutdown", None)):
-            engine_core.shutdown()  # V1: the EngineCore process holds the GPU memory
-        del llm, engine_core
-        with contextlib.suppress(ImportError):
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-            cleanup_dist_env_and_memory()  # also gc.collect() and torch.cuda.empty_cache()
+            engine_core.shutdown()
 
 
-def generated_from_vllm(completion, tokenizer) -> Generated:
-    """A vLLM completion as a `Generated`: its token ids as produced, EOS last when it stopped.
+def generated_from_vllm(completion, tokenizer, stop_ids=()) -> Generated:
+    """A vLLM completion as a `Generated`: its token ids as produced, the stop token last
+    when it stopped.
 
-    vLLM may leave the stop token out of `token_ids`; it is put back for a
-    completion that stopped, since training scores log p(EOS | response) exactly
-    when the opponent generated it, and never for one cut at max_tokens.
+    vLLM may leave the stop token out of `token_ids`; it is put back for a completion that
+    stopped (the one vLLM names in `stop_reason`, else EOS), since training scores
+    log p(EOS | response) exactly when the opponent generated it, and never for one cut at
+    max_tokens or one that already ends with a stop token.
     """
+    stops = set(stop_ids) | {tokenizer.eos_token_id}
     ids = list(completion.token_ids)
-    if completion.finish_reason == "stop" and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return Generated.from_ids(ids, tokenizer)  # cuts after the first EOS
+    if completion.finish_reason == "stop" and not (ids and ids[-1] in stops):
+        stop_reason = getattr(completion, "stop_reason", None)
+        ids.append(stop_reason if isinstance(stop_reason, int) else tokenizer.eos_token_id)
+    return Generated.from_ids(ids, tokenizer, stops)  # cuts after the first stop token

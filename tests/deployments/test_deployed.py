@@ -13,7 +13,7 @@ from spin_core.config import load_config
 from spin_core.errors import InputError
 from spin_core.files import write_json_atomic
 from spin_core.rundir import RunDir, check_or_save_config
-from spin_core.steps import generate_responses, generate_share, train_policy
+from spin_core.steps import generate_responses, train_policy
 from tests.deployments.conftest import ROOT, scaling_out_commands
 
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -26,12 +26,8 @@ def _parameters(signature: inspect.Signature) -> list[tuple[str, object]]:
 def test_deployed_flows_take_exactly_the_parameters_of_their_steps():
     # PrefectRunner binds the step's arguments by the step's signature and sends them as
     # they are.
-    assert _parameters(inspect.signature(spin_generate.fn)) == [
-        *_parameters(generate_responses.signature),
-        ("worker", None),  # set: one generation worker's share (generate_share)
-    ]
-    assert list(inspect.signature(spin_generate.fn).parameters) == list(
-        generate_share.signature.parameters
+    assert _parameters(inspect.signature(spin_generate.fn)) == _parameters(
+        generate_responses.signature
     )
     assert _parameters(inspect.signature(spin_train.fn)) == _parameters(train_policy.signature)
 

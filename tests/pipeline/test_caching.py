@@ -3,12 +3,17 @@ exist is loaded, not run, under Prefect and under the plain driver alike."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from prefect import flow
+from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from spin_core.config import load_config
 from spin_core.driver import PlainRunner
+from spin_core.rundir import RunDir
 from spin_core.step import read_journal, step
 from tasks import caching
 
@@ -93,3 +98,31 @@ def test_a_step_with_complete_outputs_is_loaded_not_run(harness, tmp_path):
     assert PlainRunner().step(demo_step, config, str(tmp_path), 1) == "computed"
     assert calls == [0, 1]
     assert [e["event"] for e in read_journal(tmp_path)][3:] == ["reused", "started", "finished"]
+
+
+def test_a_cached_result_lives_in_the_run_directory_and_needs_no_storage_block(harness, tmp_path):
+    """The result is written under the run directory's .prefect/results and found there
+    again by its absolute path, by any process that mounts it: no block is saved on the
+    server for it (a save cost the first cached step 2 s) and none is loaded per task."""
+    calls = []
+    out = tmp_path / "out.txt"
+
+    @step("stored-step", sections=("training",), done=lambda params: out.exists())
+    def stored_step(ctx, config, run_dir: str, iteration: int) -> str:
+        calls.append(iteration)
+        out.write_text("computed")
+        return "computed"
+
+    @flow
+    def run_it(config, run_dir: str) -> str:
+        return caching.run_local(stored_step, config, run_dir, 0)
+
+    config = load_config("configs/demo.yaml")
+    assert run_it(config, str(tmp_path)) == run_it(config, str(tmp_path)) == "computed"
+    assert calls == [0]  # the second run read the cached result
+    (record,) = RunDir(tmp_path).prefect_cache_keys.iterdir()
+    metadata = json.loads(record.read_text())
+    assert metadata["storage_block_id"] is None
+    assert Path(metadata["storage_key"]).parent == RunDir(tmp_path).prefect_results.resolve()
+    with get_client(sync_client=True) as client:
+        assert client.read_block_documents() == []

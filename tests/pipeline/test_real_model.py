@@ -125,12 +125,10 @@ def test_generated_ids_carry_eos_only_when_generated(smollm2_dir, tmp_path):
     paths = generate_shards(
         backend,
         frame,
-        frame["prompt_ids"].tolist(),
         tmp_path,
         shard_size=2,
         opponent="θ0",
         decoding=decoding,
-        show_progress=False,
     )
     rows = pd.read_parquet(paths[0]).set_index("id")
     short, long = (list(rows.loc[name, "generated_ids"]) for name in ("short", "long"))

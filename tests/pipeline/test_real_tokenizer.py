@@ -94,12 +94,10 @@ def test_generated_ids_are_kept_for_stopped_and_cut_responses(opponent, mistral_
         paths = generate_shards(
             backend,
             frame,
-            frame["prompt_ids"].tolist(),
             tmp_path,
             shard_size=6,
             opponent="θ0",
             decoding=decoding,
-            show_progress=False,
         )
     finally:
         model.lm_head.bias = None
@@ -124,17 +122,16 @@ def test_sampled_negatives_differ_across_prompts_and_workers(opponent, mistral_b
         tokenizer, pd.DataFrame({"prompt": ["Say something."], "real": ["Something."]}), 256
     )[0][0]
     frame = pd.DataFrame({"id": ["a", "b", "c", "d"], "prompt": "x", "real": "y"})
+    frame["prompt_ids"] = [prompt] * 4
     decoding = Decoding(True, 1.0, 1.0, 8, 0, "chat")
     backend = HFBackend(model, tokenizer, decoding, batch_tokens=4096, max_batch_size=4)
     paths = generate_shards(
         backend,
         frame,
-        [prompt] * 4,
         tmp_path,
         shard_size=1,
         opponent="θ0",
         decoding=decoding,
-        show_progress=False,
     )
     samples = [tuple(pd.read_parquet(p)["generated_ids"].iloc[0]) for p in paths]
     assert len(set(samples)) == 4

@@ -1,18 +1,19 @@
-"""generation.num_workers: one mapped Prefect task per worker, merged in id order, sampled
-the same whatever the split; an interrupted run stops its worker threads."""
+"""generation.num_workers as worker processes: the same generated.parquet as one worker,
+sampled; a worker killed mid-shard is started again and its shard taken over."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 
 import pandas as pd
+import psutil
 import pytest
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from spin_core import interrupt
 from spin_core.checkpoint import load_tokenizer
 from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
@@ -34,12 +35,10 @@ def _generate(config, run_dir: str, opponent: str) -> str:
     return run_local(generate_responses, config, run_dir, 0, opponent)
 
 
-def test_two_workers_write_the_same_generations_as_one(toy_config, toy_build, tmp_path, harness):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
+@pytest.fixture(scope="module")
+def prompts(toy_build):
     heldout = pd.read_parquet(toy_build.eval_path).head(40)
-    prompts = pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "id": [f"q{i:03d}" for i in range(len(heldout))],
             "prompt": heldout["messages"].map(lambda m: m[0]["content"]),
@@ -47,56 +46,104 @@ def test_two_workers_write_the_same_generations_as_one(toy_config, toy_build, tm
         }
     )
     tokenizer = load_tokenizer(str(toy_build.model_dir))
-    prompts["prompt_ids"], prompts["real_ids"] = encode_pairs(tokenizer, prompts, 64)
-    outputs = {}
+    frame["prompt_ids"], frame["real_ids"] = encode_pairs(tokenizer, frame, 64)
+    return frame
+
+
+def _run(tmp_path, name: str, prompts, toy_config, toy_build, workers: int, **generation):
+    run = RunDir(tmp_path / name)
+    run.iteration(0).mkdir(parents=True)
+    prompts.to_parquet(run.prompts(0))
+    config = toy_config.model_copy(deep=True)
+    config.generation.num_workers = workers
+    config.generation.shard_size = 8
+    # Sampled: each shard draws from its own generator, so the split cannot matter.
+    config.generation.do_sample = True
+    for key, value in generation.items():
+        setattr(config.generation, key, value)
+    return run, config
+
+
+def test_two_worker_processes_write_the_same_generations_as_one(
+    toy_config, toy_build, prompts, tmp_path, harness, caplog
+):
+    outputs, said = {}, {}
     for workers in (1, 2):
-        run = RunDir(tmp_path / f"w{workers}")
-        run.iteration(0).mkdir(parents=True)
-        prompts.to_parquet(run.prompts(0))
-        config = toy_config.model_copy(deep=True)
-        config.generation.num_workers = workers
-        config.generation.shard_size = 8
-        # Sampled: each shard draws from its own generator, so the split cannot matter.
-        config.generation.do_sample = True
+        run, config = _run(tmp_path, f"w{workers}", prompts, toy_config, toy_build, workers)
+        caplog.clear()
         outputs[workers] = pd.read_parquet(
             _generate(config, str(run.root), str(toy_build.model_dir))
         )
-    with get_client(sync_client=True) as client:
-        shard_tasks = client.read_task_runs(
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-shards"))
-        )
-    # 2 mapped tasks for the two-worker run; a single worker runs in the step's own task.
-    assert len(shard_tasks) == 2
-    assert sorted(p.name for p in (tmp_path / "w2" / "iter_0" / "generated").iterdir()) == [
-        f"part-{k:05d}.parquet" for k in range(5)
-    ]
+        said[workers] = {
+            m.split(":")[0] for m in caplog.messages if m.startswith("generation worker")
+        }
+    # One worker ran here; two ran as two processes, each saying so in the run's log.
+    assert said == {1: set(), 2: {"generation worker 0", "generation worker 1"}}
+    shards = tmp_path / "w2" / "iter_0" / "generated"
+    assert sorted(p.name for p in shards.iterdir()) == [f"part-{k:05d}.parquet" for k in range(5)]
     pd.testing.assert_frame_equal(outputs[2], outputs[1])
     assert outputs[2]["id"].tolist() == prompts["id"].tolist()
+    assert not _workers_alive()  # no worker left behind
 
 
-def test_ctrl_c_stops_the_generation_worker_threads(harness):
-    """Two workers run as threads; SIGINT reaches the main thread only. The workers stop at
-    their next batch instead of running their shards to the end while the task runner
-    waits for them (it did: an interrupted run ended only when generation was done)."""
-    from tasks.context import PrefectContext
+def _workers_alive() -> list:
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "spin_core.generation.worker" in " ".join(child.cmdline())
+    ]
 
-    finished = []
 
-    def share(worker: int) -> int:
-        for _ in range(600):  # 60 s of batches
-            interrupt.check()
-            time.sleep(0.1)
-        finished.append(worker)
-        return worker
+class _Watcher(threading.Thread):
+    """Records the pid in every shard claim it sees; kills the first claimant when asked."""
 
-    @flow
-    def two_workers() -> list:
-        return PrefectContext().map(share, [0, 1], name="generate-shards")
+    def __init__(self, shards_dir, kill_first: bool = False):
+        super().__init__(daemon=True)
+        self.shards_dir, self.kill_first = shards_dir, kill_first
+        self.owners: set[int] = set()
+        self.killed: list[tuple[int, str]] = []
+        self.done = threading.Event()
 
-    timer = threading.Timer(3.0, signal.raise_signal, (signal.SIGINT,))
-    started = time.monotonic()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        two_workers()
-    assert time.monotonic() - started < 20
-    assert finished == []
+    def run(self):
+        import json
+
+        while not self.done.is_set():
+            for path in (
+                list(self.shards_dir.glob(".part-*.claim")) if self.shards_dir.exists() else []
+            ):
+                try:
+                    pid = json.loads(path.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue
+                self.owners.add(pid)
+                if self.kill_first and not self.killed and pid != os.getpid():
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append((pid, path.name))
+            time.sleep(0.005)
+
+    def stop(self):
+        self.done.set()
+        self.join()
+
+
+def test_a_worker_killed_mid_shard_is_started_again_and_its_shard_taken_over(
+    toy_config, toy_build, prompts, tmp_path, harness, caplog
+):
+    reference_run, config = _run(tmp_path, "ref", prompts, toy_config, toy_build, 1)
+    reference = pd.read_parquet(
+        _generate(config, str(reference_run.root), str(toy_build.model_dir))
+    )
+
+    run, config = _run(tmp_path, "killed", prompts, toy_config, toy_build, 2)
+    watcher = _Watcher(run.generated_shards(0), kill_first=True)
+    watcher.start()
+    out = _generate(config, str(run.root), str(toy_build.model_dir))
+    watcher.stop()
+    ((killed, claim),) = watcher.killed
+    assert claim.startswith(".part-")
+    pd.testing.assert_frame_equal(pd.read_parquet(out), reference)
+    # The killed worker's shard was taken over and written (the output is whole), and the
+    # worker was started again.
+    assert any("exited with -9; starting it again" in m for m in caplog.messages)
+    assert not list(run.generated_shards(0).glob(".part-*"))
+    assert not _workers_alive()

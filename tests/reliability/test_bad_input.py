@@ -180,7 +180,7 @@ def test_vllm_backend_without_vllm_installed(capfd, prefect_server, tmp_path, ba
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     overrides = base + ["generation.backend=vllm"]
-    assert_refused(capfd, tmp_path / "run", overrides, "generation.backend", "spin[vllm]")
+    assert_refused(capfd, tmp_path / "run", overrides, "generation.backend", "generation.python")
 
 
 # ------------------------------------------------------------------------ run directory

@@ -71,17 +71,15 @@ def test_token_budget_batches_group_by_length_within_budget():
 def test_shards_resume_and_merge_in_order(opponent, prompts, tmp_path):
     model, tokenizer = opponent
     backend, decoding = _backend(model, tokenizer)
-    ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), 64)
+    prompts = prompts.assign(prompt_ids=encode_prompts(tokenizer, prompts["prompt"].tolist(), 64))
     shards = tmp_path / "generated"
     paths = generate_shards(
         backend,
         prompts,
-        ids,
         shards,
         shard_size=16,
         opponent="θ0",
         decoding=decoding,
-        show_progress=False,
     )
     assert [p.name for p in paths] == [
         "part-00000.parquet",
@@ -97,16 +95,7 @@ def test_shards_resume_and_merge_in_order(opponent, prompts, tmp_path):
     shard_path(shards, 2).unlink()
     kept_mtime = shard_path(shards, 0).stat().st_mtime_ns
     assert read_parquet_checked(shard_path(shards, 1), expected_rows=16) is None
-    generate_shards(
-        backend,
-        prompts,
-        ids,
-        shards,
-        shard_size=16,
-        opponent="θ0",
-        decoding=decoding,
-        show_progress=False,
-    )
+    generate_shards(backend, prompts, shards, shard_size=16, opponent="θ0", decoding=decoding)
     assert shard_path(shards, 0).stat().st_mtime_ns == kept_mtime  # a finished shard is not redone
     again = pd.read_parquet(merge_shards(shards, len(prompts), 16, tmp_path / "again.parquet"))
     pd.testing.assert_frame_equal(reference, again)
@@ -172,7 +161,7 @@ def test_vllm_completions_map_to_the_ids_generated(opponent):
     assert cut.token_ids == word and cut.finish_reason == "length"
 
 
-def test_vllm_requests_get_distinct_seeds(opponent, monkeypatch):
+def test_vllm_requests_get_distinct_seeds(opponent, toy_build, monkeypatch):
     """One seed per request (seed + run-wide row), so sampled negatives are not correlated."""
     import sys
 
@@ -198,6 +187,6 @@ def test_vllm_requests_get_distinct_seeds(opponent, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake)
     cfg = __import__("spin_core.config").config.load_config("configs/demo.yaml")
     decoding = Decoding(True, 1.0, 1.0, 8, 7, "chat")
-    backend = vllm_backend.VLLMBackend("unused", tokenizer, decoding, cfg)
+    backend = vllm_backend.VLLMBackend(str(toy_build.model_dir), tokenizer, decoding, cfg)
     backend.generate([[1, 2]] * 3, first_row=100)
     assert seen["seeds"] == [107, 108, 109]

@@ -1,9 +1,7 @@
-"""Generation workers: sampled shards reproduce whatever runs beside them, and each
-step gives its GPU memory back (docs/DESIGN.md "Generation workers")."""
+"""Generation: sampled shards reproduce whoever writes them, every stop token is the model's
+own, and each step gives its GPU memory back (docs/DESIGN.md "Generation workers")."""
 
 from __future__ import annotations
-
-import threading
 
 import pandas as pd
 import pytest
@@ -17,7 +15,6 @@ from spin_core.generation import (
     generate_shards,
     merge_shards,
     shard_path,
-    worker_shards,
 )
 from spin_core.prompts import encode_prompts
 
@@ -42,104 +39,36 @@ def prompts(toy_build):
     )
 
 
-class TakeTurns:
-    """Makes threads take turns, one model call each (the call and the sampling after it),
-    as Prefect's worker threads interleave on a busy machine, but every time the same way."""
-
-    def __init__(self, names: list[str]):
-        self.names, self.turn, self.done = names, 0, set()
-        self.holding: set[str] = set()
-        self.cond = threading.Condition()
-
-    def _pass_turn(self, me: str) -> None:
-        self.holding.discard(me)
-        self.turn = (self.turn + 1) % len(self.names)
-        self.cond.notify_all()
-
-    def hook(self, module, args):
-        me = threading.current_thread().name
-        with self.cond:
-            if me in self.holding:
-                self._pass_turn(me)
-            self.cond.wait_for(
-                lambda: self.names[self.turn] == me or self.names[self.turn] in self.done
-            )
-            while self.names[self.turn] in self.done and self.names[self.turn] != me:
-                self.turn = (self.turn + 1) % len(self.names)
-            self.holding.add(me)
-
-    def run(self, work) -> None:
-        try:
-            work()
-        finally:
-            me = threading.current_thread().name
-            with self.cond:
-                self.done.add(me)
-                if me in self.holding or self.names[self.turn] == me:
-                    self._pass_turn(me)
-
-
-def _generate(backend, prompts, ids, shards, decoding, shard_indices=None):
-    return generate_shards(
-        backend,
-        prompts,
-        ids,
-        shards,
-        shard_size=SHARD_SIZE,
-        opponent="θ0",
-        decoding=decoding,
-        shard_indices=shard_indices,
-        show_progress=False,
+def _generate(backend, prompts, shards, decoding):
+    generate_shards(
+        backend, prompts, shards, shard_size=SHARD_SIZE, opponent="θ0", decoding=decoding
     )
 
 
-def test_a_redone_sampled_shard_equals_the_one_written_beside_another_worker(
-    opponent, prompts, tmp_path
-):
-    """do_sample with 2 concurrent workers: delete one shard, regenerate it alone, same rows."""
+def test_a_redone_sampled_shard_equals_the_lost_one(opponent, prompts, tmp_path):
+    """do_sample: delete one shard, regenerate it after other work moved torch's global
+    generator, and get the same rows (each shard draws from its own generator)."""
     model, tokenizer = opponent
     decoding = Decoding(True, 1.0, 1.0, 12, 3, "chat")
-    backend = HFBackend(model, tokenizer, decoding, batch_tokens=4096, max_batch_size=64)
-    ids = encode_prompts(tokenizer, prompts["prompt"].tolist(), 64)
+    backend = HFBackend(model, tokenizer, decoding, **BATCHING)
+    frame = prompts.copy()
+    frame["prompt_ids"] = encode_prompts(tokenizer, prompts["prompt"].tolist(), 64)
     shards = tmp_path / "generated"
-    names = ["worker-0", "worker-1"]
-    turns = TakeTurns(names)
-    handle = model.register_forward_pre_hook(turns.hook)
-    try:
-        threads = [
-            threading.Thread(
-                name=name,
-                target=turns.run,
-                args=(
-                    lambda w=w: _generate(
-                        backend,
-                        prompts,
-                        ids,
-                        shards,
-                        decoding,
-                        worker_shards(len(prompts), SHARD_SIZE, 2, w),
-                    ),
-                ),
-            )
-            for w, name in enumerate(names)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
-    finally:
-        handle.remove()
-    both = merge_shards(shards, len(prompts), SHARD_SIZE, tmp_path / "both.parquet")
-    reference = pd.read_parquet(both)
-    assert reference["generated"].nunique() > len(prompts) // 2  # really sampled
+    _generate(backend, frame, shards, decoding)
+    reference = pd.read_parquet(
+        merge_shards(shards, len(frame), SHARD_SIZE, tmp_path / "a.parquet")
+    )
+    assert reference["generated"].nunique() > len(frame) // 2  # really sampled
 
     shard_path(shards, 1).unlink()
+    torch.rand(1000)  # another worker's draws, in another process, cannot matter either
     global_state = torch.random.get_rng_state()
-    _generate(backend, prompts, ids, shards, decoding, shard_indices=[1])  # alone
-    again = pd.read_parquet(merge_shards(shards, len(prompts), SHARD_SIZE, tmp_path / "a.parquet"))
+    _generate(backend, frame, shards, decoding)
+    again = pd.read_parquet(merge_shards(shards, len(frame), SHARD_SIZE, tmp_path / "b.parquet"))
     pd.testing.assert_frame_equal(reference, again)
     # Sampling draws from the shard's own generator, never from torch's global one.
     assert torch.equal(torch.random.get_rng_state(), global_state)
+    assert not list(shards.glob(".*claim*"))  # every claim released
 
 
 def test_sampling_draws_what_model_generate_draws_from_the_same_seed(opponent, prompts):
@@ -192,52 +121,6 @@ def _sample_frame(tokenizer, prompts):
     return frame
 
 
-def test_each_worker_thread_generates_on_its_own_gpu(
-    opponent, prompts, toy_config, monkeypatch, tmp_path
-):
-    """torch.cuda's current device is per thread: worker 1 of 2 GPUs sets cuda:1 for its work."""
-    import contextlib
-
-    from spin_core.generation import generate_from_model
-    from spin_core.generation import shards as shards_module
-
-    _, tokenizer = opponent
-    current: list[torch.device] = []
-    seen = {}
-
-    @contextlib.contextmanager
-    def set_device(device):
-        current.append(torch.device(device))
-        yield
-        current.pop()
-
-    class Recorder:
-        def generate(self, ids, progress=None, first_row=0):
-            seen["device"] = current[-1] if current else None
-            decoding = Decoding(False, 1.0, 1.0, 4, 0, "chat")
-            backend = HFBackend(opponent[0], tokenizer, decoding, **BATCHING)
-            return backend.generate(ids, progress, first_row)
-
-    def make_backend(model_path, cfg, tokenizer, *, worker=0, **kwargs):
-        seen["made_on"] = current[-1] if current else None
-        return Recorder()
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "device", set_device)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(shards_module, "make_backend", make_backend)
-    generate_from_model(
-        toy_config.model.name_or_path,
-        toy_config,
-        _sample_frame(tokenizer, prompts),
-        tmp_path / "generated",
-        worker=1,
-        show_progress=False,
-    )
-    assert seen == {"made_on": torch.device("cuda", 1), "device": torch.device("cuda", 1)}
-
-
 def test_generation_frees_the_model_then_empties_the_cuda_cache(
     opponent, prompts, toy_config, monkeypatch, tmp_path
 ):
@@ -260,100 +143,87 @@ def test_generation_frees_the_model_then_empties_the_cuda_cache(
 
     monkeypatch.setattr(checkpoint, "load_policy", load_policy)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(loaded[0]() is None))
-    paths = generate_from_model(
+    generate_from_model(
         toy_config.model.name_or_path,
         toy_config,
         _sample_frame(tokenizer, prompts),
         tmp_path / "generated",
-        show_progress=False,
     )
-    assert len(paths) == 1 and len(loaded) == 1
+    assert len(loaded) == 1 and shard_path(tmp_path / "generated", 0).is_file()
     assert emptied == [True]  # emptied once, after the model was collected
 
 
-def _fake_vllm(events: list, monkeypatch, eos: int):
-    """A `vllm` module that records what the backend hands it and when it is shut down."""
-    import importlib.machinery
-    import sys
+def test_vllm_completions_keep_the_stop_token_the_model_produced():
+    """A stopped completion ends with its stop token (put back when vLLM left it out), one
+    that names another EOS id of generation_config.json keeps that one and gets no extra
+    EOS, and a completion cut at max_tokens gets none."""
     import types
 
-    class EngineCore:
-        def shutdown(self):
-            events.append("shutdown")
+    from spin_core.generation.vllm import generated_from_vllm
 
-    class LLM:
-        def __init__(self, **kwargs):
-            events.append(("LLM", kwargs))
-            self.llm_engine = types.SimpleNamespace(engine_core=EngineCore())
+    tokenizer = types.SimpleNamespace(eos_token_id=2, decode=lambda ids, **kw: str(ids))
 
-        def generate(self, prompts, params, use_tqdm):
-            events.append(("generate", prompts))
-            done = types.SimpleNamespace(token_ids=[5, eos], finish_reason="stop")
-            return [types.SimpleNamespace(outputs=[done]) for _ in prompts]
+    def completion(ids, reason, stop_reason=None):
+        return types.SimpleNamespace(token_ids=ids, finish_reason=reason, stop_reason=stop_reason)
 
-    def module(name, **attrs):
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        mod.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, name, mod)
-        return mod
+    stops = (2, 9)
+    assert generated_from_vllm(completion([5, 6], "stop"), tokenizer, stops).token_ids == [5, 6, 2]
+    assert generated_from_vllm(completion([5, 6, 2], "stop"), tokenizer, stops).token_ids == [
+        5,
+        6,
+        2,
+    ]
+    eot = generated_from_vllm(completion([5, 9], "stop", 9), tokenizer, stops)
+    assert (eot.token_ids, eot.finish_reason) == ([5, 9], "stop")
+    left_out = generated_from_vllm(completion([5], "stop", 9), tokenizer, stops)
+    assert left_out.token_ids == [5, 9]
+    cut = generated_from_vllm(completion([5, 6, 7], "length"), tokenizer, stops)
+    assert (cut.token_ids, cut.finish_reason) == ([5, 6, 7], "length")
 
-    module(
-        "vllm",
-        LLM=LLM,
-        SamplingParams=lambda **kw: types.SimpleNamespace(**kw),
-        TokensPrompt=lambda prompt_token_ids: prompt_token_ids,
+
+def test_the_hf_decoder_stops_at_every_eos_id_of_the_generation_config(opponent, prompts):
+    """Llama-3 style: generation_config.json lists a second EOS id. The HF backend stops at
+    it and stores it as the last token, as `generate` does, with no extra EOS."""
+    import copy
+
+    from spin_core.generation import stop_token_ids
+
+    model, tokenizer = opponent
+    decoding = Decoding(False, 1.0, 1.0, 16, 0, "chat")
+    ids = encode_prompts(tokenizer, prompts["prompt"].tolist()[:8], 64)
+    plain = HFBackend(model, tokenizer, decoding, **BATCHING).generate(ids)
+    # The token found in most greedy answers becomes a second EOS.
+    seen = pd.Series([t for g in plain for t in set(g.token_ids[:-1])])
+    second = int(seen.mode()[0])
+    assert second != tokenizer.eos_token_id
+    twin = copy.copy(model)
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    twin.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    assert stop_token_ids(twin.generation_config, tokenizer) == (tokenizer.eos_token_id, second)
+    stopped = HFBackend(twin, tokenizer, decoding, **BATCHING).generate(ids)
+    input_ids = torch.tensor([ids[0]])
+    theirs = twin.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=16,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids[0]) :].tolist()
+    assert stopped[0].token_ids == theirs[: len(stopped[0].token_ids)]
+    for mine, before in zip(stopped, plain, strict=True):
+        if second in before.token_ids:
+            cut = before.token_ids.index(second) + 1
+            assert (mine.token_ids, mine.finish_reason) == (before.token_ids[:cut], "stop")
+    assert sum(g.token_ids[-1] == second for g in stopped) >= 2
+
+
+def test_vllm_with_several_workers_is_accepted(toy_config):
+    from spin_core.config import load_config
+
+    config = load_config(
+        "configs/demo.yaml", ["generation.backend=vllm", "generation.num_workers=4"]
     )
-    module("vllm.distributed")
-    module(
-        "vllm.distributed.parallel_state",
-        cleanup_dist_env_and_memory=lambda: events.append("cleanup"),
-    )
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
-
-
-def test_vllm_gets_plain_ints_its_memory_share_and_is_shut_down_after_generating(
-    opponent, prompts, toy_config, monkeypatch, tmp_path
-):
-    from spin_core.generation import generate_from_model
-
-    _, tokenizer = opponent
-    events: list = []
-    _fake_vllm(events, monkeypatch, tokenizer.eos_token_id)
-    config = toy_config.model_copy(deep=True)
-    config.generation.backend = "vllm"
-    config.generation.gpu_memory_utilization = 0.55
-    frame = _sample_frame(tokenizer, prompts)
-    frame.to_parquet(tmp_path / "prompts.parquet")
-    frame = pd.read_parquet(tmp_path / "prompts.parquet")  # ids as numpy arrays, as in a run
-    generate_from_model(
-        config.model.name_or_path, config, frame, tmp_path / "generated", show_progress=False
-    )
-    (_, engine), (_, requests), *after = events
-    assert engine["gpu_memory_utilization"] == 0.55
-    assert len(requests) == len(frame)
-    assert all(type(t) is int for ids in requests for t in ids)  # not numpy.int64
-    assert [list(ids) for ids in requests] == [list(ids) for ids in frame["prompt_ids"]]
-    # The engine stops and its memory is given back after generating, before anything else.
-    assert after == ["shutdown", "cleanup", "empty_cache"]
-    shard = pd.read_parquet(tmp_path / "generated" / "part-00000.parquet")
-    assert shard["finish_reason"].eq("stop").all()
-
-
-def test_vllm_with_several_workers_is_refused_naming_the_field(toy_config):
-    from spin_core.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=r"generation: num_workers \(4\) must be 1 with backend"):
-        load_config("configs/demo.yaml", ["generation.backend=vllm", "generation.num_workers=4"])
-    one_engine = load_config(
-        "configs/demo.yaml",
-        [
-            "generation.backend=vllm",
-            "generation.num_workers=1",
-            "generation.tensor_parallel_size=2",
-        ],
-    )
-    assert one_engine.generation.tensor_parallel_size == 2
+    assert config.generation.num_workers == 4
 
 
 def test_evaluation_frees_the_model_then_empties_the_cuda_cache(monkeypatch, tmp_path):

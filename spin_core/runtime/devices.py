@@ -1,0 +1,96 @@
+"""Devices for worker processes, and GPU memory between steps.
+
+A generation worker is a process with devices of its own, chosen here before it starts:
+on a GPU node, `tensor_parallel_size` GPUs each (`CUDA_VISIBLE_DEVICES`); on a CPU, its own
+cores (`SPIN_CPU_CORES`, which the worker pins itself to, with as many threads). A node
+with fewer devices than workers is shared round robin, with a warning from the caller.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def release_memory() -> None:
+    """Collect unreachable objects (models in reference cycles), then hand PyTorch's cached
+    CUDA blocks back to the driver (a no-op where CUDA never started): the next GPU step in
+    this process (training after evaluation, on one GPU) sees the memory free."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them (empty on a CPU)."""
+    if not torch.cuda.is_available():
+        return []
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named:
+        return [d.strip() for d in named.split(",") if d.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def cpu_cores() -> list[int]:
+    """The cores this process may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class WorkerDevices:
+    """What one worker process gets: GPUs (by name) or CPU cores."""
+
+    gpus: tuple[str, ...] = ()
+    cores: tuple[int, ...] = ()
+
+    def env(self) -> dict[str, str]:
+        """The variables that give a child process these devices."""
+        if self.gpus:
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
+        cores = ",".join(map(str, self.cores))
+        return {
+            "CUDA_VISIBLE_DEVICES": "",
+            "SPIN_CPU_CORES": cores,
+            "OMP_NUM_THREADS": str(len(self.cores)),
+            "VLLM_CPU_OMP_THREADS_BIND": cores,  # vLLM's CPU engine pins its own threads
+        }
+
+
+def plan_workers(
+    num_workers: int, per_worker: int = 1, *, gpus: list[str] | None = None, cores=None
+) -> tuple[list[WorkerDevices], bool]:
+    """Devices for `num_workers` workers of `per_worker` GPUs each (vLLM's tensor parallel
+    size), and whether they fit without sharing. Without GPUs the cores are split evenly."""
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    if gpus:
+        need = num_workers * per_worker
+        plan = [
+            WorkerDevices(
+                gpus=tuple(gpus[(w * per_worker + i) % len(gpus)] for i in range(per_worker))
+            )
+            for w in range(num_workers)
+        ]
+        return plan, need <= len(gpus)
+    cores = cpu_cores() if cores is None else list(cores)
+    if num_workers > len(cores):
+        return [WorkerDevices(cores=(cores[w % len(cores)],)) for w in range(num_workers)], False
+    share, extra = divmod(len(cores), num_workers)
+    plan, start = [], 0
+    for w in range(num_workers):
+        size = share + (w < extra)
+        plan.append(WorkerDevices(cores=tuple(cores[start : start + size])))
+        start += size
+    return plan, True
+
+
+def pin_to_assigned_cores() -> None:
+    """In a worker process: run on the cores `SPIN_CPU_CORES` names, with one torch thread
+    each (no-op when unset, as on a GPU node)."""
+    named = os.environ.get("SPIN_CPU_CORES")
+    if not named:
+        return
+    cores = {int(c) for c in named.split(",")}
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
