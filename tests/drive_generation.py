@@ -1,4 +1,4 @@
-"""`python -m tests.vllm_cpu.drive CONFIG.json MODEL PROMPTS SHARDS`: generation of one
+"""`python -m tests.drive_generation CONFIG.json MODEL PROMPTS SHARDS`: generation of one
 iteration as the pipeline's step runs it (`spin_core.generation.generate`), in a process of
 its own, for the tests that signal its whole process group."""
 

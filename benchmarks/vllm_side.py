@@ -1,0 +1,43 @@
+"""The vLLM side of bench_generate, run under the vLLM interpreter (`.venv-vllm/bin/python -m
+benchmarks.vllm_side ARGS.json`): one engine on this process's cores (SPIN_CPU_CORES), warmed
+up, then, once every engine of the measurement is ready (a file barrier), one timed
+`generate` over its prompts' token ids. Prints one JSON line: tokens, seconds, the ids."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":
+    args = json.loads(Path(sys.argv[1]).read_text())
+    from spin_core.runtime.devices import pin_to_assigned_cores
+
+    pin_to_assigned_cores()
+    from spin_core.checkpoint import load_tokenizer
+    from spin_core.config import SpinConfig
+    from spin_core.generation.decoding import Decoding
+    from spin_core.generation.vllm import VLLMBackend
+
+    cfg = SpinConfig.model_validate(args["config"])
+    tokenizer = load_tokenizer(args["model"])
+    backend = VLLMBackend(
+        args["model"], tokenizer, Decoding.from_config(cfg.generation, tokenizer), cfg
+    )
+    prompts = args["prompt_ids"]
+    backend.generate(prompts[:2])  # warm-up
+    barrier = Path(args["barrier"])
+    (barrier / f"{args['name']}.ready").touch()
+    while len(list(barrier.glob("*.ready"))) < args["engines"]:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    generated = backend.generate(prompts)
+    seconds = time.perf_counter() - started
+    backend.close()
+    result = {
+        "tokens": sum(g.num_tokens for g in generated),
+        "seconds": seconds,
+        "ids": [g.token_ids for g in generated],
+    }
+    print(json.dumps(result), flush=True)
