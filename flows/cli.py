@@ -172,7 +172,7 @@ def _serve(config_path: str | None) -> int:
     from prefect import serve
 
     from flows.compare import spin_compare
-    from flows.dispatch import spin_generate, spin_train
+    from flows.dispatch import spin_evaluate, spin_generate, spin_lm_eval, spin_train
     from flows.iteration import spin_iteration
     from flows.pipeline import spin_pipeline
     from flows.scheduled import spin_next_iteration
@@ -189,13 +189,15 @@ def _serve(config_path: str | None) -> int:
         # For run.execution=deployments: the heavy steps, run by this process's runner.
         generate = spin_generate.to_deployment(name="spin-generate")
         train = spin_train.to_deployment(name="spin-train")
+        evaluate = spin_evaluate.to_deployment(name="spin-evaluate")
+        lm_eval = spin_lm_eval.to_deployment(name="spin-lm-eval")
         next_iteration = spin_next_iteration.to_deployment(name="spin-next-iteration")
         compare = spin_compare.to_deployment(
             name="spin-compare",
             parameters={"configs": [config.model_dump(mode="json")], "seeds": 3},
         )
         with _terminated_when_runner_stops():
-            serve(pipeline, iteration, generate, train, next_iteration, compare)
+            serve(pipeline, iteration, generate, train, evaluate, lm_eval, next_iteration, compare)
     return 0
 
 

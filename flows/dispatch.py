@@ -1,7 +1,8 @@
 """The heavy steps as deployments, so they run on GPU workers (README "Scaling out").
 
-With `run.execution: deployments` the iteration hands generation and training to
-the `spin-generate` and `spin-train` deployments (work pool `gpu`) through
+With `run.execution: deployments` the iteration hands generation, training and
+evaluation (held-out and lm-eval) to the `spin-generate`, `spin-train`, `spin-evaluate`
+and `spin-lm-eval` deployments (work pool `gpu`) through
 `run_deployment` and waits for them; everything else runs where the pipeline
 runs. Steps pass paths, not objects: each writes its output into the shared run
 directory, so a step whose output exists is not dispatched again and a retried
@@ -53,12 +54,35 @@ def spin_train(
     )
 
 
+@flow(name="spin-evaluate", flow_run_name="evaluate-model", log_prints=True)
+def spin_evaluate(
+    config: SpinConfig,
+    run_dir: str,
+    model: str,
+    out_dir: str,
+    opponent_dir: str | None = None,
+    iteration: int | None = None,
+) -> dict:
+    """Step 5 on a GPU machine: held-out generation and scoring of `model` → out_dir/."""
+    return run_local(steps.evaluate, config, run_dir, model, out_dir, opponent_dir, iteration)
+
+
+@flow(name="spin-lm-eval", flow_run_name="lm-eval", log_prints=True)
+def spin_lm_eval(
+    config: SpinConfig, run_dir: str, model: str, out_dir: str, iteration: int | None = None
+) -> dict:
+    """lm-evaluation-harness on a GPU machine → out_dir/lm_eval.json."""
+    return run_local(steps.lm_eval_model, config, run_dir, model, out_dir, iteration)
+
+
 # The steps that run on GPU workers with run.execution=deployments: their deployment
 # ("flow name/deployment name", as in deployments/prefect.yaml). What a worker's run leaves
-# behind is the step's own declared output (`Step.output`).
+# behind is the step's own declared output, read back with `Step.load`.
 REMOTE_STEPS = {
     steps.generate_responses: "spin-generate/spin-generate",
     steps.train_policy: "spin-train/spin-train",
+    steps.evaluate: "spin-evaluate/spin-evaluate",
+    steps.lm_eval_model: "spin-lm-eval/spin-lm-eval",
 }
 
 
@@ -79,19 +103,21 @@ class PrefectRunner:
         if config.run.execution == "local" or deployment is None:
             return run_local(step, config, run_dir, *args, **kwargs)
         parameters = step.params(config, run_dir, *args, **kwargs)
-        iteration = parameters["iteration"]
-        output = str(step.output(parameters))
+        iteration = parameters.get("iteration")
+        where = "before iteration 0" if iteration is None else f"iteration {iteration}"
         if step.complete(parameters):
-            self.log.info("iteration %d: %s exists, skipped (not dispatched)", iteration, output)
-            return output
-        parameters["config"] = config.model_dump(mode="json")
-        self.log.info("iteration %d: dispatching %s", iteration, deployment)
+            self.log.info("%s: %s done before, not dispatched", where, step.name)
+            return step.load(parameters)
+        self.log.info("%s: dispatching %s", where, deployment)
         flow_run = run_deployment(
-            deployment, parameters=parameters, timeout=None, poll_interval=POLL_SECONDS
+            deployment,
+            parameters=parameters | {"config": config.model_dump(mode="json")},
+            timeout=None,
+            poll_interval=POLL_SECONDS,
         )
         if not flow_run.state.is_completed():
             raise StepFailed(
-                f"iteration {iteration}: {deployment} run {flow_run.name} ended "
+                f"{where}: {deployment} run {flow_run.name} ended "
                 f"{flow_run.state.type.value}: {flow_run.state.message}"
             )
-        return output
+        return step.load(parameters)

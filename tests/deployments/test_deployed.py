@@ -7,13 +7,13 @@ import inspect
 import pytest
 import yaml
 
-from flows.dispatch import REMOTE_STEPS, spin_generate, spin_train
+from flows.dispatch import REMOTE_STEPS, spin_evaluate, spin_generate, spin_lm_eval, spin_train
 from flows.scheduled import next_iteration_config, spin_next_iteration
 from spin_core.config import load_config
 from spin_core.errors import InputError
 from spin_core.files import write_json_atomic
 from spin_core.rundir import RunDir, check_or_save_config
-from spin_core.steps import generate_responses, train_policy
+from spin_core.steps import evaluate, generate_responses, lm_eval_model, train_policy
 from tests.deployments.conftest import ROOT, scaling_out_commands
 
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -30,6 +30,8 @@ def test_deployed_flows_take_exactly_the_parameters_of_their_steps():
         generate_responses.signature
     )
     assert _parameters(inspect.signature(spin_train.fn)) == _parameters(train_policy.signature)
+    assert _parameters(inspect.signature(spin_evaluate.fn)) == _parameters(evaluate.signature)
+    assert _parameters(inspect.signature(spin_lm_eval.fn)) == _parameters(lm_eval_model.signature)
 
 
 def test_prefect_yaml_puts_the_heavy_steps_on_the_gpu_pool():
@@ -40,9 +42,16 @@ def test_prefect_yaml_puts_the_heavy_steps_on_the_gpu_pool():
         "spin-next-iteration": "cpu",
         "spin-generate": "gpu",
         "spin-train": "gpu",
+        "spin-evaluate": "gpu",  # held-out generation and lm-eval need the GPUs too
+        "spin-lm-eval": "gpu",
         "spin-compare": "cpu",
     }
-    flows = {"spin-generate": spin_generate, "spin-train": spin_train}
+    flows = {
+        "spin-generate": spin_generate,
+        "spin-train": spin_train,
+        "spin-evaluate": spin_evaluate,
+        "spin-lm-eval": spin_lm_eval,
+    }
     for remote in REMOTE_STEPS.values():
         flow_name, deployment = remote.split("/")
         assert flows[deployment].name == flow_name

@@ -24,6 +24,8 @@ SERVED = {
     "spin-iteration",
     "spin-generate",
     "spin-train",
+    "spin-evaluate",
+    "spin-lm-eval",
     "spin-next-iteration",
     "spin-compare",
 }
