@@ -127,10 +127,13 @@ def greedy(model, tmp_path_factory):
     from spin_core.runtime.processes import free_port
 
     model_dir, _ = model
-    # The one-GPU case: training's process group lives in this process across generation.
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
+    # The one-GPU case: training's process group lives in this process across generation
+    # (an earlier test's in-process training may have left one already).
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
     try:
         started, rss = time.time(), psutil.Process().memory_info().rss
         frame = _generate(model_dir, _config("vllm"), tmp_path_factory.mktemp("vllm-greedy"))
@@ -145,7 +148,8 @@ def greedy(model, tmp_path_factory):
         dist.all_reduce(total)  # the group still works
         after["all_reduce"] = float(total)
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
     return frame, after
 
 
