@@ -23,6 +23,7 @@ from flows.pipeline import spin_pipeline
 from spin_core import compare, compare_report, toy
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
+from spin_core.runtime.devices import check_device_counts
 
 
 def _pipeline(run: compare.PlannedRun):
@@ -120,6 +121,12 @@ def _run_all(pending: list[compare.PlannedRun], max_parallel: int) -> dict[str, 
     workers = min(max_parallel, len(pending))
     log.info("running %d runs, %d at a time, in worker processes", len(pending), workers)
     planned = gpu_shares(workers)
+    for share in filter(None, set(planned)):  # each run must fit in any share it may get
+        for run in pending:
+            if run.config.run.execution == "local":
+                where = f"a share of {workers} parallel runs (CUDA_VISIBLE_DEVICES={share})"
+                for warning in check_device_counts(run.config, len(share.split(",")), where):
+                    log.warning("%s: %s", run.label, warning)
     shares = multiprocessing.get_context("spawn").Queue()  # the runner's workers are spawned
     for share in planned:
         shares.put(share)

@@ -19,6 +19,7 @@ the run directory layout and the step table.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from spin_core.evaluate import collapsed, evaluate_model, training_summary
 from spin_core.files import atomic_path, write_json_atomic
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.rundir import EvalDir, RunDir, RunLock, check_config
-from spin_core.runtime.devices import release_memory
+from spin_core.runtime.devices import check_device_counts, release_memory
 from spin_core.step import Context, Output, Params, at_iteration, step
 from spin_core.train_job import TrainJob
 
@@ -107,6 +108,9 @@ def check_before_start(config: SpinConfig, run_dir: str) -> None:
     rundir = RunDir(run_dir)
     RunLock(rundir).check()
     check_config(rundir, config)
+    if config.run.execution == "local":  # with deployments, the GPU machines are elsewhere
+        for warning in check_device_counts(config):
+            logging.getLogger("spin").warning(warning)
     if config.uses_toy() and not (rundir.toy / toy.MARKER).is_file():
         _check_own(config)
     else:

@@ -94,3 +94,30 @@ def pin_to_assigned_cores() -> None:
     cores = {int(c) for c in named.split(",")}
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
+
+
+def check_device_counts(config, gpus: int | None = None, share: str = "this machine") -> list[str]:
+    """Before hours of work: raise ConfigError, naming the field, when training needs more
+    GPUs per node than `gpus` (this machine's, by default); return a warning when the
+    generation workers do (they then share GPUs). Nothing on a machine without GPUs, where
+    ranks and workers are CPU processes."""
+    from spin_core.config import ConfigError
+
+    if gpus is None:
+        gpus = len(visible_gpus())
+    if gpus == 0:
+        return []
+    training, generation = config.training, config.generation
+    per_node = training.num_processes // training.num_nodes
+    if per_node > gpus:
+        raise ConfigError(
+            f"training.num_processes: {training.num_processes} ranks on {training.num_nodes} "
+            f"node(s) need {per_node} GPUs on each; {share} has {gpus}"
+        )
+    per_worker = generation.tensor_parallel_size if generation.backend == "vllm" else 1
+    if generation.num_workers * per_worker > gpus:
+        return [
+            f"generation.num_workers: {generation.num_workers} workers × {per_worker} GPU(s) "
+            f"is more than the {gpus} GPUs of {share}; workers will share GPUs"
+        ]
+    return []

@@ -89,3 +89,42 @@ def test_on_a_cpu_each_worker_gets_its_own_cores_and_as_many_threads():
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "3,4" and env["CUDA_VISIBLE_DEVICES"] == ""
     plan, fits = plan_workers(3, 1, gpus=[], cores=[0, 1])
     assert not fits and [w.cores for w in plan] == [(0,), (1,), (0,)]
+
+
+def test_training_that_needs_more_gpus_than_the_machine_has_is_refused_before_work():
+    import pytest
+
+    from spin_core.config import ConfigError, load_config
+    from spin_core.runtime.devices import check_device_counts
+
+    eight = load_config("configs/zephyr-7b-ultrachat.yaml", ["training.num_processes=8"])
+    assert check_device_counts(eight, gpus=8) == []
+    with pytest.raises(
+        ConfigError,
+        match=r"training.num_processes: 8 ranks on 1 node\(s\) need 8 GPUs on each; this machine has 4",
+    ):
+        check_device_counts(eight, gpus=4)
+    assert check_device_counts(eight, gpus=0) == []  # a CPU machine: gloo ranks
+    workers = load_config(
+        "configs/zephyr-7b-ultrachat.yaml",
+        ["training.num_processes=2", "generation.num_workers=4"],
+    )
+    (warning,) = check_device_counts(workers, gpus=2)
+    assert warning.startswith("generation.num_workers: 4 workers × 1 GPU(s)")
+
+
+def test_spin_run_refuses_too_many_ranks_for_the_gpus_it_sees(monkeypatch, tmp_path):
+    """`check_before_start`, as `spin run` calls it, with a faked count of 2 GPUs."""
+    import pytest
+
+    from spin_core import steps
+    from spin_core.config import ConfigError, load_config
+    from spin_core.runtime import devices
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: ["0", "1"])
+    config = load_config(
+        "configs/demo.yaml", ["training.num_processes=4", "training.global_batch_size=128"]
+    )
+    with pytest.raises(ConfigError, match="this machine has 2"):
+        steps.check_before_start(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written
