@@ -39,3 +39,22 @@ def test_config_reference_is_generated_from_the_model():
         "<!-- config-reference:end -->"
     )[0]
     assert section.strip() == reference_markdown().strip()
+
+
+def _readme_runs() -> list[tuple[str, list[str]]]:
+    """(config, --set overrides) of every `spin run` / `spin check` command the README shows,
+    continuation lines joined."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    found = []
+    for match in re.finditer(r"spin (?:run|check) (configs/\S+\.yaml)([^\n`']*)", text):
+        found.append((match.group(1), re.findall(r"--set (\S+)", match.group(2))))
+    return found
+
+
+def test_every_config_the_readme_shows_loads():
+    from spin_core.config import load_config
+
+    commands = _readme_runs()
+    assert any("training.num_nodes=2" in sets for _, sets in commands)  # the Slurm example
+    for config, sets in commands:
+        load_config(ROOT / config, sets)  # raises ConfigError naming the field
