@@ -641,6 +641,10 @@ def deepspeed_config(training: TrainingConfig, *, bf16: bool) -> dict[str, Any]:
         # one rank ZeRO-1 partitions nothing.
         generated["zero_optimization"]["stage"] = 1
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif bf16 and training.accumulation_steps() > 1:
+        # ZeRO-2/3 sum the micro-batches' gradients into their partitions in the gradient
+        # dtype unless told otherwise (DeepSpeed 0.19.8 honours this at every stage).
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     return _merge(generated, training.deepspeed or {})
 
 

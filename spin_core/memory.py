@@ -31,7 +31,8 @@ weights. `adapter` names it in the settings line.
 `fp32_grad_accum` (bf16 at ZeRO-0/1, which `deepspeed_config` runs as DeepSpeed's
 BF16_Optimizer): the gradients are also summed in a whole fp32 buffer, 4 B per
 trainable parameter held for the whole run, not partitioned, and the step makes no
-further fp32 copy. The optimizer runs one parameter at a time (foreach=False), so its
+further fp32 copy. At ZeRO-2/3 (bf16 with accumulation > 1) the gradient partitions
+themselves are fp32: 4 B instead of 2 per trainable parameter and rank share. The optimizer runs one parameter at a time (foreach=False), so its
 temporaries are one parameter's, below this model's resolution.
 """
 
@@ -244,7 +245,7 @@ def estimate_memory(
         "gradients": 1 / P if zero_stage >= 2 else 1.0,
         "optimizer": 1 / P if zero_stage >= 1 else 1.0,
     }
-    rows = _state_rows(shape, share, P, bf16, optimizer, trainable, fp32_grad_accum)
+    rows = _state_rows(shape, share, P, bf16, optimizer, trainable, fp32_grad_accum, zero_stage)
     states = sum(r.bytes for r in rows)
 
     s, b = max_length, 2 * micro_batch_size
@@ -345,6 +346,7 @@ def _state_rows(
     optimizer: str,
     trainable: int | None,
     fp32_grad_accum: bool,
+    zero_stage: int,
 ) -> list[MemoryRow]:
     """Weights, gradients, fp32 master and optimizer state of one rank (ZeRO paper, §3.1)."""
     T = shape.parameters if trainable is None else trainable  # gradients and optimizer state
@@ -354,6 +356,10 @@ def _state_rows(
     name, states_per_param, state_names = OPTIMIZER_STATES[optimizer]
     split = {k: (f" / {P}" if v < 1 else "") for k, v in share.items()}
     dtype = "bf16" if bf16 else "fp32"
+    # ZeRO-2/3 with fp32 accumulation keep their gradient partitions in fp32; ZeRO-0/1 (the
+    # BF16_Optimizer) keep bf16 gradients and a whole fp32 accumulation buffer beside them.
+    partitioned_fp32 = bf16 and fp32_grad_accum and zero_stage >= 2
+    g, gradient_dtype = (4, "fp32") if partitioned_fp32 else (w, dtype)
     rows = [
         MemoryRow(
             f"weights ({dtype})",
@@ -361,9 +367,9 @@ def _state_rows(
             f"{w} B × {'(Ψ + Ψ_train)' if trainable is not None else 'Ψ'}{split['weights']}",
         ),
         MemoryRow(
-            f"gradients ({dtype})",
-            w * T * share["gradients"],
-            f"{w} B × {t_sym}{split['gradients']}",
+            f"gradients ({gradient_dtype})",
+            g * T * share["gradients"],
+            f"{g} B × {t_sym}{split['gradients']}",
         ),
     ]
     if bf16:
@@ -381,7 +387,7 @@ def _state_rows(
             f"{4 * states_per_param} B × {t_sym}{split['optimizer']}",
         )
     )
-    if bf16 and fp32_grad_accum:
+    if bf16 and fp32_grad_accum and not partitioned_fp32:
         rows.append(
             MemoryRow("fp32 gradient accumulation (BF16_Optimizer)", 4 * T, f"4 B × {t_sym}")
         )

@@ -384,3 +384,28 @@ def test_two_ranks_with_many_logprob_chunks_equal_one_rank(
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-4)
         assert y["margin"] == pytest.approx(x["margin"], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_accumulation_under_zero_2_and_3_is_summed_in_fp32(
+    toy_build, train_parquet, tmp_path, stage
+):
+    """bf16, 2 micro-batches a step: DeepSpeed is told to accumulate in fp32 (its ZeRO-2/3
+    optimizers honour data_types.grad_accum_dtype), and a run on the CPU in bf16 trains with it."""
+    from spin_core.config import deepspeed_config
+
+    cfg = _config(
+        toy_build,
+        "training.num_epochs=1",
+        f"training.zero_stage={stage}",
+        "model.precision=bf16",
+        ZERO3_ALL_PARTITIONED,
+    )
+    assert cfg.training.accumulation_steps() == 2
+    assert deepspeed_config(cfg.training, bf16=True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    one_step = cfg.training.model_copy(update={"micro_batch_size": 8})  # no accumulation
+    assert "data_types" not in deepspeed_config(one_step, bf16=True)
+    result = train_iteration(cfg, toy_job(toy_build, train_parquet, tmp_path / "s", tmp_path / "m"))
+    losses = [r["loss"] for r in _log(result.log_path)]
+    assert len(losses) >= 2 and all(math.isfinite(x) for x in losses)
