@@ -5,13 +5,15 @@ up, then, once every engine of the measurement is ready (a file barrier), one ti
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 if __name__ == "__main__":
-    args = json.loads(Path(sys.argv[1]).read_text())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("args_file", type=Path, help="what bench_generate writes for one engine")
+    args = json.loads(parser.parse_args().args_file.read_text())
     from spin_core.runtime.devices import pin_to_assigned_cores
 
     pin_to_assigned_cores()

@@ -281,6 +281,9 @@ def follow(run_dir: str | Path, node_rank: int, *, once: bool = False, poll: flo
     while True:
         request = _read_request(request_path)
         if request is not None and request["id"] not in joined:
+            # Only a live run announces a launch: without this, a node that started after the
+            # announcement and joined at once never saw the lock, and outlived the run forever.
+            lock_seen = True
             joined.add(request["id"])
             try:
                 join_launch(request, node_rank)
@@ -291,7 +294,7 @@ def follow(run_dir: str | Path, node_rank: int, *, once: bool = False, poll: flo
             if once:
                 return
         locked = RunDir(run_dir).lock.exists()
-        if lock_seen and not locked and request is None:
+        if lock_seen and not locked and _read_request(request_path) is None:
             return
         lock_seen |= locked
         time.sleep(poll)

@@ -264,3 +264,30 @@ def test_two_nodes_train_through_a_torchrun_rendezvous(
         log.close()
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert (run.model(0) / "model.safetensors").exists()
+
+
+def test_a_node_that_joined_the_launch_it_first_saw_ends_with_the_run(tmp_path, monkeypatch):
+    """Node 1 started late (a busy machine, a slow Slurm step): the launch was already
+    announced at its first look, so it joined at once, and the run's lock was gone by the
+    time the launch ended. It must end then too, not wait for a lock it never saw."""
+    import threading
+
+    from spin_core import launch
+    from spin_core.files import write_json_atomic
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.lock.write_text("{}")
+    write_json_atomic({"id": "launch-1", "args_file": "unused"}, run.launch_request)
+
+    def join_launch(request, node_rank, **kwargs):  # node 0's launch runs and the run ends
+        run.launch_request.unlink()
+        run.lock.unlink()
+
+    monkeypatch.setattr(launch, "join_launch", join_launch)
+    follower = threading.Thread(
+        target=launch.follow, args=(run.root, 1), kwargs={"poll": 0.01}, daemon=True
+    )
+    follower.start()
+    follower.join(timeout=10)
+    assert not follower.is_alive()
