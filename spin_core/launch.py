@@ -31,7 +31,7 @@ from pathlib import Path
 from spin_core.config import ConfigError, SpinConfig, TrainingConfig
 from spin_core.files import write_json_atomic
 from spin_core.rundir import RunDir
-from spin_core.runtime.processes import LaunchError, free_port, run_group
+from spin_core.runtime.processes import LaunchError, child_env, free_port, run_group
 from spin_core.train_job import TrainJob
 
 STEP_PREFIX = "SPIN_STEP "  # rank 0 prints each step record after this prefix
@@ -161,15 +161,6 @@ def write_deepspeed_env(path: Path, env: dict[str, str]) -> Path:
     return path
 
 
-def _rank_env() -> dict[str, str]:
-    """The environment of a launcher and its ranks: this one, quiet, unbuffered, and this
-    checkout importable (the ranks run `-m spin_core.train_entry`)."""
-    env = os.environ | {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    repo_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
-    return env
-
-
 def _run_root(state_dir: Path) -> Path:
     """The run directory holding `state_dir` (the directory with spin.yaml)."""
     for folder in (state_dir, *state_dir.parents):
@@ -203,7 +194,7 @@ def launch_training(
     ) as handle:
         json.dump({"config": cfg.model_dump(mode="json"), "job": job.to_json()}, handle)
         args_file = Path(handle.name)
-    env = _rank_env()
+    env = child_env()
     request = None
     if launcher_kind(training) == "deepspeed" and training.num_nodes > 1:
         env["DS_ENV_FILE"] = str(write_deepspeed_env(state_dir / ".deepspeed_env", env).resolve())
@@ -268,7 +259,7 @@ def join_launch(request: dict, node_rank: int, *, on_line: Callable[[str], None]
         node_rank=node_rank,
         rdzv_endpoint=request["rdzv_endpoint"],
     )
-    run_group(command, on_line=on_line, env=_rank_env())
+    run_group(command, on_line=on_line, env=child_env())
 
 
 def follow(run_dir: str | Path, node_rank: int, *, once: bool = False, poll: float = 1.0) -> None:

@@ -28,7 +28,7 @@ from spin_core.config import ConfigError, SpinConfig
 from spin_core.data import parquet_rows
 from spin_core.generation.shards import generate_from_model, missing_shards
 from spin_core.runtime.devices import plan_workers
-from spin_core.runtime.processes import Children
+from spin_core.runtime.processes import Children, child_env
 
 ROWS_PREFIX = "SPIN_ROWS "  # a worker prints this and a row count after every batch
 WORKER_ATTEMPTS = 2  # a worker that died is started once more; it takes over its claim
@@ -71,15 +71,6 @@ def check_backend_available(cfg: SpinConfig) -> None:
             "import; set generation.python to a virtualenv's Python that has it (make setup "
             "builds .venv-vllm/bin/python), or use backend 'hf'"
         )
-
-
-def _env() -> dict[str, str]:
-    """A worker's environment: this one, quiet, unbuffered, and this checkout importable
-    (a worker under another interpreter runs `-m spin_core.generation.worker` from it)."""
-    env = os.environ | {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
-    return env
 
 
 def generate(
@@ -125,7 +116,7 @@ def run_workers(
     args |= {"prompts": str(Path(prompts_path).resolve()), "shards_dir": str(shards_dir.resolve())}
     args_file.write_text(json.dumps(args))
     rows = parquet_rows(prompts_path)
-    env = _env()
+    env = child_env()
 
     def command(slot: int) -> list[str]:
         return [interpreter(cfg), "-m", "spin_core.generation.worker", str(args_file), str(slot)]

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # "[rank1]: FileNotFoundError: ..." or "ValueError: ...", not a launcher's own summary.
 EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(?!torch\.distributed)[\w.]*(Error|Exception): ")
@@ -52,6 +53,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child that runs spin's code (training ranks, generation workers):
+    this one, quiet, unbuffered, and this checkout importable, also under another interpreter
+    (`python -m spin_core....`)."""
+    env = os.environ | {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+    return env
 
 
 def _popen(command: list[str], env: dict[str, str] | None, new_session: bool) -> subprocess.Popen:
