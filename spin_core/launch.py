@@ -210,12 +210,11 @@ def launch_training(
         command = launcher_command(training, args_file)
 
     def route(line: str) -> None:
-        at = line.find(STEP_PREFIX)  # the launcher may prefix rank output ("[rank0]:")
-        if at >= 0:
-            if on_step is not None:
-                on_step(json.loads(line[at + len(STEP_PREFIX) :]))
-        elif on_log is not None and line.strip():
-            on_log(line)
+        record, rest = split_step_line(line)
+        if record is not None and on_step is not None:
+            on_step(record)
+        if rest.strip() and on_log is not None:
+            on_log(rest)
 
     try:
         run_group(command, on_line=route, env=env)
@@ -223,6 +222,23 @@ def launch_training(
         if request is not None:
             request.unlink(missing_ok=True)
         args_file.unlink(missing_ok=True)
+
+
+def split_step_line(line: str) -> tuple[dict | None, str]:
+    """The step record on one line of the ranks' merged output, and the rest of the line.
+
+    The launcher may prefix rank output ("[rank0]:"), and another rank's output can share the
+    line (all ranks write to one pipe): whatever is not the record is returned to be logged.
+    """
+    at = line.find(STEP_PREFIX)
+    if at < 0:
+        return None, line
+    start = at + len(STEP_PREFIX)
+    try:
+        record, end = json.JSONDecoder().raw_decode(line, start)
+    except json.JSONDecodeError:
+        return None, line
+    return record, line[:at] + line[end:]
 
 
 NODE_RANK_VARIABLES = ("SLURM_NODEID", "NODE_RANK", "JOB_COMPLETION_INDEX")

@@ -24,7 +24,10 @@ def main(args_file: str) -> None:
     cfg = SpinConfig.model_validate(args["config"])
 
     def on_step(record: dict) -> None:
-        print(STEP_PREFIX + json.dumps(record), flush=True)
+        # One write for the whole line: spin's children run unbuffered, where print() writes the
+        # text and its newline separately and another rank's output can land between the two.
+        sys.stdout.write(STEP_PREFIX + json.dumps(record) + "\n")
+        sys.stdout.flush()
 
     run_rank(cfg, TrainJob.from_json(args["job"]), on_step=on_step)
 

@@ -15,6 +15,7 @@ from spin_core.launch import (
     launch_training,
     launcher_command,
     node_rank_from_env,
+    split_step_line,
     write_deepspeed_env,
 )
 from spin_core.rundir import RunDir, save_config
@@ -84,6 +85,44 @@ def test_launcher_fields_are_checked_together():
         _training("training.rdzv_endpoint=no-port")
     # auto without a hostfile: several nodes means torchrun on each.
     assert _training("training.num_nodes=2", "training.num_processes=2").num_nodes == 2
+
+
+def test_a_step_record_sharing_its_line_with_another_ranks_warning_is_still_read():
+    """All ranks write to one pipe, so another rank's warning can land on the record's line
+    (a CI run failed on exactly this); the record is read and the warning is logged."""
+    warning = "[rank1]: FutureWarning: `all_gather_into_tensor` is deprecated."
+    record, rest = split_step_line('[rank0]: SPIN_STEP {"step": 7, "loss": 0.68}' + warning)
+    assert record == {"step": 7, "loss": 0.68}
+    assert rest == "[rank0]: " + warning
+    assert split_step_line("SPIN_STEP {cut") == (None, "SPIN_STEP {cut")
+    assert split_step_line("plain") == (None, "plain")
+
+
+def test_a_rank_writes_its_step_record_and_newline_in_one_write(monkeypatch):
+    """Unbuffered, print() writes the text and the newline separately: another rank's output
+    then lands between them."""
+    import spin_core.train_entry as entry
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    def fake_run_rank(cfg, job, *, on_step):
+        on_step({"step": 1})
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    monkeypatch.setattr(entry, "run_rank", fake_run_rank)
+    monkeypatch.setattr(entry.SpinConfig, "model_validate", staticmethod(lambda raw: None))
+    monkeypatch.setattr(entry.TrainJob, "from_json", staticmethod(lambda raw: None))
+    args = Path(os.devnull)
+    monkeypatch.setattr(entry.Path, "read_text", lambda self: '{"config": {}, "job": {}}')
+    entry.main(str(args))
+    assert writes == ['SPIN_STEP {"step": 1}\n']
 
 
 def test_node_rank_comes_from_slurm_or_kubernetes(monkeypatch):
