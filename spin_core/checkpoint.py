@@ -69,6 +69,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def rank0_decides(value):
+    """Rank 0's `value` on every rank (it must pickle): what the ranks act on together.
+
+    Ranks on several nodes can see different states of a shared filesystem (NFS caches
+    attributes for up to a minute), so a decision read from files there (which checkpoint to
+    resume, whether the pairs are scored) is taken on rank 0 alone and sent to the others.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device())  # NCCL sends from the GPU
+    return box[0]
+
+
 def _looks_local(name_or_path: str) -> bool:
     # Hub names are "name" or "org/name"; anything else is meant as a local path.
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1

@@ -25,6 +25,9 @@ from spin_core.generation.decoding import token_budget_batches
 from spin_core.logprobs import check_logprob_path, pad_batch, sequence_logps
 from spin_core.prompts import Truncation, build_example, encode_conversations, prompt_messages
 
+# What scoring adds to the training set: θt's summed log-probs of each pair's two responses.
+SCORED_COLUMNS = ("opponent_real_logps", "opponent_generated_logps")
+
 
 @dataclass
 class Examples:
@@ -208,7 +211,6 @@ def score_with_opponent(
     truncation = Truncation()
     for part in examples.values():
         truncation.add(part.truncation)
-    scored = training_set.assign(
-        opponent_real_logps=logps["real"], opponent_generated_logps=logps["generated"]
-    )
+    real, generated = SCORED_COLUMNS
+    scored = training_set.assign(**{real: logps["real"], generated: logps["generated"]})
     return scored, truncation

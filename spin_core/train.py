@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from spin_core.checkpoint import all_reduce_sum, compute_dtype, device, load_policy
+from spin_core.checkpoint import (
+    all_reduce_sum,
+    compute_dtype,
+    device,
+    load_policy,
+    rank0_decides,
+)
 from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
 from spin_core.data import read_parquet_checked, write_parquet_atomic
 from spin_core.export import EXPORT_DTYPES, export_model, with_adapter
@@ -36,7 +42,7 @@ from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_sft_loss
 from spin_core.rundir import EXPORT_SUMMARY, STEP_LOG
-from spin_core.score import Examples, frame_examples, score_with_opponent
+from spin_core.score import SCORED_COLUMNS, Examples, frame_examples, score_with_opponent
 from spin_core.train_job import TrainJob
 from spin_core.train_state import (
     resume,
@@ -590,10 +596,9 @@ def _score_opponent(
     load of the model, ZeRO-3 sharded like training, every rank a share of the
     batches. A complete `out` from an earlier attempt is reused.
     """
-    if out is not None:
-        done = read_parquet_checked(out, expected_rows=len(frame))
-        if done is not None:
-            return done
+    done = rank0_decides(_scored_logps(out, len(frame)))  # one view of a shared filesystem
+    if done is not None:
+        return frame.assign(**done)
     policy = engine.module.policy
     policy.eval()  # dropout is off anyway; eval() also stops gradient checkpointing's work
     with torch.no_grad():
@@ -618,6 +623,14 @@ def _score_opponent(
     if world_size > 1:
         dist.barrier()
     return scored
+
+
+def _scored_logps(out: str | Path | None, rows: int) -> dict | None:
+    """The opponent log-probs of a complete `out` (lists of floats), or None."""
+    done = read_parquet_checked(out, expected_rows=rows) if out is not None else None
+    if done is None:
+        return None
+    return {column: done[column].tolist() for column in SCORED_COLUMNS}
 
 
 def _float(value) -> float | None:

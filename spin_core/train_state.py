@@ -8,13 +8,14 @@ import json
 import logging
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from spin_core.checkpoint import device
+from spin_core.checkpoint import device, rank0_decides
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,38 @@ def save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) ->
             shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_point(state_dir: Path) -> tuple[int, str | None]:
+    """The step and tag of the checkpoint to resume from, (0, None) for none, as rank 0 sees
+    `state_dir`: every rank loads the same one even if its view of the files lags."""
+    checkpoints = complete_checkpoints(state_dir)
+    newest = (checkpoints[-1][0], checkpoints[-1][1].name) if checkpoints else (0, None)
+    return tuple(rank0_decides(newest))
+
+
+# How long a rank waits to see a checkpoint rank 0 sees: NFS caches directory attributes
+# for up to 60 s by default (acdirmax).
+VISIBLE_WITHIN = 120.0
+
+
+def _wait_visible(path: Path, within: float = VISIBLE_WITHIN) -> None:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(
+                f"{path}: rank 0 resumes from this checkpoint, but this rank has not seen it "
+                f"within {within:.0f} s; is train_state/ on a filesystem every node shares?"
+            )
+        time.sleep(1.0)
+
+
 def resume(engine, state_dir: Path, iteration: int) -> int:
     """Load the last complete checkpoint (weights, optimizer, schedule, RNG); its step, or 0."""
-    checkpoints = complete_checkpoints(state_dir)
-    if not checkpoints:
+    step, tag = resume_point(state_dir)
+    if tag is None:
         return 0
-    step, path = checkpoints[-1]
-    _, client_state = engine.load_checkpoint(str(state_dir), tag=path.name)
+    path = state_dir / tag
+    _wait_visible(path / COMPLETE_MARKER)
+    _, client_state = engine.load_checkpoint(str(state_dir), tag=tag)
     set_rng_state(client_state["rng"])
     logger.info("resuming iteration %d from %s (step %d)", iteration, path, step)
     return step

@@ -89,6 +89,6 @@ def test_every_collective_in_the_package_goes_through_the_checked_helper():
         for path in sorted(root.rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if direct.search(line)
-        and not (path.name == "checkpoint.py" and "all_reduce(tensor" in line)
+        and not (path.name == "checkpoint.py" and ("all_reduce(tensor" in line or "(box" in line))
     ]
-    assert not offenders, f"collectives that bypass checkpoint.all_reduce_sum: {offenders}"
+    assert not offenders, f"collectives that bypass checkpoint's helpers: {offenders}"
