@@ -275,6 +275,14 @@ class TrainingConfig(_Section):
         description="held-out health check every this many optimizer steps (0 = at the end only)",
         json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
+    collective_timeout_minutes: float = Field(
+        60,
+        gt=0,
+        le=24 * 60,
+        description="how long a rank waits in a collective (DeepSpeed's default is 10 min): "
+        "checkpoint saves on slow shared storage wait on the slowest rank's write",
+        json_schema_extra=MAY_CHANGE_ON_RESUME,
+    )
     keep_checkpoints: int = Field(
         2,
         ge=1,

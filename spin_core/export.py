@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from spin_core.checkpoint import load_policy, save_model_dir
 from spin_core.config import LoraConfig, ModelConfig
@@ -74,6 +73,7 @@ def export_model(
     only, so exporting the module would drop it. With LoRA the adapter (fp32 master) is
     merged into θt's weights in fp32, so the next iteration, evaluation and vLLM see an
     ordinary model; the adapter alone is saved beside it, in `adapter/`.
+    Ranks other than 0 return once the last tensor is assembled, before rank 0 writes.
     Returns on rank 0 (None elsewhere) the export summary, also written to
     `summary_path`: the dtype and `weights_changed`, the fraction of weight elements that
     differ from θt's as stored; a warning says when it is below MIN_WEIGHTS_CHANGED.
@@ -93,8 +93,9 @@ def export_model(
         module.config.use_cache = True
         module.config.dtype = dtype
         save_model_dir(module, tokenizer, out_dir, state_dict=state_dict)
-    if dist.get_world_size() > 1:
-        dist.barrier()
+    # No barrier: the other ranks would wait in it, within the collective timeout, for rank 0
+    # to compare and write 28 GB (7B in fp32). The directory's atomic rename says the export
+    # is complete, and the launcher returns once every rank has.
     return summary
 
 

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,12 @@ class TrainResult:
     model_dir: Path | None  # None when stopped early by `stop_after_steps`
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a one-rank group in-process."""
+def init_distributed(timeout_minutes: float = 60) -> None:
+    """Join the launcher's process group, or make a one-rank group in-process.
+
+    `timeout_minutes` (training.collective_timeout_minutes) bounds each collective; DeepSpeed's
+    default, 10 minutes, is shorter than a 7B checkpoint save can take on shared storage.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -76,7 +81,9 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), verbose=False
+        dist_backend=get_accelerator().communication_backend_name(),
+        verbose=False,
+        timeout=timedelta(minutes=timeout_minutes),
     )
     if not launched:
         # The one-rank group's store now holds this port; a process started from here
@@ -361,7 +368,7 @@ def train_iteration(
     state_dir, model_out = Path(job.state_dir), Path(job.model_out)
     state_dir.mkdir(parents=True, exist_ok=True)
     use_deterministic(cfg.run.deterministic)
-    init_distributed()
+    init_distributed(training.collective_timeout_minutes)
     seed_everything(training.seed + iteration)
     frame = pd.read_parquet(job.train_path)
     if objective == "spin" and "generated_ids" not in frame:

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import time
 import weakref
 
 import pytest
@@ -225,6 +226,26 @@ def test_optimizers_step_one_parameter_at_a_time(toy_build):
         assert _build_optimizer(model, cfg.training, 1e-6).defaults["foreach"] is False
 
 
+SLOW_WRITE = 3.0  # seconds rank 0's write of the export takes in the test below
+
+
+def test_collectives_wait_as_long_as_the_config_says(monkeypatch):
+    """DeepSpeed's default, 10 minutes, is shorter than a 7B checkpoint save on slow storage."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from spin_core.train import init_distributed
+
+    asked = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: asked.update(kwargs))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config("configs/zephyr-7b-ultrachat.yaml", ["training.collective_timeout_minutes=90"])
+    init_distributed(cfg.training.collective_timeout_minutes)
+    assert asked["timeout"].total_seconds() == 90 * 60
+
+
 def _export_rank(rank, port, model_dir, out_dir, results):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
@@ -255,6 +276,14 @@ def _export_rank(rank, port, model_dir, out_dir, results):
         return copy
 
     export.host_copy = counting_copy
+    real_save = export.save_model_dir
+
+    def slow_save(*args, **kwargs):  # slow shared storage
+        time.sleep(SLOW_WRITE)
+        real_save(*args, **kwargs)
+        results["written"] = time.monotonic()
+
+    export.save_model_dir = slow_save
     trainer = train._Trainer.build(str(model_dir), cfg, 1e-6, 1)
     export.export_model(
         trainer.engine,
@@ -266,10 +295,13 @@ def _export_rank(rank, port, model_dir, out_dir, results):
         base=(str(model_dir), cfg.model),
     )
     results[rank] = sum(copies)
+    results[f"returned {rank}"] = time.monotonic()
 
 
 @pytest.mark.slow
 def test_zero3_export_copies_to_host_memory_on_rank_0_only(toy_build, tmp_path):
+    """And the other ranks do not wait for rank 0's write: the atomic rename says it is done,
+    and a rank waiting in a collective is killed at the collective timeout."""
     import torch.multiprocessing as mp
 
     from spin_core.launch import free_port
@@ -285,6 +317,8 @@ def test_zero3_export_copies_to_host_memory_on_rank_0_only(toy_build, tmp_path):
     theta0 = _weights(toy_build.model_dir)
     assert copied[1] == 0
     assert copied[0] == sum(t.numel() * 4 for t in theta0.values())
+    # Rank 1 did not wait for rank 0's write (7B: 28 GB) within the collective timeout.
+    assert copied["returned 1"] < copied["written"] - SLOW_WRITE / 2
     exported = _weights(tmp_path / "model")
     assert exported.keys() == theta0.keys()
     for key, tensor in theta0.items():
