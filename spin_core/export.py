@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from spin_core.checkpoint import load_policy, save_model_dir
+from spin_core.checkpoint import device, load_policy, save_model_dir
 from spin_core.config import LoraConfig, ModelConfig
 from spin_core.files import write_json_atomic
 
@@ -65,6 +65,7 @@ def export_model(
     lora: LoraConfig | None = None,
     base: tuple[str, ModelConfig] | None = None,
     summary_path: Path | None = None,
+    compute: torch.dtype | None = None,
 ) -> dict | None:
     """Write θ(t+1) as one HF directory in `dtype`, from the optimizer's fp32 master weights.
 
@@ -76,7 +77,8 @@ def export_model(
     Ranks other than 0 return once the last tensor is assembled, before rank 0 writes.
     Returns on rank 0 (None elsewhere) the export summary, also written to
     `summary_path`: the dtype and `weights_changed`, the fraction of weight elements that
-    differ from θt's as stored; a warning says when it is below MIN_WEIGHTS_CHANGED.
+    differ from θt's as stored, also once rounded to the `compute` dtype; a warning says when
+    it is below MIN_WEIGHTS_CHANGED.
     """
     module = engine.module.policy
     state_dict = trained_state_dict(engine, rank, zero_stage, trainable_only=lora is not None)
@@ -87,7 +89,7 @@ def export_model(
             module = merge_adapter(state_dict, base, lora, Path(out_dir).parent / "adapter")
             state_dict = module.state_dict()
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        summary = export_summary(init_model, state_dict, dtype)
+        summary = export_summary(init_model, state_dict, dtype, compute or dtype)
         if summary_path is not None:
             write_json_atomic(summary, summary_path)  # before the model: a model has one
         module.config.use_cache = True
@@ -134,6 +136,30 @@ def trained_state_dict(
     return out
 
 
+def carry_fp32_masters(engine, init_model: str) -> int:
+    """Seed the optimizer's fp32 master weights from θt's stored fp32 weights; the count set.
+
+    In bf16 the engine's masters are built from the module's bf16 copy, so loading an fp32
+    θt would round away the part of the last iteration's update below bf16's spacing (what
+    the fp32 export kept). Each rank sets its own partition from the whole tensor, read one
+    at a time (no collective). Weights stored in a lower precision are left as they are.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors import safe_open
+
+    trained = {n: p for n, p in engine.module.policy.named_parameters() if p.requires_grad}
+    carried = 0
+    for path in _safetensors_files(init_model):
+        with safe_open(str(path), framework="pt") as stored:
+            for key in stored.keys():  # noqa: SIM118 - safe_open is not a dict
+                param = trained.get(key)
+                if param is None or stored.get_slice(key).get_dtype() != "F32":
+                    continue
+                safe_set_full_fp32_param(param, stored.get_tensor(key).to(device()))
+                carried += 1
+    return carried
+
+
 def host_copy(tensor: torch.Tensor, rank: int) -> torch.Tensor | None:
     """A host copy of `tensor` on rank 0; None (no copy) on the others."""
     if rank != 0:
@@ -141,10 +167,20 @@ def host_copy(tensor: torch.Tensor, rank: int) -> torch.Tensor | None:
     return tensor.detach().to("cpu", copy=True)
 
 
-def export_summary(init_model: str | None, state_dict: dict, dtype: torch.dtype) -> dict:
+def export_summary(
+    init_model: str | None, state_dict: dict, dtype: torch.dtype, compute: torch.dtype
+) -> dict:
     """The export's dtype and the fraction of its weights that differ from θt's (warned
-    about when below MIN_WEIGHTS_CHANGED); None when θt's weights cannot be read."""
+    about when below MIN_WEIGHTS_CHANGED); None when θt's weights cannot be read.
+
+    `weights_changed_as_computed` is that fraction once both are rounded to the compute dtype:
+    what generation, evaluation and LoRA's frozen base see of the update (full fine-tuning
+    carries the fp32 masters into the next iteration, `carry_fp32_masters`).
+    """
     changed = weights_changed(init_model, state_dict) if init_model else None
+    as_computed = changed
+    if changed is not None and compute != dtype:
+        as_computed = weights_changed(init_model, state_dict, rounded_to=compute)
     if changed is not None and changed < MIN_WEIGHTS_CHANGED:
         logger.warning(
             "the exported model equals θt in %.2f%% of its weights: the update was mostly lost%s",
@@ -153,7 +189,12 @@ def export_summary(init_model: str | None, state_dict: dict, dtype: torch.dtype)
             if dtype == torch.bfloat16
             else " (learning rate too small for these steps?)",
         )
-    return {"export_dtype": str(dtype).removeprefix("torch."), "weights_changed": changed}
+    return {
+        "export_dtype": str(dtype).removeprefix("torch."),
+        "weights_changed": changed,
+        "compute_dtype": str(compute).removeprefix("torch."),
+        "weights_changed_as_computed": as_computed,
+    }
 
 
 def _safetensors_files(init_model: str) -> list[Path]:
@@ -168,9 +209,12 @@ def _safetensors_files(init_model: str) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def weights_changed(init_model: str, state_dict: dict) -> float | None:
+def weights_changed(
+    init_model: str, state_dict: dict, rounded_to: torch.dtype = torch.float32
+) -> float | None:
     """Fraction of the elements of `state_dict`'s floating tensors that differ from θt's
-    tensors of the same name in `init_model`'s safetensors files, read one at a time."""
+    tensors of the same name in `init_model`'s safetensors files, read one at a time, both
+    rounded to `rounded_to` first."""
     from safetensors import safe_open
 
     changed = total = 0
@@ -182,6 +226,6 @@ def weights_changed(init_model: str, state_dict: dict) -> float | None:
                     continue
                 old = stored.get_tensor(key)
                 if old.shape == new.shape:
-                    changed += int((new.float() != old.float()).sum())
+                    changed += int((new.to(rounded_to) != old.to(rounded_to)).sum())
                     total += old.numel()
     return changed / total if total else None

@@ -40,6 +40,7 @@ COLUMNS = [
     ("unhealthy_checks", "unhealthy checks"),
     ("lr_scale", "lr scale"),
     ("weights_changed", "weights changed vs θt"),
+    ("weights_changed_as_computed", "… in the compute dtype"),
 ]
 
 
@@ -529,6 +530,15 @@ def verdict(metrics: pd.DataFrame, tests: Significance | None = None) -> list[st
                     else "."
                 )
             )
+    if "weights_changed_as_computed" in metrics:
+        for _, row in metrics.iterrows():
+            stored, computed = row["weights_changed"], row["weights_changed_as_computed"]
+            if pd.notna(stored) and pd.notna(computed) and computed < stored / 2:
+                lines.append(
+                    f"{row['model_name']} differs from its opponent in {100 * stored:.1f}% of "
+                    f"its {row['export_dtype']} weights but in {100 * computed:.1f}% once rounded "
+                    f"to {row['compute_dtype']}, the dtype generation and evaluation run in."
+                )
     if "reward_accuracy" in metrics and metrics["reward_accuracy"].max() > 0.95:
         lines.append(
             "Reward accuracy near 1.0 is not a sign of health: it also happens when the model "

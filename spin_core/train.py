@@ -37,7 +37,7 @@ from spin_core.checkpoint import (
 )
 from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
 from spin_core.data import read_parquet_checked, write_parquet_atomic
-from spin_core.export import EXPORT_DTYPES, export_model, with_adapter
+from spin_core.export import EXPORT_DTYPES, carry_fp32_masters, export_model, with_adapter
 from spin_core.health import HealthProbe, check_health, health_probe
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
@@ -426,6 +426,7 @@ def train_iteration(
             lora=training.lora,
             base=(job.init_model, cfg.model),
             summary_path=state_dir / EXPORT_SUMMARY,
+            compute=compute_dtype(cfg.model.precision),
         )
     finally:
         trainer.close()
@@ -485,6 +486,12 @@ class _Trainer:
             lr_scheduler=scheduler,
             config=ds_config,
         )
+        if training.lora is None and ds_config.get("bf16", {}).get("enabled"):
+            carried = carry_fp32_masters(engine, init_model)
+            if carried:
+                logger.info(
+                    "fp32 master weights of %d tensors carried from %s", carried, init_model
+                )
         rank, world_size = dist.get_rank(), dist.get_world_size()
         alone = type(engine.optimizer).__name__ == "BF16_Optimizer" or training.zero_stage == 0
         if world_size == 1 and alone:

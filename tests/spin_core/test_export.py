@@ -87,6 +87,11 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     changed = _changed(exported, theta0)
     summary = json.loads((run.train_state(0) / "export.json").read_text())
     assert summary["weights_changed"] == pytest.approx(changed)
+    # What generation and evaluation, in bf16, see of it: the fp32 file's change is mostly
+    # below bf16's spacing, so it is the bf16 export's.
+    as_computed = _changed({k: v.to(torch.bfloat16) for k, v in exported.items()}, theta0)
+    assert summary["weights_changed_as_computed"] == pytest.approx(as_computed)
+    assert as_computed < 0.01
     lost = [r for r in caplog.records if "update was mostly lost" in r.getMessage()]
     if export_dtype == "fp32":
         assert changed > 0.5 and not lost  # measured: 0.992
@@ -102,6 +107,7 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     text = report.read_text()
     assert "weights changed vs θt" in text
     assert ("the training update was mostly lost" in text) == (export_dtype == "bf16")
+    assert ("once rounded to bfloat16" in text) == (export_dtype == "fp32")
 
 
 def test_the_engine_is_freed_when_training_returns(toy_build, train_parquet, tmp_path, monkeypatch):  # noqa: F811
@@ -229,6 +235,40 @@ def test_optimizers_step_one_parameter_at_a_time(toy_build):
 SLOW_WRITE = 3.0  # seconds rank 0's write of the export takes in the test below
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_training_starts_from_the_fp32_weights_of_theta_t(toy_build, stage):
+    """The fp32 export keeps what bf16 would round away; the next iteration's optimizer starts
+    from it too, not from the bf16 module copy DeepSpeed builds its masters from."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from spin_core import train
+
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            f"model.name_or_path={toy_build.model_dir}",
+            "model.precision=bf16",
+            f"training.zero_stage={stage}",
+            "training.global_batch_size=8",
+            "training.micro_batch_size=4",
+        ],
+    )
+    train.init_distributed()
+    stored = _weights(toy_build.model_dir)  # fp32, random: not representable in bf16
+    trainer = train._Trainer.build(str(toy_build.model_dir), cfg, 1e-6, 1)
+    try:
+        masters = {
+            name: safe_get_full_fp32_param(param)
+            for name, param in trainer.engine.module.policy.named_parameters()
+        }
+        assert masters.keys() <= stored.keys()
+        for name, master in masters.items():
+            assert master.dtype == torch.float32
+            torch.testing.assert_close(master.cpu(), stored[name], rtol=0, atol=0)
+    finally:
+        trainer.close()
+
+
 def test_collectives_wait_as_long_as_the_config_says(monkeypatch):
     """DeepSpeed's default, 10 minutes, is shorter than a 7B checkpoint save on slow storage."""
     import deepspeed
@@ -241,7 +281,9 @@ def test_collectives_wait_as_long_as_the_config_says(monkeypatch):
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: asked.update(kwargs))
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    cfg = load_config("configs/zephyr-7b-ultrachat.yaml", ["training.collective_timeout_minutes=90"])
+    cfg = load_config(
+        "configs/zephyr-7b-ultrachat.yaml", ["training.collective_timeout_minutes=90"]
+    )
     init_distributed(cfg.training.collective_timeout_minutes)
     assert asked["timeout"].total_seconds() == 90 * 60
 
