@@ -72,7 +72,7 @@ def launcher_command(
             "--num_gpus",
             str(per_node),
             "--master_port",
-            str(free_port()),
+            str(deepspeed_master_port(training.hostfile)),
             "--no_local_rank",  # train_entry takes the args file only; LOCAL_RANK is in the env
             "--module",
             *module[1:],
@@ -110,6 +110,33 @@ def launcher_command(
     ]
 
 
+DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's default
+
+
+def deepspeed_master_port(hostfile: str | None) -> int:
+    """The port rank 0 listens on: DeepSpeed puts rank 0 on the hostfile's first host, so a
+    port found free here is only known free there when that host is this one. Otherwise
+    $MASTER_PORT, or DeepSpeed's default 29500."""
+    first = _first_host(hostfile) if hostfile else None
+    here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+    if first is None or first in here:
+        return free_port()
+    return int(os.environ.get("MASTER_PORT") or DEFAULT_MASTER_PORT)
+
+
+def _first_host(hostfile: str) -> str | None:
+    """The first host named in a DeepSpeed hostfile (`host slots=N` lines, # comments)."""
+    try:
+        lines = Path(hostfile).expanduser().read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        if words:
+            return words[0]
+    return None
+
+
 def rendezvous_endpoint(training: TrainingConfig) -> str:
     """Node 0's host:port for a multi-node torchrun job: `training.rdzv_endpoint`, else
     $MASTER_ADDR:$MASTER_PORT (29500 if unset; what Slurm and Kubernetes job scripts export),
@@ -117,7 +144,7 @@ def rendezvous_endpoint(training: TrainingConfig) -> str:
     if training.rdzv_endpoint:
         return training.rdzv_endpoint
     if os.environ.get("MASTER_ADDR"):
-        return f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT') or 29500}"
+        return f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT') or DEFAULT_MASTER_PORT}"
     return f"{socket.getfqdn()}:{free_port()}"
 
 

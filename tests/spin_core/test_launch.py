@@ -47,6 +47,27 @@ def test_deepspeed_launcher_is_run_by_this_interpreter(tmp_path):
     assert command[-3:] == ["--module", "spin_core.train_entry", str(tmp_path / "args.json")]
 
 
+def test_the_deepspeed_master_port_is_one_the_first_host_of_the_hostfile_can_use(
+    tmp_path, monkeypatch
+):
+    """DeepSpeed puts rank 0 on the hostfile's first host: a port found free on this host says
+    nothing about that one, so it gets $MASTER_PORT or DeepSpeed's default there."""
+    import socket
+
+    from spin_core.launch import deepspeed_master_port
+
+    hostfile = tmp_path / "hostfile"
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    hostfile.write_text("# the GPU nodes\n\ngpu-node-a slots=8\ngpu-node-b slots=8\n")
+    assert deepspeed_master_port(str(hostfile)) == 29500
+    monkeypatch.setenv("MASTER_PORT", "31337")
+    assert deepspeed_master_port(str(hostfile)) == 31337
+    hostfile.write_text(f"{socket.gethostname()} slots=8\ngpu-node-b slots=8\n")
+    with socket.socket() as busy:  # launched from the first host: a port free here
+        busy.bind(("127.0.0.1", 31337))
+        assert deepspeed_master_port(str(hostfile)) != 31337
+
+
 def test_torchrun_across_nodes_uses_a_static_rendezvous_at_node_0(tmp_path):
     training = _training(
         "training.num_nodes=4",
