@@ -167,11 +167,17 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ):
-    """A causal LM from a directory or hub name; InputError when it is not one."""
+    """A causal LM from a directory or hub name; InputError when it is not one.
+
+    torch's default dtype is the same afterwards, whatever happened: from_pretrained sets it
+    to `dtype` while it builds the model, and code run later in this process (lm-eval, a
+    tokenizer's tensors) would otherwise make bf16 tensors without asking for them.
+    """
     check_model_path(name_or_path)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    default_dtype = torch.get_default_dtype()
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except ValueError as exc:
@@ -185,6 +191,8 @@ def load_model(
         raise InputError(
             f"model.name_or_path: cannot load {name_or_path}: {exc}".splitlines()[0]
         ) from None
+    finally:
+        torch.set_default_dtype(default_dtype)
     return model
 
 

@@ -31,6 +31,26 @@ def bf16_theta0(toy_build, tmp_path_factory):
     return out
 
 
+def test_loading_a_model_leaves_the_default_dtype_as_it_was(bf16_theta0, monkeypatch):
+    """Also when the load fails after transformers switched it to the model's dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from spin_core.checkpoint import load_model
+    from spin_core.errors import InputError
+
+    load_model(str(bf16_theta0), dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32
+
+    def fails_midway(*args, **kwargs):
+        torch.set_default_dtype(torch.bfloat16)
+        raise OSError("a shard is truncated")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fails_midway)
+    with pytest.raises(InputError, match="a shard is truncated"):
+        load_model(str(bf16_theta0), dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32
+
+
 def _weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
