@@ -482,14 +482,24 @@ def memory_for(cfg: SpinConfig, shape: ModelShape, **changes) -> MemoryEstimate:
 
 
 def memory_problem(cfg: SpinConfig, shape: ModelShape, memory: MemoryEstimate, gpu: float) -> str:
-    """One line: why the estimate does not fit and which of the fields would make it fit."""
+    """One line: why the estimate does not fit, and each change that would make it fit on
+    these ranks with its estimate; more ranks only when nothing on these does (on one GPU,
+    "ZeRO-3 over 4 ranks" cannot be acted on)."""
+    from spin_core.config import LoraConfig
+
     training = cfg.training
     head = (
         f"GPU memory: the estimate of {memory.peak / GIB:.1f} GiB per rank exceeds "
-        f"{gpu / GIB:g} GiB (--gpu-memory-gib); change training.micro_batch_size, "
-        "training.zero_stage or training.gradient_checkpointing"
+        f"{gpu / GIB:g} GiB (--gpu-memory-gib)"
     )
     hints = []
+
+    def hint(text: str, **changes) -> bool:
+        estimate = memory_for(cfg, shape, **changes)
+        if estimate.fits(gpu):
+            hints.append(f"{text} ({estimate.peak / GIB:.1f} GiB)")
+        return estimate.fits(gpu)
+
     micro = next(
         (
             m
@@ -499,26 +509,27 @@ def memory_problem(cfg: SpinConfig, shape: ModelShape, memory: MemoryEstimate, g
         None,
     )
     if micro is not None:
-        hints.append(f"training.micro_batch_size ≤ {micro} fits")
-    if not training.gradient_checkpointing and memory_for(
-        cfg, shape, gradient_checkpointing=True
-    ).fits(gpu):
-        hints.append("training.gradient_checkpointing: true fits")
-    if training.zero_stage < 3 and memory_for(cfg, shape, zero_stage=3).fits(gpu):
-        hints.append("training.zero_stage: 3 fits")
-    if not hints:
-        hints.append(f"the model states alone take {memory.states / GIB:.1f} GiB on this rank")
-        for changes, how in (
-            ({}, ""),
-            ({"micro_batch_size": 1, "gradient_checkpointing": True}, " with micro-batch 1"),
-        ):
-            ranks = _ranks_that_fit(cfg, shape, gpu, **changes)
-            if ranks is not None:
-                hints.append(
-                    f"ZeRO-3 over at least {ranks} ranks (training.num_processes){how} would fit"
-                )
-                break
-    return f"{head} ({'; '.join(hints)})"
+        hint(f"training.micro_batch_size: {micro}", micro_batch_size=micro)
+    if not training.gradient_checkpointing:
+        hint("training.gradient_checkpointing: true", gradient_checkpointing=True)
+    if training.zero_stage < 3 and training.num_processes > 1:
+        hint("training.zero_stage: 3", zero_stage=3)
+    if training.lora is None:
+        lora, smallest = LoraConfig(), {"micro_batch_size": 1, "gradient_checkpointing": True}
+        names = f"LoRA r={lora.r} on {len(lora.target_modules)} projections"
+        if not hint(f"training.lora: {{}} ({names})", lora=lora):
+            hint(f"training.lora: {{}} with micro-batch 1 ({names})", lora=lora, **smallest)
+    if hints:
+        return f"{head}; it fits with {'; or '.join(hints)}"
+    why = f"{head}; the model states alone take {memory.states / GIB:.1f} GiB on this rank"
+    for changes, how in (
+        ({}, ""),
+        ({"micro_batch_size": 1, "gradient_checkpointing": True}, " with micro-batch 1"),
+    ):
+        ranks = _ranks_that_fit(cfg, shape, gpu, **changes)
+        if ranks is not None:
+            return f"{why}; ZeRO-3 over at least {ranks} GPUs (training.num_processes){how} fits"
+    return why
 
 
 def _ranks_that_fit(cfg: SpinConfig, shape: ModelShape, gpu: float, **changes) -> int | None:

@@ -145,15 +145,32 @@ def test_mistral_7b_on_1_rank_zero0_exceeds_80_gib(
     assert code == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("spin: error: GPU memory: the estimate of")
-    for field in (
-        "training.micro_batch_size",
-        "training.zero_stage",
-        "training.gradient_checkpointing",
-    ):
-        assert field in line
+    # On one GPU it says what can be done there, with the estimate: "ZeRO-3 over 2 ranks"
+    # cannot be acted on, and no micro-batch fits beside 81 GiB of model states.
+    lora = re.search(r"training\.lora: \{\} \(LoRA r=16 on 7 projections\) \(([\d.]+) GiB\)", line)
+    assert lora and float(lora.group(1)) < 80
+    assert "ZeRO-3" not in line and "micro_batch_size" not in line
     assert "does NOT fit" in out
     peak = float(re.search(r"estimate of ([\d.]+) GiB", line).group(1))
     assert peak > 80  # 12 B × 7.24e9 = 81 GiB of model states alone
+
+
+def test_when_nothing_fits_on_these_gpus_it_says_how_many_would_do(
+    capsys, mistral_build, mistral_7b_dir, roomy_disk
+):
+    """LoRA on one 16 GiB GPU: the bf16 weights alone (14.5 GB) leave no room to train."""
+    sets = _paper(
+        mistral_build,
+        mistral_7b_dir,
+        "training.num_processes=1",
+        "training.zero_stage=0",
+        "training.lora={}",
+    )
+    code, _, err = check(capsys, PAPER, *sets, gib=16)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert "it fits with" not in line
+    assert re.search(r"ZeRO-3 over at least \d+ GPUs \(training.num_processes\)", line)
 
 
 def test_template_that_cannot_split_exits_2(capsys, mistral_build, tmp_path):
