@@ -292,7 +292,7 @@ class TrainingConfig(_Section):
     keep_finished_state: bool = Field(
         False,
         description="keep an iteration's DeepSpeed checkpoints once its model is exported and "
-        "promoted (false: they are removed; 7B: ~2x115 GB per iteration)",
+        "promoted (false: they are removed; 7B: 3 × 67 GiB while training)",
         json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     logprob_chunk_size: int = Field(

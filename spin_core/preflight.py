@@ -22,6 +22,7 @@ then its tokenizer, data and model are not there and those parts are skipped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,9 +351,34 @@ def _disk_section(report: PreflightReport, cfg: SpinConfig, run_dir: Path) -> No
     if report.shape is None:
         return
     disk = estimate_disk(cfg, report.shape, run_dir)
-    report.sections.append(("Disk (estimate)", disk.lines()))
+    lines = disk.lines() + checkpoint_write_lines(disk.checkpoint, cfg, report.steps)
+    report.sections.append(("Disk (estimate)", lines))
     if not disk.fits():
         report.problems.append(disk.problem())
+
+
+# The write speed the checkpoint times are given at: a fast local NVMe or parallel
+# filesystem; shared NFS is often 5-10 times slower.
+CHECKPOINT_WRITE_BYTES_PER_S = 1e9
+
+
+def checkpoint_write_lines(checkpoint: int, cfg: SpinConfig, steps: list[StepRow]) -> list[str]:
+    """What `training.save_steps` costs: the checkpoints each iteration writes (one every
+    save_steps steps and one at its end), in bytes and in minutes at 1 GB/s."""
+    save_steps = cfg.training.save_steps
+    parts = []
+    for row in steps:
+        saves = math.ceil(row.steps / save_steps)
+        written = saves * checkpoint
+        minutes = written / CHECKPOINT_WRITE_BYTES_PER_S / 60
+        parts.append(
+            f"iteration {row.iterations}: {saves} × {checkpoint / GIB:.2f} GiB = "
+            f"{written / GIB:.1f} GiB, {minutes:.0f} min at 1 GB/s"
+        )
+    return [
+        f"checkpoint writes (one every training.save_steps = {save_steps} steps, a crash "
+        f"redoes at most that many): " + "; ".join(parts)
+    ]
 
 
 @dataclass
@@ -406,8 +432,8 @@ class DiskEstimate:
 
 
 def estimate_disk(cfg: SpinConfig, shape: ModelShape, run_dir: str | Path) -> DiskEstimate:
-    """What a run of `cfg` writes: per iteration the exported θ(t+1) (weights in the compute
-    precision), its DeepSpeed checkpoints (weights, and for every trained parameter the fp32
+    """What a run of `cfg` writes: per iteration the exported θ(t+1) (weights in
+    `training.export_dtype`), its DeepSpeed checkpoints (weights, and for every trained parameter the fp32
     master copy with bf16 and the optimizer's fp32 tensors; ZeRO shards them over the ranks
     without changing the total) and the Parquet files of its prompts, generations and pairs
     (every token as an int32 id and about 4 bytes of text, in ~5 copies: an upper bound)."""
@@ -426,7 +452,7 @@ def estimate_disk(cfg: SpinConfig, shape: ModelShape, run_dir: str | Path) -> Di
     where = Path(run_dir).resolve()
     probe = next(p for p in (where, *where.parents) if p.exists())
     return DiskEstimate(
-        model=shape.parameters * weight,
+        model=shape.parameters * (4 if training.export_dtype == "fp32" else 2),
         checkpoint=checkpoint,
         data=tokens * 8 * 5,
         iterations=cfg.run.iterations,

@@ -27,10 +27,28 @@ MISTRAL_7B = ModelShape(
 
 def test_a_7b_iteration_writes_its_model_and_bf16_rmsprop_checkpoints(tmp_path):
     disk = estimate_disk(load_config(PAPER), MISTRAL_7B, tmp_path / "run")
-    assert round(disk.model / GIB, 1) == 13.5  # bf16 weights
+    assert round(disk.model / GIB, 1) == 27.0  # fp32 weights (training.export_dtype)
+    bf16_export = load_config(PAPER, ["training.export_dtype=bf16"])
+    assert round(estimate_disk(bf16_export, MISTRAL_7B, tmp_path).model / GIB, 1) == 13.5
     # bf16 weights + fp32 master + RMSprop's square_avg: 10 bytes a parameter
     assert disk.checkpoint == 7_241_732_096 * 10
     assert disk.kept_checkpoints == 3  # keep_checkpoints 2 + the one being written
+
+
+def test_the_checkpoints_an_iteration_writes_are_counted_in_bytes_and_minutes(tmp_path):
+    """The recipe: 1,563 steps in iteration 0 (50k pairs, 2 epochs, batch 64), 3,125 in each
+    later one (100k pairs); one checkpoint every save_steps and one at the end."""
+    from spin_core.preflight import checkpoint_write_lines, optimizer_steps
+
+    def line(save_steps: int) -> str:
+        cfg = load_config(PAPER, [f"training.save_steps={save_steps}"])
+        checkpoint = estimate_disk(cfg, MISTRAL_7B, tmp_path).checkpoint
+        return checkpoint_write_lines(checkpoint, cfg, optimizer_steps(cfg))[0]
+
+    assert "iteration 0: 4 × 67.44 GiB = 269.8 GiB, 5 min at 1 GB/s" in line(500)
+    assert "iteration 1–3: 7 × 67.44 GiB = 472.1 GiB, 8 min at 1 GB/s" in line(500)
+    # What the official code's 100 writes: 1.1 TB (16 saves) and 2.1 TB (32) per iteration.
+    assert "iteration 1–3: 32 × 67.44 GiB = 2158.2 GiB, 39 min at 1 GB/s" in line(100)
 
 
 def test_finished_checkpoints_are_not_counted_unless_kept(tmp_path):
