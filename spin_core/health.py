@@ -73,6 +73,7 @@ def check_health(engine, health: HealthProbe, pad_id: int, chunk: int, step: int
         chunk_size=chunk,
         check=False,
         world_size=dist.get_world_size(),
+        forward=engine,  # not the module: ZeRO-3 keeps its trace (score_examples)
     )
     policy.train()
     loglik = float(logps.sum() / max(counts.sum(), 1))

@@ -97,6 +97,7 @@ def score_examples(
     progress: Callable[[int], None] | None = None,
     check: bool = True,
     world_size: int = 1,
+    forward: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs and response token counts of every example.
 
@@ -105,7 +106,16 @@ def score_examples(
     scored by a plain full-logits forward and must agree (`check_logprob_path`).
     With `world_size` > 1 (called on every rank of a process group) each rank
     scores every world_size-th batch and all ranks return the whole result.
+    `forward(ids, mask, labels)` gives a batch's (log-probs, counts); by default
+    `sequence_logps` on `model`. Training passes its DeepSpeed engine, whose module
+    computes the same: the engine's own forward lets ZeRO-3 record the order it fetches
+    parameters in and prefetch them, which calling the module directly bypasses.
     """
+    if forward is None:
+
+        def forward(ids, mask, labels):
+            return sequence_logps(model, ids, mask, labels, chunk_size=chunk_size)
+
     device = next(model.parameters()).device
     logps = np.zeros(len(examples.input_ids), dtype=np.float64)
     counts = np.zeros(len(examples.input_ids), dtype=np.int64)
@@ -124,7 +134,7 @@ def score_examples(
             pad_token_id,
         )
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        batch_logps, batch_counts = sequence_logps(model, ids, mask, labels, chunk_size=chunk_size)
+        batch_logps, batch_counts = forward(ids, mask, labels)
         if not checked:  # once per call: the fast path must agree with a plain forward
             check_logprob_path(model, ids, mask, labels, batch_logps)
             checked = True
@@ -151,6 +161,7 @@ def score_named(
     chunk_size: int = 1024,
     show_progress: bool = False,
     world_size: int = 1,
+    forward: Callable | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Log-probs and token counts of several sets of examples (e.g. real and generated).
 
@@ -170,6 +181,7 @@ def score_named(
         chunk_size=chunk_size,
         progress=bar.update,
         world_size=world_size,
+        forward=forward,
     )
     bar.close()
     logp_out, count_out, start = {}, {}, 0
@@ -188,12 +200,14 @@ def score_with_opponent(
     *,
     show_progress: bool = False,
     world_size: int = 1,
+    forward: Callable | None = None,
 ) -> tuple[pd.DataFrame, Truncation]:
     """Add opponent_real_logps and opponent_generated_logps to the training set.
 
     Scores the stored ids: the real responses as the SFT trainer tokenized them,
     the generated ones exactly as the opponent produced them. `world_size` > 1:
-    called on every training rank, which share the work (see `score_examples`).
+    called on every training rank, which share the work (see `score_examples`, also for
+    `forward`).
     """
     examples = {
         "real": frame_examples(training_set, "real_ids", training),
@@ -207,6 +221,7 @@ def score_with_opponent(
         chunk_size=training.logprob_chunk_size,
         show_progress=show_progress,
         world_size=world_size,
+        forward=forward,
     )
     truncation = Truncation()
     for part in examples.values():

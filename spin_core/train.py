@@ -623,6 +623,7 @@ def _score_opponent(
             training,
             show_progress=dist.get_rank() == 0,
             world_size=world_size,
+            forward=engine,  # through the engine's hooks: ZeRO-3 prefetches (score_examples)
         )
     policy.train()
     logger.info(

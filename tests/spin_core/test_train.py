@@ -273,6 +273,35 @@ def test_training_scores_unscored_pairs_itself_before_its_first_step(
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_zero3_scores_and_checks_health_through_the_engine_so_it_can_prefetch(
+    toy_build, train_parquet
+):
+    """ZeRO-3 records the order it fetches parameters in between two of the engine's forward
+    calls, then prefetches in that order. Scoring through the module itself never ends a
+    recording: nothing is prefetched, and a health check would spoil the training trace."""
+    from spin_core.health import HealthProbe, check_health
+    from spin_core.score import frame_examples
+    from spin_core.train import _score_opponent, _Trainer, init_distributed
+
+    cfg = _config(toy_build, "training.zero_stage=3", "training.score_batch_tokens=512")
+    init_distributed()
+    trainer = _Trainer.build(str(toy_build.model_dir), cfg, 1e-6, 1)
+    try:
+        coordinator = trainer.engine.optimizer.parameter_offload.get_param_coordinator()
+        pairs = pd.read_parquet(train_parquet.parent / "pairs.parquet")
+        scored = _score_opponent(trainer.engine, pairs, cfg.training, trainer.pad_id, None, 1)
+        assert coordinator.is_complete_trace()  # several batches, each through the engine
+        reference = pd.read_parquet(train_parquet)
+        for column in ("opponent_real_logps", "opponent_generated_logps"):
+            np.testing.assert_allclose(scored[column], reference[column], atol=1e-5)
+        probe = HealthProbe(frame_examples(pairs, "real_ids", cfg.training), -1.0, 10.0, 1, 512)
+        check_health(trainer.engine, probe, trainer.pad_id, 1024, step=1)
+        check_health(trainer.engine, probe, trainer.pad_id, 1024, step=2)
+        assert coordinator.is_complete_trace()
+    finally:
+        trainer.close()
+
+
 @pytest.mark.slow
 def test_two_ranks_score_the_same_opponent_columns_as_one(toy_build, train_parquet, tmp_path):
     cfg = _config(toy_build, "training.num_epochs=1", "training.num_processes=2")
