@@ -545,3 +545,108 @@ def count_text(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+@dataclass
+class GenerationMemory:
+    """GPU memory of one generation worker (one GPU, or `tensor_parallel_size` with vLLM)."""
+
+    backend: str
+    rows: list[MemoryRow]
+    peak: float  # bytes on one GPU
+    limit: float  # what it may use: the GPU (HF), gpu_memory_utilization of it (vLLM)
+    kv_tokens: int  # tokens the KV cache holds
+    needed_tokens: int  # tokens the KV cache must hold at least
+
+    def fits(self) -> bool:
+        return self.peak <= self.limit and self.kv_tokens >= self.needed_tokens
+
+
+def generation_memory(cfg: SpinConfig, shape: ModelShape, gpu: float) -> GenerationMemory:
+    """What one generation worker holds on a GPU while θt writes the responses.
+
+    HF (spin's decoder): θt in the compute dtype, the KV cache of a full batch
+    (`generation.batch_tokens` tokens), one layer's MLP activations while the prompts are
+    prefilled, the last position's logits. vLLM takes `gpu_memory_utilization` of the GPU;
+    its weights (split over `tensor_parallel_size`) must leave room for a KV cache that holds
+    one whole sequence (max_prompt_length + max_new_tokens), or vLLM refuses to start.
+    """
+    g = cfg.generation
+    w = 2 if uses_bf16(cfg) else 4
+    head_dim = shape.hidden_size // shape.num_heads
+    kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * head_dim * w  # K and V
+    sequence = cfg.training.max_prompt_length + g.max_new_tokens
+    if g.backend == "vllm":
+        tp = g.tensor_parallel_size
+        weights = w * shape.parameters / tp
+        limit = g.gpu_memory_utilization * gpu
+        kv = max(limit - weights - RUNTIME_RESERVE_BYTES, 0.0)
+        rows = [
+            MemoryRow(f"weights ({w} B × Ψ / {tp} GPUs)", weights, f"{w} B × Ψ / {tp}"),
+            MemoryRow("CUDA context, activations (allowance)", RUNTIME_RESERVE_BYTES, "fixed"),
+            MemoryRow("KV cache: the rest of vLLM's share", kv, "share − weights − allowance"),
+        ]
+        return GenerationMemory("vllm", rows, limit, limit, int(kv / (kv_per_token / tp)), sequence)
+    tokens = g.batch_tokens
+    mlp = tokens * shape.intermediate_size * (3 if shape.gated_mlp else 2) * w
+    rows = [
+        MemoryRow(f"weights ({'bf16' if w == 2 else 'fp32'})", w * shape.parameters, f"{w} B × Ψ"),
+        MemoryRow(
+            f"KV cache ({tokens} tokens: generation.batch_tokens)",
+            tokens * kv_per_token,
+            "2 × L × kv heads × head dim × w per token",
+        ),
+        MemoryRow("prefill: one layer's MLP activations", mlp, "tokens × intermediate × 3 × w"),
+        MemoryRow(
+            "last position's logits (fp32)",
+            4 * g.max_batch_size * shape.vocab_size,
+            "max_batch_size × vocab × 4 B",
+        ),
+        MemoryRow("CUDA context, allocator (allowance)", RUNTIME_RESERVE_BYTES, "fixed"),
+    ]
+    peak = sum(r.bytes for r in rows)
+    return GenerationMemory("hf", rows, peak, gpu, tokens, sequence)
+
+
+def generation_memory_lines(memory: GenerationMemory, cfg: SpinConfig, gpu: float) -> list[str]:
+    g = cfg.generation
+    lines = [
+        f"backend {memory.backend}, {g.num_workers} worker(s), each on its own GPU"
+        + (f" × {g.tensor_parallel_size} (tensor parallel)" if memory.backend == "vllm" else ""),
+        "",
+        "| component | GiB | formula |",
+        "|---|---|---|",
+        *(f"| {r.name} | {r.bytes / GIB:.2f} | {r.formula} |" for r in memory.rows),
+    ]
+    if memory.backend == "vllm":
+        lines.append(
+            f"vLLM may take {memory.limit / GIB:.1f} GiB of {gpu / GIB:g} GiB "
+            f"(generation.gpu_memory_utilization {g.gpu_memory_utilization}); its KV cache holds "
+            f"about {memory.kv_tokens} tokens, {memory.kv_tokens // max(memory.needed_tokens, 1)} "
+            f"whole sequences of {memory.needed_tokens}: "
+            + ("fits." if memory.fits() else "does NOT fit.")
+        )
+    else:
+        lines.append(
+            f"Peak {memory.peak / GIB:.1f} GiB of {gpu / GIB:g} GiB: "
+            + ("fits." if memory.fits() else "does NOT fit.")
+        )
+    return lines
+
+
+def generation_memory_problem(memory: GenerationMemory, cfg: SpinConfig, gpu: float) -> str:
+    g = cfg.generation
+    if memory.backend == "vllm":
+        return (
+            f"generation memory: vLLM's share of {memory.limit / GIB:.1f} GiB per GPU leaves room "
+            f"for {memory.kv_tokens} tokens of KV cache, fewer than one sequence of "
+            f"{memory.needed_tokens} (raise generation.gpu_memory_utilization or "
+            "generation.tensor_parallel_size)"
+        )
+    scaling = memory.rows[1].bytes + memory.rows[2].bytes  # KV cache and prefill: × tokens
+    fixed = memory.peak - scaling
+    smaller = max(64, int(g.batch_tokens * (gpu - fixed) / scaling))
+    return (
+        f"generation memory: the estimate of {memory.peak / GIB:.1f} GiB per GPU exceeds "
+        f"{gpu / GIB:g} GiB (--gpu-memory-gib); generation.batch_tokens ≤ about {smaller} fits"
+    )

@@ -36,6 +36,9 @@ from spin_core.memory import (
     OPTIMIZER_STATES,
     MemoryEstimate,
     ModelShape,
+    generation_memory,
+    generation_memory_lines,
+    generation_memory_problem,
     lora_parameters,
     memory_for,
     memory_problem,
@@ -312,6 +315,11 @@ def preflight(
         report.sections.append(("GPU memory per rank (estimate)", lines))
         if not memory.fits(gpu):
             report.problems.append(memory_problem(cfg, report.shape, memory, gpu))
+        generation = generation_memory(cfg, report.shape, gpu)
+        lines = generation_memory_lines(generation, cfg, gpu)
+        report.sections.append(("GPU memory per generation worker (estimate)", lines))
+        if not generation.fits():
+            report.problems.append(generation_memory_problem(generation, cfg, gpu))
     _disk_section(report, cfg, run.root)
     return report
 

@@ -133,6 +133,8 @@ def test_mistral_7b_on_8_ranks_zero3_fits_80_gib(capsys, mistral_build, mistral_
     code, out, err = check(capsys, PAPER, *_paper(mistral_build, mistral_7b_dir))
     assert code == 0, err
     assert "7.24B parameters (exact)" in out
+    generation = out.split("GPU memory per generation worker (estimate)")[1]
+    assert "backend hf, 8 worker(s)" in generation and "Peak 42.0 GiB of 80 GiB: fits." in generation
 
 
 def test_mistral_7b_on_1_rank_zero0_exceeds_80_gib(
@@ -168,7 +170,7 @@ def test_when_nothing_fits_on_these_gpus_it_says_how_many_would_do(
     )
     code, _, err = check(capsys, PAPER, *sets, gib=16)
     assert code == 2
-    line = err.strip().splitlines()[-1]
+    line = next(x for x in err.splitlines() if "GPU memory: the estimate" in x)
     assert "it fits with" not in line
     assert re.search(r"ZeRO-3 over at least \d+ GPUs \(training.num_processes\)", line)
 

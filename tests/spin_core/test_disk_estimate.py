@@ -76,3 +76,44 @@ def test_spin_check_exits_2_when_the_run_cannot_fit(monkeypatch, capsys, toy_bui
     assert "spin: error: disk: the run needs about" in err and "0.0 GiB free" in err
     monkeypatch.undo()
     assert main(argv) == 0  # the same check with this machine's free space
+
+
+def test_a_generation_worker_of_the_7b_recipe_fits_on_an_80_gib_gpu():
+    """bf16 weights 13.5 GiB, the KV cache of the recipe's 131,072 tokens (32 layers × 8 kv
+    heads × 128 × 2 × 2 B = 128 KiB a token: 16 GiB), and a prefill layer's MLP (10.5 GiB)."""
+    from spin_core.memory import generation_memory
+
+    memory = generation_memory(load_config(PAPER), MISTRAL_7B, 80 * GIB)
+    kv = next(r for r in memory.rows if r.name.startswith("KV cache"))
+    assert kv.bytes == 131_072 * 128 * 1024
+    assert 42 < memory.peak / GIB < 43 and memory.fits()
+
+
+def test_generation_that_cannot_fit_is_refused_with_the_field_to_change(tmp_path):
+    from spin_core.memory import generation_memory, generation_memory_problem
+
+    big = load_config(PAPER, ["generation.batch_tokens=1000000"])
+    memory = generation_memory(big, MISTRAL_7B, 80 * GIB)
+    assert not memory.fits()
+    problem = generation_memory_problem(memory, big, 80 * GIB)
+    fitting = int(problem.split("generation.batch_tokens ≤ about ")[1].split()[0])
+    resized = load_config(PAPER, [f"generation.batch_tokens={fitting}"])
+    assert generation_memory(resized, MISTRAL_7B, 80 * GIB).fits()
+    assert not generation_memory(
+        load_config(PAPER, [f"generation.batch_tokens={int(fitting * 1.1)}"]), MISTRAL_7B, 80 * GIB
+    ).fits()
+    # vLLM on a 24 GiB GPU at 0.6 of it: 14.4 GiB holds the weights and no KV cache
+    small = load_config(PAPER, ["generation.backend=vllm", "generation.gpu_memory_utilization=0.6"])
+    memory = generation_memory(small, MISTRAL_7B, 24 * GIB)
+    assert not memory.fits()
+    assert "generation.gpu_memory_utilization" in generation_memory_problem(memory, small, 24 * GIB)
+    tp2 = load_config(
+        PAPER,
+        [
+            "generation.backend=vllm",
+            "generation.gpu_memory_utilization=0.6",
+            "generation.tensor_parallel_size=2",
+            "generation.num_workers=1",
+        ],
+    )
+    assert generation_memory(tp2, MISTRAL_7B, 24 * GIB).fits()  # half the weights per GPU
