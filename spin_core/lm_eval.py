@@ -75,6 +75,20 @@ def table(result: dict) -> list[dict]:
     ]
 
 
+def scores(out_dir: str | Path) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>` → score of out_dir/lm_eval.json, whatever settings wrote it
+    ({} without one): what experiment trackers log beside the held-out metrics."""
+    try:
+        result = json.loads((Path(out_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: float(value)
+        for name, value in columns(result).items()
+        if name.startswith(SCORE_PREFIX) and isinstance(value, int | float)
+    }
+
+
 def read_result(out_dir: str | Path, settings: LmEvalConfig) -> dict | None:
     """out_dir/lm_eval.json when it holds the scores of `settings`' tasks, else None."""
     path = Path(out_dir) / RESULT_FILE

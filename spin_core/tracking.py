@@ -30,6 +30,7 @@ import json
 import os
 from pathlib import Path
 
+from spin_core import lm_eval
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
 from spin_core.files import write_json_atomic
@@ -52,20 +53,6 @@ def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, dict):
             out |= _numbers(value, f"{name}/")
     return out
-
-
-def _lm_eval_scores(eval_dir: Path) -> dict[str, float]:
-    """`lm_eval/<task>/<metric>` of a model's lm_eval.json (eval.lm_eval), if it has one."""
-    path = eval_dir / "lm_eval.json"
-    if not path.exists():
-        return {}
-    scores = json.loads(path.read_text()).get("scores") or {}
-    return {
-        f"lm_eval/{task}/{metric}": float(entry["value"])
-        for task, metrics in scores.items()
-        for metric, entry in metrics.items()
-        if isinstance(entry, dict) and isinstance(entry.get("value"), int | float)
-    }
 
 
 def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
@@ -109,7 +96,7 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
 
     base = run.base_evaluation().metrics
     if "theta0" not in state["logged"] and base.exists():
-        values = _numbers(json.loads(base.read_text()), "heldout/") | _lm_eval_scores(base.parent)
+        values = _numbers(json.loads(base.read_text()), "heldout/") | lm_eval.scores(base.parent)
         log(state["parent"], values, step=0)
         state["logged"].append("theta0")
         write_json_atomic(state, state_path)
@@ -125,7 +112,7 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
                 record = json.loads(line)
                 log(child.info.run_id, _numbers(record, "train/"), step=int(record["step"]))
             metrics = json.loads(run.iteration_metrics(t).read_text())
-            values = _numbers(metrics, "heldout/") | _lm_eval_scores(run.iteration(t))
+            values = _numbers(metrics, "heldout/") | lm_eval.scores(run.iteration(t))
             log(child.info.run_id, values, step=t + 1)
             log(state["parent"], values, step=t + 1)
             baseline = run.baseline_evaluation(t).metrics
@@ -179,7 +166,7 @@ def track_wandb(run: RunDir, config_params: dict[str, str] | None = None) -> dic
                 wandb_run.log(_numbers(record, "train/"), step=int(record["step"]))
             metrics = json.loads(run.iteration_metrics(t).read_text())
             wandb_run.summary.update(
-                _numbers(metrics, "heldout/") | _lm_eval_scores(run.iteration(t))
+                _numbers(metrics, "heldout/") | lm_eval.scores(run.iteration(t))
             )
             wandb_run.finish()
             logged(key, wandb_run)
@@ -188,10 +175,10 @@ def track_wandb(run: RunDir, config_params: dict[str, str] | None = None) -> dic
         base = run.base_evaluation().metrics
         if base.exists():
             values = _numbers(json.loads(base.read_text()), "heldout/")
-            wandb_run.log(values | _lm_eval_scores(base.parent), step=0)
+            wandb_run.log(values | lm_eval.scores(base.parent), step=0)
         for i in finished:
             values = _numbers(json.loads(run.iteration_metrics(i).read_text()), "heldout/")
-            wandb_run.log(values | _lm_eval_scores(run.iteration(i)), step=i + 1)
+            wandb_run.log(values | lm_eval.scores(run.iteration(i)), step=i + 1)
         wandb_run.finish()
         logged("models", wandb_run)
     return state

@@ -134,7 +134,9 @@ def test_mistral_7b_on_8_ranks_zero3_fits_80_gib(capsys, mistral_build, mistral_
     assert code == 0, err
     assert "7.24B parameters (exact)" in out
     generation = out.split("GPU memory per generation worker (estimate)")[1]
-    assert "backend hf, 8 worker(s)" in generation and "Peak 42.0 GiB of 80 GiB: fits." in generation
+    assert (
+        "backend hf, 8 worker(s)" in generation and "Peak 42.0 GiB of 80 GiB: fits." in generation
+    )
 
 
 def test_mistral_7b_on_1_rank_zero0_exceeds_80_gib(

@@ -181,6 +181,49 @@ def test_mlflow_holds_one_run_with_a_nested_run_per_iteration(finished_run):
     assert len(client.get_metric_history(state["parent"], "heldout/exact_match")) == 3
 
 
+def test_lm_eval_scores_reach_mlflow_and_wandb(finished_run, tmp_path, monkeypatch):
+    """lm_eval.json as the pipeline writes it (lm_eval.write_result); the tracker once read
+    it one level too shallow and logged nothing of it."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from spin_core import lm_eval, tracking
+
+    run, cfg, _ = finished_run
+    copy = RunDir(
+        shutil.copytree(
+            run.root,
+            tmp_path / "copy",
+            ignore=shutil.ignore_patterns("mlflow.db", "tracking.json", "wandb", "tracking-wandb.json"),
+        )
+    )
+    for t, value in enumerate([0.25, 0.5, 0.75]):
+        result = {
+            "scores": {
+                "arc_easy": {
+                    "num_fewshot": 0,
+                    "metrics": {
+                        "acc": {"value": value, "stderr": 0.01},  # parse_metrics' names
+                    },
+                }
+            },
+            "spec": {"limit": None},
+        }
+        lm_eval.write_result(result, copy.base_eval() if t == 0 else copy.iteration(t - 1))
+    state = tracking.track(copy)
+    client = MlflowClient(tracking_uri=state["uri"])
+    history = client.get_metric_history(state["parent"], "lm_eval/arc_easy/acc")
+    assert [(m.step, m.value) for m in history] == [(0, 0.25), (1, 0.5), (2, 0.75)]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    state = tracking.track_wandb(copy)
+    (records,) = next((copy.root / "wandb").glob(f"offline-run-*{state['runs']['models']}")).glob(
+        "run-*.wandb"
+    )
+    assert b"lm_eval/arc_easy/acc" in records.read_bytes()
+
+
 def test_wandb_offline_holds_a_run_per_iteration_and_the_models(finished_run, monkeypatch):
     """run.tracking=wandb, offline: what the files hold, one W&B run per iteration + one overview."""
     from spin_core import tracking
