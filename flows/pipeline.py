@@ -16,6 +16,7 @@ from flows.iteration import IterationRunner
 from spin_core import pipeline, steps
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
+from tasks.caching import refuse_remote_code
 
 
 def default_run_dir(config: SpinConfig) -> str:
@@ -32,6 +33,7 @@ def spin_pipeline(config: SpinConfig, run_dir: str | None = None) -> str:
     """
     run_dir = run_dir or default_run_dir(config)
     try:
+        refuse_remote_code(config)
         steps.check_before_start(config, run_dir)  # cheap when `spin run` checked already
     except InputError as exc:
         # A bad input is the run's state message, not a task's traceback in the logs.

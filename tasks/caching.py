@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
-from spin_core.errors import retryable
+from spin_core.errors import InputError, retryable
 from spin_core.rundir import RunDir
 from spin_core.status import announce
 from spin_core.step import Step, execute
@@ -134,10 +135,33 @@ def prefect_task(step: Step):
     return _tasks[step]
 
 
+# What a worker's operator sets to let runs started from a deployment execute model code.
+ALLOW_REMOTE_CODE = "SPIN_ALLOW_REMOTE_CODE"
+
+
+def refuse_remote_code(config: SpinConfig) -> None:
+    """A run a worker started from a deployment may not run a model's own Python code unless
+    that worker's environment says so: anyone who can start a deployment can type
+    `model.trust_remote_code: true` and a model path into the UI's form. A local `spin run`,
+    typed by the machine's own user, is not affected.
+
+    Prefect's workers (and `spin serve`) start every flow run's process with
+    PREFECT__FLOW_RUN_ID set; a local run's process has none.
+    """
+    if not config.model.trust_remote_code or not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return
+    if os.environ.get(ALLOW_REMOTE_CODE) != "1":
+        raise InputError(
+            "model.trust_remote_code: a run started from a deployment may not run the model's "
+            f"own code on this worker unless the worker's environment sets {ALLOW_REMOTE_CODE}=1"
+        )
+
+
 def run_local(step: Step, *args, **kwargs) -> Any:
     """Run `step` as a Prefect task in this flow run (or return its cached result)."""
     params = step.params(*args, **kwargs)
     params["config"] = as_config(params["config"])
+    refuse_remote_code(params["config"])
     prefect_step = prefect_task(step)
     if step.done is None:
         with announce(step.name, params):

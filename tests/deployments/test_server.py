@@ -164,3 +164,44 @@ def test_retry_did_not_redo_finished_steps(retried_run, workers):
     started = [e["step"] for e in events if e["event"] == "started"]
     for step in ("sample-prompts", "generate-responses", "build-training-set"):
         assert started.count(step) == 1, started
+
+
+def test_a_run_from_a_deployment_may_not_run_model_code_unless_the_worker_allows_it(
+    workers, toy_overrides, tmp_path
+):
+    """The UI's form lets anyone who can start a deployment type trust_remote_code: true and
+    a model path: code execution on the workers. Refused, in one line, before any step."""
+    server = workers
+    config = load_config(
+        "configs/demo.yaml", [*toy_overrides("remote-code"), "model.trust_remote_code=true"]
+    )
+    run = RunDir(tmp_path / "run")
+    pipeline = server.deployment("spin-pipeline/spin-pipeline")
+    parameters = {"config": config.model_dump(mode="json"), "run_dir": str(run.root)}
+    response = server.api.post(
+        f"/deployments/{pipeline['id']}/create_flow_run", json={"parameters": parameters}
+    )
+    response.raise_for_status()
+    failed = server.wait_for(response.json()["id"], {"FAILED"}, timeout=180)
+    message = failed["state"]["message"]
+    assert message.startswith("spin: error: model.trust_remote_code:"), message
+    assert "SPIN_ALLOW_REMOTE_CODE=1" in message
+    assert not run.heldout.exists()  # nothing ran
+
+
+def test_the_remote_code_rule_holds_for_worker_runs_only(monkeypatch):
+    """A local `spin run` keeps model.trust_remote_code; a worker's run needs its operator's
+    SPIN_ALLOW_REMOTE_CODE=1 (a test of the rule itself: the run above covers the refusal)."""
+    from spin_core.errors import InputError
+    from tasks.caching import refuse_remote_code
+
+    trusting = load_config("configs/demo.yaml", ["model.trust_remote_code=true"])
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("SPIN_ALLOW_REMOTE_CODE", raising=False)
+    refuse_remote_code(trusting)  # local
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b7c0d1e-0000-4000-8000-000000000000")
+    refuse_remote_code(load_config("configs/demo.yaml"))  # no remote code asked for
+    with pytest.raises(InputError, match="SPIN_ALLOW_REMOTE_CODE"):
+        refuse_remote_code(trusting)
+    monkeypatch.setenv("SPIN_ALLOW_REMOTE_CODE", "1")
+    refuse_remote_code(trusting)

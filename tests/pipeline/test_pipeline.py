@@ -195,7 +195,9 @@ def test_lm_eval_scores_reach_mlflow_and_wandb(finished_run, tmp_path, monkeypat
         shutil.copytree(
             run.root,
             tmp_path / "copy",
-            ignore=shutil.ignore_patterns("mlflow.db", "tracking.json", "wandb", "tracking-wandb.json"),
+            ignore=shutil.ignore_patterns(
+                "mlflow.db", "tracking.json", "wandb", "tracking-wandb.json"
+            ),
         )
     )
     for t, value in enumerate([0.25, 0.5, 0.75]):
