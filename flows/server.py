@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from spin_core.runtime.processes import DIE_WITH_PARENT
+
 # Runs `python -m uvicorn ARGS` in this process with a thread that ends it when the
 # parent process dies (its parent pid changes). Polling, not PR_SET_PDEATHSIG: that
 # signal follows the thread that forked, and Prefect may start the server from any thread.
@@ -251,8 +253,10 @@ def prefect_server(
     with open(log or os.devnull, "w") as output:
         # Its own session: a Ctrl-C or SIGTERM to the terminal's process group stops the
         # serving process first, which then stops this server (not the other way round).
+        # And a SIGTERM from the kernel when this process dies without cleanup (kill -9, the
+        # OOM killer), which a server in its own session would otherwise outlive.
         server = subprocess.Popen(
-            [*command, "--port", str(port)],
+            [sys.executable, "-c", DIE_WITH_PARENT, *command, "--port", str(port)],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -8,7 +8,7 @@ Two shapes:
   stays interruptible.
 
 Either way a child gets SIGTERM from the kernel when its parent dies, even by kill -9
-(PR_SET_PDEATHSIG, set in the child itself by `_DIE_WITH_PARENT`, since preexec_fn is
+(PR_SET_PDEATHSIG, set in the child itself by `DIE_WITH_PARENT`, since preexec_fn is
 unsafe with threads).
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(?!torch\.distributed)[\w.]*(Error|Exception): ")
 
 # Exec'd in front of a child: the kernel sends it SIGTERM when its parent dies.
-_DIE_WITH_PARENT = (
+DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "try:\n"
     "    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\n"
@@ -67,7 +67,7 @@ def child_env() -> dict[str, str]:
 
 def _popen(command: list[str], env: dict[str, str] | None, new_session: bool) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", _DIE_WITH_PARENT, *command],
+        [sys.executable, "-c", DIE_WITH_PARENT, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

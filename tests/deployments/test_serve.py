@@ -90,3 +90,45 @@ def test_spin_serve_starts_a_server_and_serves_the_flows(tmp_path):
                 except ProcessLookupError:
                     pass
         serve.wait()
+
+
+def test_a_killed_spin_serve_takes_its_prefect_server_with_it(tmp_path):
+    """kill -9 (the OOM killer, a timeout) runs no cleanup, and the server `spin serve` starts
+    has a session of its own: without the kernel's parent-death signal it lived on."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    code = (
+        "import sys, time\n"
+        "from flows.server import prefect_server\n"
+        f"with prefect_server({port}) as url:\n"
+        "    print(url, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    serving = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    url = serving.stdout.readline().strip()  # once the server answers
+    server = _children(serving.pid)
+    try:
+        assert url == f"http://127.0.0.1:{port}/api"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        serving.kill()
+        serving.wait()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+            except httpx.HTTPError:
+                break  # gone
+            assert time.monotonic() < deadline, "the Prefect server outlived `spin serve`"
+            time.sleep(0.5)
+    finally:
+        for pid in server:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
