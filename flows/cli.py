@@ -66,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     serve = add("serve", help="serve the flows as deployments for the Prefect UI")
     serve.add_argument("--config", default=None, help="default config for the deployment form")
+    serve.add_argument(
+        "--host",
+        default=None,
+        help="address the Prefect server it starts listens on (default 127.0.0.1); another "
+        "needs PREFECT_SERVER_API_AUTH_STRING or --insecure",
+    )
+    serve.add_argument(
+        "--port", type=int, default=None, help="its port (default PREFECT_SERVER_API_PORT, 4200)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a --host other machines can reach without credentials",
+    )
     check = add(
         "check", help="pre-flight: tokens, lengths, steps and GPU memory of a config, in seconds"
     )
@@ -167,7 +181,12 @@ def _check(args: argparse.Namespace) -> int:
     return 2 if report.problems else 0
 
 
-def _serve(config_path: str | None) -> int:
+def _serve(
+    config_path: str | None,
+    host: str | None = None,
+    port: int | None = None,
+    insecure: bool = False,
+) -> int:
     """Serve the flows as deployments, on PREFECT_API_URL or a local server started here."""
     from prefect import serve
 
@@ -176,12 +195,13 @@ def _serve(config_path: str | None) -> int:
     from flows.iteration import spin_iteration
     from flows.pipeline import spin_pipeline
     from flows.scheduled import spin_next_iteration
-    from flows.server import announce_served, prefect_api
+    from flows.server import announce_served, check_serve_address, prefect_api
     from spin_core.config import load_config
 
+    check_serve_address(host, port, insecure)
     config = load_config(config_path or DEMO_CONFIG)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the API
-    with prefect_api() as url, announce_served(url):
+    with prefect_api(host=host, port=port) as url, announce_served(url):
         pipeline = spin_pipeline.to_deployment(
             name="spin-pipeline", parameters={"config": config.model_dump(mode="json")}
         )
@@ -411,7 +431,7 @@ def _status(args: argparse.Namespace) -> int:
 COMMANDS = {
     "demo": lambda args: _run_pipeline(DEMO_CONFIG, args.run_dir, args.overrides),
     "run": lambda args: _run_pipeline(args.config, args.run_dir, args.overrides),
-    "serve": lambda args: _serve(args.config),
+    "serve": lambda args: _serve(args.config, args.host, args.port, args.insecure),
     "check": lambda args: _check(args),
     "compare": lambda args: _compare(args),
     "report": _report,

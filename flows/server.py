@@ -241,15 +241,20 @@ def _healthy(api_url: str) -> bool:
 
 @contextmanager
 def prefect_server(
-    port: int, env: dict | None = None, log: Path | None = None, start_timeout: float = 120
+    port: int,
+    env: dict | None = None,
+    log: Path | None = None,
+    start_timeout: float = 120,
+    host: str = "127.0.0.1",
 ) -> Iterator[str]:
-    """`prefect server start` on 127.0.0.1:`port`; yields its API URL once /health answers.
+    """`prefect server start` on `host`:`port`; yields its API URL on this machine once
+    /health answers.
 
     env: the server's environment (its PREFECT_HOME); log: where its output goes
     (discarded without one). The server is stopped on exit.
     """
     url = f"http://127.0.0.1:{port}/api"
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host]
     with open(log or os.devnull, "w") as output:
         # Its own session: a Ctrl-C or SIGTERM to the terminal's process group stops the
         # serving process first, which then stops this server (not the other way round).
@@ -279,25 +284,75 @@ def prefect_server(
             server.wait()
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+AUTH_VARIABLE = (
+    "PREFECT_SERVER_API_AUTH_STRING"  # the server's; clients use PREFECT_API_AUTH_STRING
+)
+
+
+def check_serve_address(host: str | None, port: int | None, insecure: bool) -> None:
+    """`spin serve --host/--port`: refused (InputError) before anything starts when they cannot
+    apply (PREFECT_API_URL names a server elsewhere) or would open the API to the network with
+    no credentials: anyone who reaches the port could then start runs, that is run code."""
+    from prefect.settings import PREFECT_API_URL
+
+    from spin_core.errors import InputError
+
+    if (host or port) and PREFECT_API_URL.value():
+        raise InputError(
+            f"--host/--port: PREFECT_API_URL is set ({PREFECT_API_URL.value()}), so spin serve "
+            "starts no server of its own; unset it or leave out --host and --port"
+        )
+    if host and host not in LOOPBACK and not os.environ.get(AUTH_VARIABLE) and not insecure:
+        raise InputError(
+            f"--host {host}: a server other machines can reach needs credentials: set "
+            f"{AUTH_VARIABLE}=user:password (Prefect's Basic Authentication; workers and clients "
+            "then set PREFECT_API_AUTH_STRING to the same), or pass --insecure"
+        )
+
+
 @contextmanager
-def prefect_api(start_timeout: float = 120) -> Iterator[str]:
+def prefect_api(
+    start_timeout: float = 120, host: str | None = None, port: int | None = None
+) -> Iterator[str]:
     """The Prefect API to register with: PREFECT_API_URL, else a local server started here.
 
-    The local server listens on 127.0.0.1 at PREFECT_SERVER_API_PORT (4200 by default),
-    keeps its database in PREFECT_HOME, and is stopped on exit; one already answering
-    on that port is used as it is.
+    The local server listens on `host` (127.0.0.1) at `port` (PREFECT_SERVER_API_PORT, 4200
+    by default), keeps its database in PREFECT_HOME, and is stopped on exit; one already
+    answering on that port is used as it is. With PREFECT_SERVER_API_AUTH_STRING set, this
+    process and the flow runs it starts send the same credentials.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_API_PORT, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_SERVER_API_PORT,
+        temporary_settings,
+    )
 
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    port = PREFECT_SERVER_API_PORT.value()
+    port = port or PREFECT_SERVER_API_PORT.value()
     url = f"http://127.0.0.1:{port}/api"
+    updates = {PREFECT_API_URL: url}
+    auth = os.environ.get(AUTH_VARIABLE)
+    if auth and not PREFECT_API_AUTH_STRING.value():
+        os.environ["PREFECT_API_AUTH_STRING"] = auth  # for the flow-run processes
+        updates[PREFECT_API_AUTH_STRING] = auth
     with contextlib.ExitStack() as stack:
         if not _healthy(url):
-            stack.enter_context(prefect_server(port, start_timeout=start_timeout))
-        print(f"Prefect UI at {url.removesuffix('/api')}", flush=True)
+            stack.enter_context(
+                prefect_server(port, start_timeout=start_timeout, host=host or "127.0.0.1")
+            )
+        shown = url if host in (None, *LOOPBACK) else f"http://{_reachable(host)}:{port}/api"
+        print(f"Prefect UI at {shown.removesuffix('/api')}", flush=True)
         os.environ["PREFECT_API_URL"] = url  # for the flow-run processes this one starts
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates=updates):
             yield url
+
+
+def _reachable(host: str) -> str:
+    """The name other machines use for `host` (this machine's for a wildcard address)."""
+    import socket
+
+    return socket.getfqdn() if host in ("0.0.0.0", "::") else host
