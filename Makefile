@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo demo-real test lint bench clean browser gpu-check
+.PHONY: setup demo demo-real test lint bench clean browser postgres gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +61,15 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "make: chromium is not installed and could not be; the browser test will be skipped"
 
-test: browser
+# The deployment tests run their Prefect server on PostgreSQL, as a team runs Prefect: Debian's
+# package, installed here when missing and possible (root with apt-get); else they are skipped.
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "make: PostgreSQL is not installed and could not be; the deployment tests will be skipped"
+
+test: browser postgres
 test: lint
 	$(BIN)/pytest -q
 

@@ -24,6 +24,8 @@ import pytest
 from flows.server import prefect_server as start_prefect_server
 from spin_core.launch import free_port
 from tests.overrides import overrides
+from tests.postgres import postgres_database
+from tests.postgres import unavailable as postgres_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -183,8 +185,18 @@ def toy_overrides(toy_build):
 
 
 @pytest.fixture(scope="package")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME."""
+def postgres():
+    """The database of the tests' Prefect server: PostgreSQL, as a team runs Prefect."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(f"the deployment tests run Prefect on PostgreSQL: {reason}")
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="package")
+def prefect_server(tmp_path_factory, postgres):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME, on PostgreSQL."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -198,6 +210,7 @@ def prefect_server(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick runs up quickly
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres,
         "TOKENIZERS_PARALLELISM": "false",
     }
     with start_prefect_server(port, env=env, log=home / "server.log", start_timeout=180) as url:

@@ -95,6 +95,24 @@ def test_deployments_sit_on_their_work_pools(deployed):
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"] is False
 
 
+def test_the_server_keeps_its_flow_runs_in_postgresql(retried_run, postgres, workers):
+    """What the API lists is what PostgreSQL holds; no SQLite database was made."""
+    import asyncio
+
+    import asyncpg
+
+    async def flow_run_ids() -> set[str]:
+        connection = await asyncpg.connect(postgres.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            return {str(r["id"]) for r in await connection.fetch("SELECT id FROM flow_run")}
+        finally:
+            await connection.close()
+
+    listed = {r["id"] for r in workers.api.post("/flow_runs/filter", json={}).json()}
+    assert retried_run["final"]["id"] in listed and listed <= asyncio.run(flow_run_ids())
+    assert not list(workers.home.rglob("*.db"))
+
+
 def test_retried_run_completes_with_the_run_directory_of_the_spec(retried_run):
     run = retried_run["run"]
     assert retried_run["final"]["state_type"] == "COMPLETED"
