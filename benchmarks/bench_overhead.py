@@ -2,7 +2,8 @@
 
 Prefect side: exactly a user's `spin run CONFIG --run-dir DIR` (`python -m flows.cli`), with
 its temporary Prefect server started in the background while the inputs are checked; and
-the same against a running server (PREFECT_API_URL). Plain side: the same config file
+the same against a running server (PREFECT_API_URL); and reruns of a finished run, every step
+cached, against a server on SQLite and one on PostgreSQL. Plain side: the same config file
 loaded and run by `spin_core.driver.run`, the same step definitions (spin_core/steps.py)
 in the same order with the same policy, in plain Python, no Prefect imported. Each run is
 a fresh process; the figures are the differences and ratios of their wall times,
@@ -111,6 +112,48 @@ def alternate(
     return times, exact
 
 
+def cached_reruns(config_path: Path, args, rounds: int, api_url: str, name: str) -> list[float]:
+    """Wall seconds of `spin run` reruns of a finished run, every step cached, against the
+    server at `api_url`: what a resume of a run with nothing left to do costs."""
+    run_dir = _common.CACHE / "overhead" / f"cached-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = prefect_env() | {"PREFECT_API_URL": api_url, "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-dir"]
+    command.append(str(run_dir))
+    seconds = []
+    for _ in range(1 + rounds):  # the first run does the work
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=_common.ROOT, env=env, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-8000:])
+            raise RuntimeError(f"spin run against the {name} server exited {done.returncode}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return seconds[1:]
+
+
+def database_phase(config_path: Path, args, rounds: int) -> dict:
+    """Cached reruns against a server on SQLite and one on PostgreSQL (when one can be started
+    here: tests/postgres.py), each server alone on the machine while it is measured."""
+    from tests.postgres import postgres_database, unavailable
+
+    out: dict = {}
+    with prefect_server(free_port(), env=prefect_env()) as api_url:
+        out["sqlite"] = cached_reruns(config_path, args, rounds, api_url, "sqlite")
+    if unavailable():
+        out["postgresql"] = None
+        out["postgresql_unavailable"] = unavailable()
+        return out
+    with postgres_database() as url:
+        env = prefect_env() | {
+            "PREFECT_API_DATABASE_CONNECTION_URL": url,
+            "PREFECT_HOME": str(_common.CACHE / "prefect-postgres"),
+        }
+        with prefect_server(free_port(), env=env) as api_url:
+            out["postgresql"] = cached_reruns(config_path, args, rounds, api_url, "postgresql")
+    return out
+
+
 def main() -> None:
     args = _common.parser(__doc__.splitlines()[0])
     args.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)
@@ -137,6 +180,7 @@ def main() -> None:
     with prefect_server(free_port(), env=prefect_env()) as api_url:
         served_times, served_exact = alternate(config_path, args, rounds, api_url=api_url)
     assert len(exact | served_exact) == 1, exact | served_exact  # same config, seeds: same θ1
+    databases = database_phase(config_path, args, max(rounds, 2))
     plain, prefect = statistics.median(times["plain"]), statistics.median(times["prefect"])
     plain_b = statistics.median(served_times["plain"])
     served = statistics.median(served_times["prefect"])
@@ -158,6 +202,16 @@ def main() -> None:
             "prefect_server_runs_s": [round(t, 2) for t in served_times["prefect"]],
             "server_overhead_s": round(served - plain_b, 2),
             "server_ratio": round(served / plain_b, 3),
+            "cached_rerun_sqlite_runs_s": [round(t, 2) for t in databases["sqlite"]],
+            "cached_rerun_postgresql_runs_s": (
+                [round(t, 2) for t in databases["postgresql"]] if databases["postgresql"] else None
+            ),
+            "cached_rerun_sqlite_s": round(statistics.median(databases["sqlite"]), 2),
+            "cached_rerun_postgresql_s": (
+                round(statistics.median(databases["postgresql"]), 2)
+                if databases["postgresql"]
+                else databases.get("postgresql_unavailable")
+            ),
             "threads": args.threads,
         },
         target=f"`spin run` <= {TARGET_SECONDS:.0f} s more than the plain loop (temporary server)",
