@@ -267,11 +267,21 @@ def provenance_section(metrics: pd.DataFrame) -> list[str]:
     return ["## Provenance", "", markdown_table(metrics, PROVENANCE_COLUMNS), "", note, ""]
 
 
-def _fmt(value) -> str:
+# Columns that count things (a float column only because other rows lack them) and a factor:
+# printed as 47 and 0.5, not 47.0000 and 0.5000.
+COUNT_COLUMNS = {"train_pairs", "train_steps", "unhealthy_checks"}
+FACTOR_COLUMNS = {"lr_scale"}
+
+
+def _fmt(value, key: str = "") -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if key in COUNT_COLUMNS and float(value).is_integer():
+        return str(int(value))
+    if key in FACTOR_COLUMNS:
+        return f"{float(value):g}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
@@ -282,7 +292,7 @@ def markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(label for _, label in present) + " |"]
     lines.append("|" + "---|" * len(present))
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[key]) for key, _ in present) + " |")
+        lines.append("| " + " | ".join(_fmt(row[key], key) for key, _ in present) + " |")
     return "\n".join(lines)
 
 
@@ -426,6 +436,7 @@ def plot_metrics(metrics: pd.DataFrame, steps: pd.DataFrame, out_dir: Path) -> l
                 _plot_line(ax, metrics, key, "sft_", dodge=0.06, marker="s", label="continued SFT")
                 ax.legend()
             ax.set_title(dict(COLUMNS)[key])
+            ax.set_xticks(metrics["iteration"], metrics["model_name"])  # whole models only
             ax.set_xlabel("model θt")
             ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -117,3 +117,42 @@ def test_report_without_any_eval_parquet_still_builds(run):
     assert "θ1 vs θ0: not compared (no per-prompt evaluation eval.parquet for θ0)" in text
     assert "not tested for significance" in text
     assert not any(c.endswith("_vs_theta0") for c in metrics.columns)
+
+
+def test_the_report_prints_counts_as_integers_and_plots_whole_models(run):
+    """ "train pairs 47.0000" and "lr scale 1.0000" read as measurements, not counts; the x axis
+    had ticks at θ0.5 and θ1.5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from spin_core import report
+
+    for t in (0, 1):
+        metrics = json.loads(run.iteration_metrics(t).read_text())
+        metrics |= {"train_pairs": 47, "lr_scale": 1.0 if t == 0 else 0.5, "unhealthy_checks": 0}
+        write_json_atomic(metrics, run.iteration_metrics(t))
+    path, _ = write_report(run.root)
+    table = path.read_text().split("## Held-out metrics per model", 1)[1].split("\n## ", 1)[0]
+    header, _, _, theta1, theta2 = [r for r in table.splitlines() if r.startswith("|")][:5]
+    cells = dict(zip(header.split("|"), theta1.split("|"), strict=True))
+    assert cells[" train pairs "].strip() == "47" and cells[" lr scale "].strip() == "1"
+    assert dict(zip(header.split("|"), theta2.split("|"), strict=True))[" lr scale "] == " 0.5 "
+
+    ticks = []
+    real_save = report.save_figure
+
+    def keep_ticks(fig, out):
+        ticks.extend(
+            [t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes if ax.get_xticklabels()
+        )
+        return real_save(fig, out)
+
+    report.save_figure = keep_ticks
+    try:
+        write_report(run.root)
+    finally:
+        report.save_figure = real_save
+        plt.close("all")
+    assert ticks and all(labels == ["θ0", "θ1", "θ2"] for labels in ticks[:1])
