@@ -23,6 +23,7 @@ from flows.pipeline import spin_pipeline
 from spin_core import compare, compare_report, toy
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
+from spin_core.report import embed_images
 from spin_core.runtime.devices import check_device_counts
 
 
@@ -256,5 +257,7 @@ def _publish(path: Path, comparison: compare.Comparison, reused: set[str]) -> No
             table=runs, key="spin-compare-runs", description="the runs of the comparison"
         )
     create_markdown_artifact(
-        markdown=path.read_text(), key="spin-compare-report", description=str(path)
+        markdown=embed_images(path.read_text(), path.parent),
+        key="spin-compare-report",
+        description=str(path),
     )

@@ -475,6 +475,25 @@ def _plot_line(
     ax.errorbar(x + dodge, y, yerr=yerr, capsize=3, **style)
 
 
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(((?!data:|https?:)[^)\s]+\.png)\)")
+
+
+def embed_images(markdown: str, base: Path) -> str:
+    """`markdown` with its local PNG links (`![name](plots/x.png)`, relative to `base`)
+    replaced by data URIs, for a viewer that cannot reach the files: the Prefect UI shows a
+    report artifact from its own server, where `plots/x.png` is a broken image."""
+    import base64
+
+    def inline(match: re.Match) -> str:
+        path = base / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return IMAGE_LINK.sub(inline, markdown)
+
+
 def save_figure(fig, path: Path) -> Path:
     """`fig` as a PNG at `path`, written atomically; the figure is closed."""
     with atomic_path(path) as tmp:

@@ -566,7 +566,7 @@ def write_report(ctx: Context, config: SpinConfig, run_dir: str) -> str:
         columns = ["model_name"] + [key for key, _ in report.COLUMNS if key in metrics]
         table = metrics[columns].astype(object).where(metrics[columns].notna(), None)
         ctx.table("spin-metrics", table.to_dict(orient="records"), "held-out metrics per model")
-    ctx.markdown("spin-report", path.read_text(), str(path))
+    ctx.markdown("spin-report", report.embed_images(path.read_text(), path.parent), str(path))
     ctx.log.info("report written to %s", path)
     return str(path)
 

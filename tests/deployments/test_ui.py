@@ -100,4 +100,21 @@ def test_custom_run_form_starts_a_run_with_the_typed_beta(
     screenshot = tmp_path / "flow-run.png"
     page.screenshot(path=screenshot, full_page=True)
     assert screenshot.stat().st_size > 10_000
-    print(f"screenshots: {tmp_path / 'custom-run-form.png'}, {screenshot}")
+
+    # The report artifact, as the UI shows it: every plot loads (a link to plots/x.png did
+    # not: the UI serves the artifact from its own server).
+    body = {
+        "artifacts": {"key": {"any_": ["spin-report"]}, "flow_run_id": {"any_": [started["id"]]}}
+    }
+    (artifact,) = server.api.post("/artifacts/filter", json=body).json()
+    page.goto(f"{server.ui}/artifacts/artifact/{artifact['id']}")
+    page.get_by_text("Held-out metrics per model").first.wait_for()
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    loaded = page.evaluate(
+        "Array.from(document.images).filter(i => i.alt.includes('metrics_per_iteration')"
+        " || i.alt.includes('train_steps')).map(i => i.naturalWidth)"
+    )
+    assert len(loaded) == 2 and all(width > 0 for width in loaded), loaded
+    report_shot = tmp_path / "report-artifact.png"
+    page.screenshot(path=report_shot, full_page=True)
+    print(f"screenshots: {tmp_path / 'custom-run-form.png'}, {screenshot}, {report_shot}")

@@ -156,3 +156,21 @@ def test_the_report_prints_counts_as_integers_and_plots_whole_models(run):
         report.save_figure = real_save
         plt.close("all")
     assert ticks and all(labels == ["θ0", "θ1", "θ2"] for labels in ticks[:1])
+
+
+def test_the_report_artifact_carries_its_plots_inline(run):
+    """The Prefect UI shows the report from its own server: `plots/x.png` would not load."""
+    import base64
+    import re
+
+    from spin_core.report import embed_images
+
+    path, _ = write_report(run.root)
+    text = path.read_text()
+    assert "](plots/metrics_per_iteration.png)" in text  # the file on disk links the files
+    inline = embed_images(text, path.parent)
+    assert "](plots/" not in inline
+    images = re.findall(r"!\[([^\]]*)\]\(data:image/png;base64,([^)]+)\)", inline)
+    assert {name for name, _ in images} >= {"metrics_per_iteration"}
+    for _, data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
