@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from spin_core.config import SpinConfig
-from spin_core.generation import Decoding, HFBackend
+from spin_core.generation import Decoding, Generated, HFBackend
 from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
 from spin_core.score import examples_from_ids, score_named
@@ -27,6 +27,17 @@ def collapsed(loglik: float, opponent_loglik: float, tolerance: float) -> bool:
     """The health rule: the real responses' per-token log-likelihood fell more than
     `tolerance` (run.collapse_tolerance) below the opponent's. Reward accuracy is never used."""
     return bool(opponent_loglik - loglik > tolerance)
+
+
+def evaluation_config(cfg: SpinConfig) -> SpinConfig:
+    """`cfg` as a held-out evaluation generates: greedy, `eval.max_new_tokens` new tokens."""
+    generation = cfg.generation.model_copy(
+        update={
+            "do_sample": False,
+            "max_new_tokens": cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+        }
+    )
+    return cfg.model_copy(update={"generation": generation})
 
 
 def evaluate_model(
@@ -39,6 +50,7 @@ def evaluate_model(
     beta: float | None = None,
     group_of: Callable[[str], str] | None = None,
     show_progress: bool = False,
+    generated: list[Generated] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Evaluate `model` on `heldout` (id, prompt, real[, context]).
 
@@ -48,23 +60,22 @@ def evaluate_model(
     ties, reported apart (`ties`) and left out of reward accuracy and margin.
     group_of: maps a prompt to a group (e.g. the toy task) for a per-group exact-match
     breakdown.
+    generated: the greedy answers to `heldout`'s prompts in order, when the generation
+    workers wrote them (`evaluation_config`); else `model` writes them here.
     Returns (per-example frame, metrics dict).
     """
     training = cfg.training
-    decoding = Decoding.from_config(
-        cfg.generation.model_copy(update={"do_sample": False}),
-        tokenizer,
-        cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
-    )
-    backend = HFBackend(
-        model,
-        tokenizer,
-        decoding,
-        batch_tokens=cfg.generation.batch_tokens,
-        max_batch_size=cfg.generation.max_batch_size,
-    )
     prompt_ids, real_ids = encode_pairs(tokenizer, heldout, training.max_prompt_length)
-    generated = backend.generate(prompt_ids)
+    if generated is None:
+        generation = evaluation_config(cfg).generation
+        backend = HFBackend(
+            model,
+            tokenizer,
+            Decoding.from_config(generation, tokenizer),
+            batch_tokens=generation.batch_tokens,
+            max_batch_size=generation.max_batch_size,
+        )
+        generated = backend.generate(prompt_ids)
     columns = [c for c in ("id", "prompt", "context", "real") if c in heldout]
     frame = heldout[columns].reset_index(drop=True).copy()
     frame["generated"] = [g.text for g in generated]

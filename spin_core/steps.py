@@ -35,8 +35,10 @@ from spin_core.checkpoint import (
 )
 from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
-from spin_core.evaluate import collapsed, evaluate_model, training_summary
+from spin_core.evaluate import collapsed, evaluate_model, evaluation_config, training_summary
 from spin_core.files import atomic_path, write_json_atomic
+from spin_core.generation import Generated
+from spin_core.generation.workers import in_process
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.rundir import EvalDir, RunDir, RunLock, check_config
 from spin_core.runtime.devices import check_device_counts, release_memory
@@ -394,6 +396,31 @@ def _eval_inputs(params: Params) -> list:
     return files
 
 
+def _generate_heldout(
+    ctx: Context, config: SpinConfig, model: str, heldout: pd.DataFrame, out: EvalDir
+) -> list[Generated]:
+    """The greedy answers of `model` to the held-out prompts, written by the generation
+    workers (`generation.num_workers` processes, the configured backend) as generation's
+    are: shards under out/eval_generated/, kept across a crash, removed once merged."""
+    cfg = evaluation_config(config)
+    tokenizer = _load_tokenizer(model, trust_remote_code=config.model.trust_remote_code)
+    prompt_ids, _ = encode_pairs(tokenizer, heldout, config.training.max_prompt_length)
+    shards, prompts = out.root / "eval_generated", out.root / "eval_generated" / "prompts.parquet"
+    shards.mkdir(parents=True, exist_ok=True)
+    if not data.parquet_complete(prompts):
+        data.write_parquet_atomic(pd.DataFrame({"prompt_ids": prompt_ids}), prompts)
+    generation.generate(model, cfg, prompts, shards, on_log=ctx.log.info)
+    merged = generation.merge_shards(
+        shards, len(heldout), cfg.generation.shard_size, shards / "merged.parquet"
+    )
+    frame = pd.read_parquet(merged, columns=["generated", "finish_reason", "generated_ids"])
+    shutil.rmtree(shards, ignore_errors=True)
+    return [
+        Generated(text=text, finish_reason=reason, token_ids=[int(t) for t in ids])
+        for text, reason, ids in frame.itertuples(index=False)
+    ]
+
+
 @step(
     "evaluate-model",
     sections=("eval", "generation", "model", "training", "run"),
@@ -421,6 +448,9 @@ def evaluate(
     run, out = RunDir(run_dir), EvalDir(out_dir)
     heldout = pd.read_parquet(run.heldout)
     opponent_frame = pd.read_parquet(EvalDir(opponent_dir).eval) if opponent_dir else None
+    generated = None
+    if not in_process(config):  # the machine's generation workers, then scoring
+        generated = _generate_heldout(ctx, config, model, heldout, out)
     policy, tokenizer = load_policy(model, config.model)
     frame, metrics = evaluate_model(
         policy,
@@ -431,6 +461,7 @@ def evaluate(
         beta=schedule_at(config.training.beta, iteration or 0),
         group_of=toy.task_grouping(heldout),
         show_progress=True,
+        generated=generated,
     )
     del policy  # the next step (vLLM generation, training) needs this process's GPU memory
     release_memory()

@@ -86,6 +86,35 @@ def test_two_worker_processes_write_the_same_generations_as_one(
     assert not _workers_alive()  # no worker left behind
 
 
+@flow
+def _evaluate(config, run_dir: str, model: str, out_dir: str) -> dict:
+    from spin_core.steps import evaluate
+    from tasks.caching import run_local
+
+    return run_local(evaluate, config, run_dir, model, out_dir)
+
+
+def test_held_out_evaluation_generates_on_the_same_workers(
+    toy_config, toy_build, prompts, tmp_path, harness, caplog
+):
+    """With worker processes configured, held-out evaluation generates on them too (the
+    flow process only scores): the same evaluation as one worker in the flow process."""
+    frames, metrics, said = {}, {}, {}
+    for workers in (1, 2):
+        run, config = _run(tmp_path, f"e{workers}", prompts, toy_config, toy_build, workers)
+        prompts[["id", "prompt", "real"]].to_parquet(run.heldout)
+        out = run.base_eval()
+        caplog.clear()
+        metrics[workers] = _evaluate(config, str(run.root), str(toy_build.model_dir), str(out))
+        said[workers] = {m.split(":")[0] for m in caplog.messages if m.startswith("generation")}
+        frames[workers] = pd.read_parquet(out / "eval.parquet")
+        assert not (out / "eval_generated").exists()  # its shards are gone once merged
+    assert said == {1: set(), 2: {"generation worker 0", "generation worker 1"}}
+    pd.testing.assert_frame_equal(frames[2], frames[1])
+    assert metrics[2]["exact_match"] == metrics[1]["exact_match"]
+    assert metrics[2]["real_loglik_per_token"] == metrics[1]["real_loglik_per_token"]
+
+
 def _workers_alive() -> list:
     return [
         child
