@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from spin_core.checkpoint import pinned_model
 from spin_core.config import TOY, SpinConfig, result_changing_differences, validate_config
 from spin_core.errors import InputError
 from spin_core.files import write_json_atomic, write_text_atomic
@@ -285,6 +284,8 @@ class RunDir:
     def base_model(self, cfg: SpinConfig) -> str:
         if cfg.model.name_or_path == TOY:
             return str(toy_artifacts(self.toy).model_dir)
+        from spin_core.checkpoint import pinned_model  # torch: not for `spin status`
+
         return pinned_model(cfg.model.name_or_path, cfg.model.revision)
 
 

@@ -122,3 +122,22 @@ def test_spin_status_on_the_command_line(tmp_path, dead_pid, capsys):
 def test_a_missing_directory_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="run directory not found"):
         run_status(tmp_path / "nope")
+
+
+def test_spin_status_imports_neither_torch_nor_transformers(tmp_path, dead_pid):
+    """`spin status` on a login node or in a watch loop: seconds of imports for nothing."""
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "spin.yaml").write_text("run:\n  iterations: 2\n")
+    journal(run, ("2026-12-03T10:00:00", "sample-prompts", 0, "finished", dead_pid))
+    code = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        f"assert main(['status', {str(run)!r}]) == 0\n"
+        "print('imported:', [m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported: []" in done.stdout
