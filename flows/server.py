@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spin_core.runtime.processes import DIE_WITH_PARENT
+from spin_core.runtime.processes import DIE_WITH_PARENT, free_port
 
 # Runs `python -m uvicorn ARGS` in this process with a thread that ends it when the
 # parent process dies (its parent pid changes). Polling, not PR_SET_PDEATHSIG: that
@@ -53,14 +53,6 @@ class _SubprocessDyingWithParent:
         return subprocess.Popen(args, **kwargs)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TemporaryServer:
     """The Prefect API a `spin run` uses when none is configured, started in the background.
 
@@ -76,7 +68,7 @@ class TemporaryServer:
     def __init__(self, port: int | None = None):
         import importlib.util
 
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         origin = importlib.util.find_spec("prefect").origin  # found, not imported
         env = os.environ | {

@@ -15,7 +15,6 @@ unless they are custom tasks over local files (`include_path`).
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import time
@@ -241,9 +240,9 @@ def evaluate_model(
     finally:
         set_rng_state(rng)  # the pipeline's own seeding is left as it was
         del lm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        from spin_core.runtime.devices import release_memory
+
+        release_memory()
     return {
         "model": str(model_dir),
         "lm_eval_version": installed_version() or getattr(lm_eval, "__version__", "unknown"),

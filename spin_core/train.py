@@ -10,7 +10,6 @@ scheduler, RNG and data position; a rerun resumes from the newest complete one.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss, spin_sft_loss
 from spin_core.rundir import EXPORT_SUMMARY, STEP_LOG
+from spin_core.runtime.devices import release_memory
 from spin_core.score import SCORED_COLUMNS, Examples, frame_examples, score_with_opponent
 from spin_core.train_job import TrainJob
 from spin_core.train_state import (
@@ -510,9 +510,7 @@ class _Trainer:
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()
         self.engine = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
     def optimizer_step(
         self, data: PairData, step: int, objective_loss, objective: str, iteration: int

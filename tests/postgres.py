@@ -13,12 +13,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from spin_core.runtime.processes import free_port
 
 
 def _bin_dir() -> Path | None:
@@ -48,12 +49,6 @@ def unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def postgres_database(name: str = "prefect") -> Iterator[str]:
     """A fresh server with database `name`; yields its SQLAlchemy URL for Prefect
@@ -65,7 +60,7 @@ def postgres_database(name: str = "prefect") -> Iterator[str]:
     owner = pwd.getpwnam(user)
     root = Path(tempfile.mkdtemp(prefix="spin-postgres-"))  # under /tmp: the user can reach it
     os.chown(root, owner.pw_uid, owner.pw_gid)
-    data, log, port = root / "data", root / "server.log", _free_port()
+    data, log, port = root / "data", root / "server.log", free_port()
 
     def run(*command: str) -> None:
         subprocess.run(
