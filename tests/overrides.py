@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# One iteration whose generation takes 16 shards: long enough to be interrupted in the middle.
+MID_GENERATION = {
+    "data.num_prompts": 256,
+    "run.iterations": 1,
+    "run.baseline": "none",
+    "generation.shard_size": 16,
+    "generation.max_new_tokens": 48,
+    "training.num_epochs": 1,
+}
+
 # Enough rows and a batch small enough for a few optimizer steps in seconds on a CPU.
 SMALL = {
     "data.num_prompts": 32,

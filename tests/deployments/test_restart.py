@@ -21,7 +21,7 @@ from flows.server import _healthy
 from spin_core.launch import free_port
 from spin_core.step import read_journal
 from tests.deployments.conftest import ROOT
-from tests.overrides import overrides, set_args
+from tests.overrides import MID_GENERATION, overrides, set_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(900)]
 
@@ -53,14 +53,7 @@ def test_a_run_carries_on_through_a_server_restart(postgres, toy_build, tmp_path
         "DO_NOT_TRACK": "1",
     }
     run_dir = tmp_path / "run"
-    changes = {
-        "data.num_prompts": 256,
-        "run.iterations": 1,
-        "run.baseline": "none",
-        "generation.shard_size": 16,
-        "generation.max_new_tokens": 48,
-        "training.num_epochs": 1,
-    }
+    changes = MID_GENERATION
     command = [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml", "--run-dir"]
     command += [str(run_dir), *set_args(overrides(toy_build, changes))]
     with (

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from spin_core.step import read_journal
-from tests.overrides import as_a_terminal_starts_it, overrides, set_args
+from tests.overrides import MID_GENERATION, as_a_terminal_starts_it, overrides, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -114,14 +114,7 @@ def test_ctrl_c_during_generation_stops_the_group_and_a_rerun_resumes(toy_build,
     then waited for the whole generation step to finish before it could stop (16 of 16
     shards were written after the signal). One worker now runs in the step's own thread."""
     run_dir = tmp_path / "run"
-    changes = {
-        "data.num_prompts": 256,
-        "run.iterations": 1,
-        "run.baseline": "none",
-        "generation.shard_size": 16,
-        "generation.max_new_tokens": 48,
-        "training.num_epochs": 1,
-    }
+    changes = MID_GENERATION
     sets = set_args(overrides(toy_build, changes))
     proc = start(run_dir, sets, tmp_path / "home")
     try:
