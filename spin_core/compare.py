@@ -55,7 +55,7 @@ from spin_core.significance import (
 # The fields a comparison seed sets (toy.seed is left alone: θ0 is shared).
 SEEDED_FIELDS = (("data", "seed"), ("generation", "seed"), ("training", "seed"))
 SPIN, SFT = "SPIN", "SFT baseline"  # model kinds in the summary
-METRICS = {sig.EXACT_MATCH: "exact match", sig.REAL_LOGLIK: "real log-lik/token"}
+METRICS = sig.LABELS  # the metrics compared, with their labels
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

@@ -27,10 +27,10 @@ from spin_core.files import atomic_path, write_text_atomic
 from spin_core.rundir import RunDir  # noqa: E402
 
 COLUMNS = [
-    ("exact_match", "exact match"),
+    (sig.EXACT_MATCH, sig.LABELS[sig.EXACT_MATCH]),
     ("sft_exact_match", "SFT baseline exact match"),
     ("sft_real_loglik_per_token", "SFT baseline log-lik/token"),
-    ("real_loglik_per_token", "real log-lik/token"),
+    (sig.REAL_LOGLIK, sig.LABELS[sig.REAL_LOGLIK]),
     ("reward_accuracy", "reward acc. (differing pairs)"),
     ("ties", "ties (y' = y)"),
     ("margin", "margin"),
@@ -120,7 +120,6 @@ def evaluated_models(run: RunDir) -> list[EvaluatedModel]:
 
 # metrics.parquet column stem of each compared metric
 COLUMN_STEMS = {sig.EXACT_MATCH: "exact_match", sig.REAL_LOGLIK: "real_loglik"}
-METRIC_LABELS = {sig.EXACT_MATCH: "exact match", sig.REAL_LOGLIK: "real log-lik/token"}
 THETA0, SFT = "theta0", "sft"  # column suffixes: _vs_theta0, _vs_sft
 
 
@@ -242,7 +241,7 @@ def significance_section(result: Significance) -> list[str]:
         "",
     ]
     lines += [
-        f"- {c.name}, {METRIC_LABELS[c.metric]}: {sig.verdict(c, unit=sig.UNITS[c.metric])}"
+        f"- {c.name}, {sig.LABELS[c.metric]}: {sig.verdict(c, unit=sig.UNITS[c.metric])}"
         for c in result.comparisons
     ]
     lines += [f"- {note}" for note in result.notes]

@@ -29,6 +29,8 @@ from scipy import stats
 EXACT_MATCH = "exact_match"
 REAL_LOGLIK = "real_loglik_per_token"
 # How each metric's Δ is written in a verdict.
+# How a person reads each compared metric, in every report and table.
+LABELS = {EXACT_MATCH: "exact match", REAL_LOGLIK: "real log-lik/token"}
 UNITS = {EXACT_MATCH: "points", REAL_LOGLIK: "nats/token"}
 EVAL_COLUMNS = ("id", "exact_match", "real_logps", "real_tokens")
 CONFIDENCE = 0.95
