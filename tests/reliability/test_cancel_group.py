@@ -56,6 +56,9 @@ def signal_group_when(proc: subprocess.Popen, ready, signum: int, log: Path) -> 
         assert time.monotonic() < deadline, "the step never started"
         time.sleep(0.05)
     processes = psutil.Process(proc.pid).children(recursive=True)
+    _COMMANDS.clear()  # of another test's processes, whose pids may be reused
+    for process in processes:  # read now: a signalled rank can be gone before it is asked
+        _cmd(process)
     os.killpg(proc.pid, signum)
     return processes
 
@@ -78,11 +81,18 @@ def assert_stopped(proc: subprocess.Popen, processes: list, code: int, run_dir: 
     assert "run the same command again to resume" in log.read_text()
 
 
+_COMMANDS: dict[int, list[str]] = {}
+
+
 def _cmd(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
+    """The process's command line, as first read (signal_group_when reads it before the
+    signal: a rank that exits at once has none to read after it)."""
+    if process.pid not in _COMMANDS:
+        try:
+            _COMMANDS[process.pid] = process.cmdline()
+        except psutil.Error:
+            return []
+    return _COMMANDS[process.pid]
 
 
 def _is_rank(command: list[str]) -> bool:
