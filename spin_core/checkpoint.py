@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -21,6 +23,7 @@ from spin_core.generation.decoding import stop_token_ids
 from spin_core.prompts import ensure_pad_token
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -69,8 +72,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def rank0_decides(value):
-    """Rank 0's `value` on every rank (it must pickle): what the ranks act on together.
+def rank0_decides(read: Callable[[], T]) -> T:
+    """What `read()` returns on rank 0, on every rank (it must pickle); only rank 0 reads.
 
     Ranks on several nodes can see different states of a shared filesystem (NFS caches
     attributes for up to a minute), so a decision read from files there (which checkpoint to
@@ -79,8 +82,8 @@ def rank0_decides(value):
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value if dist.get_rank() == 0 else None]
+        return read()
+    box = [read() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0, device=device())  # NCCL sends from the GPU
     return box[0]
 

@@ -177,10 +177,9 @@ def export_summary(
     what generation, evaluation and LoRA's frozen base see of the update (full fine-tuning
     carries the fp32 masters into the next iteration, `carry_fp32_masters`).
     """
-    changed = weights_changed(init_model, state_dict) if init_model else None
-    as_computed = changed
-    if changed is not None and compute != dtype:
-        as_computed = weights_changed(init_model, state_dict, rounded_to=compute)
+    dtypes = (torch.float32,) if compute == dtype else (torch.float32, compute)
+    fractions = weights_changed(init_model, state_dict, dtypes) if init_model else (None,)
+    changed, as_computed = fractions[0], fractions[-1]
     if changed is not None and changed < MIN_WEIGHTS_CHANGED:
         logger.warning(
             "the exported model equals θt in %.2f%% of its weights: the update was mostly lost%s",
@@ -210,14 +209,14 @@ def _safetensors_files(init_model: str) -> list[Path]:
 
 
 def weights_changed(
-    init_model: str, state_dict: dict, rounded_to: torch.dtype = torch.float32
-) -> float | None:
-    """Fraction of the elements of `state_dict`'s floating tensors that differ from θt's
-    tensors of the same name in `init_model`'s safetensors files, read one at a time, both
-    rounded to `rounded_to` first."""
+    init_model: str, state_dict: dict, rounded_to: tuple[torch.dtype, ...]
+) -> tuple[float | None, ...]:
+    """For each dtype of `rounded_to`, the fraction of the elements of `state_dict`'s
+    floating tensors that differ from θt's tensors of the same name in `init_model`'s
+    safetensors files, both rounded to that dtype; θt is read once, a tensor at a time."""
     from safetensors import safe_open
 
-    changed = total = 0
+    changed, total = [0] * len(rounded_to), 0
     for path in _safetensors_files(init_model):
         with safe_open(str(path), framework="pt") as stored:
             for key in stored.keys():  # noqa: SIM118 - safe_open is not a dict
@@ -226,6 +225,7 @@ def weights_changed(
                     continue
                 old = stored.get_tensor(key)
                 if old.shape == new.shape:
-                    changed += int((new.to(rounded_to) != old.to(rounded_to)).sum())
+                    for i, dtype in enumerate(rounded_to):
+                        changed[i] += int((new.to(dtype) != old.to(dtype)).sum())
                     total += old.numel()
-    return changed / total if total else None
+    return tuple(c / total if total else None for c in changed)

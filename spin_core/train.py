@@ -608,7 +608,7 @@ def _score_opponent(
     load of the model, ZeRO-3 sharded like training, every rank a share of the
     batches. A complete `out` from an earlier attempt is reused.
     """
-    done = rank0_decides(_scored_logps(out, len(frame)))  # one view of a shared filesystem
+    done = rank0_decides(lambda: _scored_logps(out, len(frame)))  # one view of the files
     if done is not None:
         return frame.assign(**done)
     policy = engine.module.policy

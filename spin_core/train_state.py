@@ -74,8 +74,11 @@ def save_checkpoint(engine, state_dir: Path, step: int, keep: int, rank: int) ->
 def resume_point(state_dir: Path) -> tuple[int, str | None]:
     """The step and tag of the checkpoint to resume from, (0, None) for none, as rank 0 sees
     `state_dir`: every rank loads the same one even if its view of the files lags."""
-    checkpoints = complete_checkpoints(state_dir)
-    newest = (checkpoints[-1][0], checkpoints[-1][1].name) if checkpoints else (0, None)
+
+    def newest() -> tuple[int, str | None]:
+        checkpoints = complete_checkpoints(state_dir)
+        return (checkpoints[-1][0], checkpoints[-1][1].name) if checkpoints else (0, None)
+
     return tuple(rank0_decides(newest))
 
 
