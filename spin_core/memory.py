@@ -493,6 +493,7 @@ def memory_problem(cfg: SpinConfig, shape: ModelShape, memory: MemoryEstimate, g
         f"{gpu / GIB:g} GiB (--gpu-memory-gib)"
     )
     hints = []
+    smallest = {"micro_batch_size": 1, "gradient_checkpointing": True}  # the least activations
 
     def hint(text: str, **changes) -> bool:
         estimate = memory_for(cfg, shape, **changes)
@@ -515,17 +516,14 @@ def memory_problem(cfg: SpinConfig, shape: ModelShape, memory: MemoryEstimate, g
     if training.zero_stage < 3 and training.num_processes > 1:
         hint("training.zero_stage: 3", zero_stage=3)
     if training.lora is None:
-        lora, smallest = LoraConfig(), {"micro_batch_size": 1, "gradient_checkpointing": True}
+        lora = LoraConfig()
         names = f"LoRA r={lora.r} on {len(lora.target_modules)} projections"
         if not hint(f"training.lora: {{}} ({names})", lora=lora):
             hint(f"training.lora: {{}} with micro-batch 1 ({names})", lora=lora, **smallest)
     if hints:
         return f"{head}; it fits with {'; or '.join(hints)}"
     why = f"{head}; the model states alone take {memory.states / GIB:.1f} GiB on this rank"
-    for changes, how in (
-        ({}, ""),
-        ({"micro_batch_size": 1, "gradient_checkpointing": True}, " with micro-batch 1"),
-    ):
+    for changes, how in (({}, ""), (smallest, " with micro-batch 1")):
         ranks = _ranks_that_fit(cfg, shape, gpu, **changes)
         if ranks is not None:
             return f"{why}; ZeRO-3 over at least {ranks} GPUs (training.num_processes){how} fits"
