@@ -392,6 +392,13 @@ class LmEvalConfig(_Section):
         "then not comparable)",
     )
     batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    processes: int | None = Field(
+        None,
+        ge=1,
+        description="data-parallel lm-eval processes, one per GPU of this machine (unset: every "
+        "GPU it has); more than 1 runs lm-eval as a child job over the GPUs; a machine "
+        "without GPUs runs one",
+    )
     include_path: str | None = Field(
         None, description="directory of custom task YAMLs, searched before lm-eval's own"
     )

@@ -211,6 +211,7 @@ def evaluate_model(
     runs = []
     from spin_core.train_state import rng_state, set_rng_state
 
+    world_size = lm.world_size  # lm-eval's data-parallel ranks (1 unless run() started several)
     rng = rng_state()  # simple_evaluate seeds Python's, NumPy's and torch's global generators
     try:
         for shots, names in by_shots.items():
@@ -250,11 +251,92 @@ def evaluate_model(
         "spec": spec(settings),
         "dtype": dtype,
         "device": device,
+        "processes": world_size,
         "batch_size": settings.batch_size,
         "seconds": round(time.time() - started, 1),
         "scores": scores,
         "runs": runs,
     }
+
+
+def processes(settings: LmEvalConfig) -> int:
+    """How many data-parallel processes lm-eval runs in: one per GPU of this machine
+    (`settings.processes` of them at most), one on a machine without GPUs."""
+    from spin_core.runtime.devices import visible_gpus
+
+    gpus = len(visible_gpus())
+    return max(1, min(settings.processes or gpus, gpus))
+
+
+def run(
+    model_dir: str | Path,
+    settings: LmEvalConfig,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    ranks: int | None = None,
+    on_line=print,
+) -> dict:
+    """Score `model_dir` on `settings.tasks` → out_dir/lm_eval.json; returns its content.
+
+    On one device it runs here (`evaluate_model`). Over several GPUs (`ranks`, by default
+    `processes(settings)`) it runs as a child job of one process per GPU (`torchrun`),
+    where lm-eval shares each task's requests among the ranks (its accelerate data
+    parallelism) and rank 0 writes the result; their output lines go to `on_line`.
+    """
+    ranks = ranks or processes(settings)
+    if ranks == 1:
+        result = evaluate_model(
+            model_dir, settings, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        write_result(result, out_dir)
+        return result
+    import sys
+
+    import torch
+
+    from spin_core.runtime.processes import child_env, run_group
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = out_dir / "lm_eval.job.json"
+    write_json_atomic(
+        {
+            "model_dir": str(model_dir),
+            "settings": settings.model_dump(mode="json"),
+            "out_dir": str(out_dir),
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+        },
+        job,
+    )
+    env = child_env()
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # gloo ranks (accelerate otherwise starts none)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(ranks), "-m", "spin_core.lm_eval", str(job)]
+    run_group(command, on_line=on_line, env=env, what="lm-eval ranks")
+    result = read_result(out_dir, settings)
+    if result is None:
+        raise RuntimeError(f"lm-eval ranks exited 0 but left no {out_dir / RESULT_FILE}")
+    job.unlink(missing_ok=True)
+    return result
+
+
+def _rank_main(job_file: str) -> None:
+    """One rank of `run`'s child job: lm-eval over its share; rank 0 writes the result."""
+    import os
+
+    job = json.loads(Path(job_file).read_text())
+    result = evaluate_model(
+        job["model_dir"],
+        LmEvalConfig.model_validate(job["settings"]),
+        dtype=job["dtype"],
+        trust_remote_code=job["trust_remote_code"],
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_result(result, job["out_dir"])
 
 
 def columns(result: dict) -> dict[str, Any]:
@@ -270,3 +352,9 @@ def columns(result: dict) -> dict[str, Any]:
             row[f"{SCORE_PREFIX}{task}/{metric}"] = score.get("value")
             row[f"{STDERR_PREFIX}{task}/{metric}"] = score.get("stderr")
     return row
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rank_main(sys.argv[1])

@@ -568,10 +568,14 @@ def lm_eval_model(
     """
     settings = config.eval.lm_eval
     dtype = str(compute_dtype(config.model.precision)).removeprefix("torch.")
-    result = lm_eval.evaluate_model(
-        model, settings, dtype=dtype, trust_remote_code=config.model.trust_remote_code
+    result = lm_eval.run(
+        model,
+        settings,
+        out_dir,
+        dtype=dtype,
+        trust_remote_code=config.model.trust_remote_code,
+        on_line=ctx.log.info,
     )
-    lm_eval.write_result(result, out_dir)
     rows = lm_eval.table(result)
     name = "θ0" if iteration is None else f"θ{iteration + 1}"
     ctx.table(
@@ -580,10 +584,11 @@ def lm_eval_model(
         f"lm-evaluation-harness {result['lm_eval_version']} scores of {name}",
     )
     ctx.log.info(
-        "%s: lm-eval %s in %.0f s: %s",
+        "%s: lm-eval %s in %.0f s (%d process(es)): %s",
         model,
         result["lm_eval_version"],
         result["seconds"],
+        result.get("processes", 1),
         ", ".join(f"{row['task']} {row['metric']} {row['value']:.4f}" for row in rows),
     )
     return _lm_eval_summary(result)

@@ -146,6 +146,44 @@ def test_library_scores_the_toy_model_offline(toy_build, task_dir, offline, tmp_
     assert lm_eval.read_result(tmp_path, settings.model_copy(update={"tasks": [TASK]})) is None
 
 
+# A child job's ranks see this many GPUs: lm-eval shares requests among ranks only when the
+# machine has more than one, and a CPU shows how the shares are run and joined.
+TWO_GPUS = "import torch\ntorch.cuda.device_count = lambda: 2\n"
+
+
+@needs_lm_eval
+def test_two_ranks_share_the_requests_and_score_as_one_process(
+    toy_build, task_dir, offline, tmp_path, monkeypatch
+):
+    settings = LmEvalConfig(tasks=[TASK], include_path=str(task_dir), batch_size=4)
+    one = lm_eval.run(toy_build.model_dir, settings, tmp_path / "one")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "sitecustomize.py").write_text(TWO_GPUS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    lines = []
+    two = lm_eval.run(
+        toy_build.model_dir, settings, tmp_path / "two", ranks=2, on_line=lines.append
+    )
+    # lm-eval's own world size: 2 only when its ranks shared the requests
+    assert (one["processes"], two["processes"]) == (1, 2), "\n".join(lines[-30:])
+    assert two["runs"][0]["n-samples"][TASK]["effective"] == 16
+    assert two["scores"] == one["scores"]
+    assert lm_eval.read_result(tmp_path / "two", settings)["scores"] == one["scores"]
+    assert not (tmp_path / "two" / "lm_eval.job.json").exists()
+
+
+def test_lm_eval_runs_one_process_per_gpu(monkeypatch):
+    from spin_core.runtime import devices
+
+    settings = LmEvalConfig(tasks=[TASK])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
+    assert lm_eval.processes(settings) == 1
+    assert lm_eval.processes(settings.model_copy(update={"processes": 4})) == 1
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [str(i) for i in range(8)])
+    assert lm_eval.processes(settings) == 8
+    assert lm_eval.processes(settings.model_copy(update={"processes": 4})) == 4
+
+
 @needs_lm_eval
 def test_task_writes_lm_eval_json_and_a_rerun_is_cached(toy_build, task_dir, offline, tmp_path):
     from prefect import flow
