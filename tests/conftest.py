@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,15 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A test runner started in the background by a script without job control (`make test &`,
+# some CI runners) has SIGINT and SIGQUIT ignored, and every process a test starts would
+# inherit that: a test's Ctrl-C would reach nothing, and a `prefect worker`, which turns
+# SIGTERM into SIGINT to itself, would never exit. A handler, unlike "ignored", is reset
+# when a child execs: the tests' processes get these signals as from a terminal.
+for _signum, _handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGQUIT, None)):
+    if signal.getsignal(_signum) is signal.SIG_IGN:
+        signal.signal(_signum, _handler or (lambda signum, frame: None))
 
 SMALL_TOY = ["toy.num_train=600", "toy.num_eval=60", "toy.sft_steps=60", "toy.sft_lr=2e-3"]
 

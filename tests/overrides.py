@@ -37,14 +37,3 @@ def overrides(build, changes: dict | None = None) -> list[str]:
 def set_args(items: Iterable[str]) -> list[str]:
     """The overrides as `spin` command-line arguments: --set ITEM for each."""
     return [arg for item in items for arg in ("--set", item)]
-
-
-def as_a_terminal_starts_it() -> None:
-    """`preexec_fn` of a command a test starts the way a shell starts a foreground job: SIGINT
-    at its default. A test runner started in the background by a script without job control
-    (`make test &`, some CI runners) has SIGINT ignored, its children inherit that, and the
-    Ctrl-C a test sends would then reach nothing."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)

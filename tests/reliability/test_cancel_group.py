@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from spin_core.step import read_journal
-from tests.overrides import MID_GENERATION, as_a_terminal_starts_it, overrides, set_args
+from tests.overrides import MID_GENERATION, overrides, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,6 @@ def start(run_dir: Path, sets: list[str], home: Path, command: list[str] | None 
         stdout=log,
         stderr=log,
         start_new_session=True,
-        preexec_fn=as_a_terminal_starts_it,
     )
 
 

@@ -25,7 +25,6 @@ from spin_core.checkpoint import load_tokenizer
 from spin_core.config import load_config
 from spin_core.generation import generate, merge_shards, shard_path
 from spin_core.prompts import encode_pairs
-from tests.overrides import as_a_terminal_starts_it
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -234,7 +233,6 @@ def test_ctrl_c_to_the_group_during_vllm_generation_stops_everything_and_a_rerun
         cwd=ROOT,
         env=env,
         start_new_session=True,
-        preexec_fn=as_a_terminal_starts_it,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
