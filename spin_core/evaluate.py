@@ -18,6 +18,7 @@ import pandas as pd
 
 from spin_core.config import SpinConfig
 from spin_core.generation import Decoding, Generated, HFBackend
+from spin_core.loss import reward_metrics, reward_sums
 from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
 from spin_core.score import examples_from_ids, score_named
@@ -131,17 +132,9 @@ def _reward_metrics(frame: pd.DataFrame, opponent: pd.DataFrame, opponent_genera
     y'); adds each pair's `margin` to `frame`."""
     real_reward = beta * (frame["real_logps"].to_numpy() - opponent["real_logps"].to_numpy())
     generated_reward = beta * (opponent_generated_logps - opponent["generated_logps"].to_numpy())
-    margin = real_reward - generated_reward
-    frame["margin"] = margin
-    differ = ~frame["tie"].to_numpy(dtype=bool)
-    return {
-        "real_reward": float(np.mean(real_reward)),
-        "generated_reward": float(np.mean(generated_reward)),
-        # Over the pairs that differ: a tie's margin is 0 by construction, neither won
-        # nor lost, and counting it as a failure would understate the accuracy.
-        "margin": float(np.mean(margin[differ])) if differ.any() else 0.0,
-        "reward_accuracy": float(np.mean(margin[differ] > 0)) if differ.any() else None,
-        "ties": float(np.mean(~differ)),
+    frame["margin"] = real_reward - generated_reward
+    sums = reward_sums(real_reward, generated_reward, frame["tie"].to_numpy(dtype=bool))
+    return reward_metrics(sums) | {
         "opponent_real_loglik_per_token": float(
             opponent["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
         ),

@@ -69,3 +69,34 @@ def spin_sft_loss(
     if sft_weight:
         loss = loss + sft_weight * nll
     return loss, nll.detach(), real_reward, generated_reward
+
+
+def reward_sums(real_reward, generated_reward, tie) -> dict[str, float]:
+    """What `reward_metrics` needs of a batch of pairs, as sums that add up across batches
+    and ranks: per-pair implicit rewards and tie mask (tensors or NumPy arrays) in, floats out.
+    A tie (y' = y token for token) has a margin of 0 by construction: it is neither won nor
+    lost, so the margin and the accuracy are summed over the pairs that differ."""
+    margin = real_reward - generated_reward
+    differ = ~tie
+    return {
+        "real_reward": float(real_reward.sum()),
+        "generated_reward": float(generated_reward.sum()),
+        "margin": float(margin[differ].sum()),
+        "correct": float((margin[differ] > 0).sum()),
+        "differing": float(differ.sum()),
+        "pairs": float(len(real_reward)),
+    }
+
+
+def reward_metrics(sums: dict[str, float]) -> dict[str, float | None]:
+    """The reward metrics of pairs from their `reward_sums`: the mean rewards over all pairs;
+    the margin and the reward accuracy over the pairs that differ (counting ties as failures
+    would understate the accuracy; None when every pair is a tie); ties, their share."""
+    pairs, differing = sums["pairs"], sums["differing"]
+    return {
+        "real_reward": sums["real_reward"] / pairs,
+        "generated_reward": sums["generated_reward"] / pairs,
+        "margin": sums["margin"] / differing if differing else 0.0,
+        "reward_accuracy": sums["correct"] / differing if differing else None,
+        "ties": (pairs - differing) / pairs,
+    }

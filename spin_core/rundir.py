@@ -322,15 +322,11 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
+                holder = self.holder()
                 if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
                     self.held = True  # re-entrant within one process (e.g. a retried flow)
                     return self
-                if (
-                    holder
-                    and holder.get("host") == me["host"]
-                    and not pid_alive(int(holder["pid"]))
-                ):
+                if holder and not self.alive(holder):
                     logger.warning(
                         "taking over stale lock of dead process %s (started %s)",
                         holder.get("pid"),
@@ -351,25 +347,35 @@ class RunLock:
 
     def check(self) -> None:
         """Refuse (InputError) when a live run holds the directory; writes nothing."""
-        holder = self._holder()
+        holder = self.holder()
         if not holder or holder.get("host") != socket.gethostname():
             return
         pid = int(holder.get("pid", 0))
-        if pid != os.getpid() and pid_alive(pid):
+        if pid != os.getpid() and self.alive(holder):
             raise InputError(
                 f"{self.path.parent}: run directory is held by a live run "
                 f"(pid {pid} on {holder.get('host')}, started {holder.get('started')}); "
                 "wait for it or use another --run-dir"
             )
 
-    def _holder(self) -> dict:
+    def holder(self) -> dict:
+        """What the lock file says (pid, host, started); {} when there is none."""
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) and "pid" in holder else {}
+
+    @staticmethod
+    def alive(holder: dict) -> bool:
+        """Whether the process of a lock's `holder` still runs; True when it ran on another
+        host (its pid cannot be checked from here)."""
+        if holder.get("host", socket.gethostname()) != socket.gethostname():
+            return True
+        return pid_alive(int(holder["pid"]))
 
     def release(self) -> None:
-        if self.held and self._holder().get("pid") == os.getpid():
+        if self.held and self.holder().get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
 

@@ -11,9 +11,7 @@ lock `.lock`, and says what is done, what is running (pid, since when), what fai
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from spin_core.errors import InputError
-from spin_core.rundir import pid_alive
+from spin_core.rundir import RunDir, RunLock, pid_alive
 from spin_core.step import read_journal
 
 console = logging.getLogger("spin.console")
@@ -166,28 +164,16 @@ def _time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S")
 
 
-def _read_lock(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _process_alive(record: dict) -> bool:
-    """Whether the process that wrote `record` (pid, host) still runs; True when on another host."""
-    host = record.get("host", socket.gethostname())
-    return host != socket.gethostname() or pid_alive(int(record["pid"]))
-
-
 def run_status(run_dir: str | Path) -> RunStatus:
     """What the journal and the lock of `run_dir` say (see the module docstring)."""
     root = Path(run_dir)
     if not root.is_dir():
         raise InputError(f"{run_dir}: run directory not found")
     status = RunStatus(root)
-    lock = _read_lock(root / ".lock")
-    if lock and "pid" in lock:
-        if _process_alive(lock):
+    run = RunDir(root)
+    lock = RunLock(run).holder()
+    if lock:
+        if RunLock.alive(lock):
             status.holder = lock
         else:
             status.stale_lock = lock
@@ -211,8 +197,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
         alive = state.pid is not None and pid_alive(state.pid)
         if not alive or (status.holder is None and state.pid != (lock or {}).get("pid")):
             state.state = "stale"
-    _read_config(status)
-    report = root / "report.md"
+    _read_config(status, run)
+    report = run.report
     last_end = max((s.ended or s.started or "" for s in status.steps), default="")
     status.finished = report.exists() and (
         not last_end
@@ -221,12 +207,15 @@ def run_status(run_dir: str | Path) -> RunStatus:
     return status
 
 
-def _read_config(status: RunStatus) -> None:
+def _read_config(status: RunStatus, run: RunDir) -> None:
     import yaml
 
+    from spin_core.config import RunConfig
+
     try:
-        saved = yaml.safe_load((status.run_dir / "spin.yaml").read_text()) or {}
-        status.iterations = int(saved.get("run", {}).get("iterations", 3))
+        saved = yaml.safe_load(run.config.read_text()) or {}
+        default = RunConfig.model_fields["iterations"].default
+        status.iterations = int(saved.get("run", {}).get("iterations", default))
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         status.iterations = None
 

@@ -40,7 +40,7 @@ from spin_core.export import EXPORT_DTYPES, carry_fp32_masters, export_model, wi
 from spin_core.health import HealthProbe, check_health, health_probe
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
-from spin_core.loss import sft_loss, spin_sft_loss
+from spin_core.loss import reward_metrics, reward_sums, sft_loss, spin_sft_loss
 from spin_core.rundir import EXPORT_SUMMARY, STEP_LOG
 from spin_core.runtime.devices import release_memory
 from spin_core.score import SCORED_COLUMNS, Examples, frame_examples, score_with_opponent
@@ -286,15 +286,9 @@ def make_objective(kind: str, data: PairData, *, beta: float, sft_weight: float 
             beta=beta,
             sft_weight=sft_weight,
         )
-        margin = (real_reward - generated_reward).cpu()
-        differ = ~data.tie[batch]  # a tie (y' = y token for token) is neither won nor lost
         sums = {
             "loss": loss.item() * n,
-            "real_reward": real_reward.sum().item(),
-            "generated_reward": generated_reward.sum().item(),
-            "margin": margin[differ].sum().item(),
-            "correct": (margin[differ] > 0).sum().item(),
-            "differing": differ.sum().item(),
+            **reward_sums(real_reward.cpu(), generated_reward.cpu(), data.tie[batch]),
             "pairs": n,
         }
         if sft_weight:
@@ -309,22 +303,12 @@ def make_objective(kind: str, data: PairData, *, beta: float, sft_weight: float 
 
 
 def step_metrics(sums: dict[str, float]) -> dict[str, float | None]:
-    """Named step metrics from the summed micro-batch values of all ranks.
-
-    Reward accuracy and margin are over the pairs whose responses differ; ties are
-    their share.
-    """
+    """Named step metrics from the summed micro-batch values of all ranks (the reward
+    metrics by `loss.reward_metrics`)."""
     pairs = sums["pairs"]
     metrics: dict[str, float | None] = {"loss": sums["loss"] / pairs, "tokens": sums["tokens"]}
     if "margin" in sums:
-        differing = sums["differing"]
-        metrics |= {
-            "real_reward": sums["real_reward"] / pairs,
-            "generated_reward": sums["generated_reward"] / pairs,
-            "margin": sums["margin"] / differing if differing else 0.0,
-            "reward_accuracy": sums["correct"] / differing if differing else None,
-            "ties": 1 - differing / pairs,
-        }
+        metrics |= reward_metrics(sums)
     else:  # the SFT baseline: no pairs to compare
         metrics |= dict.fromkeys(
             ("real_reward", "generated_reward", "margin", "reward_accuracy"), 0.0

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from spin_core.loss import sft_loss, spin_loss
+from spin_core.loss import reward_metrics, reward_sums, sft_loss, spin_loss
 
 
 def test_spin_loss_matches_worked_numbers():
@@ -85,3 +85,29 @@ def test_sft_anchor_adds_exactly_alpha_times_the_per_token_nll():
     assert torch.equal(plain, paper)  # α = 0 is the paper's loss bit for bit
     with pytest.raises(ValueError, match="sft_weight"):
         spin_sft_loss(*args, beta=0.1, sft_weight=-1.0)
+
+
+def test_reward_metrics_count_ties_as_neither_won_nor_lost_and_add_up_across_batches():
+    """One rule for training's steps (torch, summed over micro-batches and ranks) and the
+    held-out evaluation (NumPy): margin and accuracy over the pairs that differ."""
+    import numpy as np
+
+    real = np.array([1.0, 0.5, 0.0, -1.0])
+    generated = np.array([0.0, 1.0, 0.0, -2.0])
+    tie = np.array([False, False, True, False])  # the third pair: y' = y
+    whole = reward_metrics(reward_sums(real, generated, tie))
+    assert whole == {
+        "real_reward": 0.125,
+        "generated_reward": -0.25,
+        "margin": pytest.approx((1.0 - 0.5 + 1.0) / 3),
+        "reward_accuracy": pytest.approx(2 / 3),
+        "ties": 0.25,
+    }
+    halves = [
+        reward_sums(torch.tensor(real[s]), torch.tensor(generated[s]), torch.tensor(tie[s]))
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    summed = {key: halves[0][key] + halves[1][key] for key in halves[0]}
+    assert reward_metrics(summed) == pytest.approx(whole)
+    all_ties = reward_metrics(reward_sums(real, real, np.ones(4, dtype=bool)))
+    assert (all_ties["reward_accuracy"], all_ties["margin"], all_ties["ties"]) == (None, 0.0, 1.0)

@@ -141,3 +141,34 @@ def test_spin_status_imports_neither_torch_nor_transformers(tmp_path, dead_pid):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "imported: []" in done.stdout
+
+
+@pytest.mark.parametrize("baseline", ["none", "sft"])
+def test_the_next_step_follows_the_order_run_iteration_runs_the_steps(baseline, tmp_path):
+    """`spin status` cannot import the pipeline (it would load torch): its list of an
+    iteration's steps is checked against what `run_iteration` calls, in order."""
+    import logging
+
+    from spin_core.config import load_config
+    from spin_core.pipeline import run_iteration
+    from spin_core.status import ITERATION_STEPS
+
+    class Recorder:
+        log = logging.getLogger("test")
+
+        def __init__(self):
+            self.names = []
+
+        def step(self, step, *args, **kwargs):
+            self.names.append(step.name)
+            return {} if step.name == "evaluate-model" else "x"
+
+    config = load_config("configs/demo.yaml", [f"run.baseline={baseline}"])
+    recorder = Recorder()
+    run_iteration(recorder, config, str(tmp_path / "run"), 0, "opponent", "opponent-eval")
+    spin_steps = recorder.names[: len(ITERATION_STEPS)]
+    assert tuple(spin_steps) == ITERATION_STEPS
+    # the SFT baseline comes after SPIN's steps: not what a rerun starts with
+    assert recorder.names[len(ITERATION_STEPS) :] == (
+        ["train-sft-baseline", "evaluate-model"] if baseline == "sft" else []
+    )
