@@ -31,19 +31,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(__file__).resolve().parent / ".cache"
 RESULTS = CACHE / "results.jsonl"
 
-# No telemetry, no hub lookups: the benchmarks run offline like `spin demo`.
-for _key, _value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # DeepSpeed compiles its CPU communication op on first use (~25-80 s). A private build
-    # directory keeps other environments on this machine, which build it with other flags
-    # into the shared ~/.cache, from forcing a rebuild in the middle of a measurement.
-    "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
-}.items():
-    os.environ.setdefault(_key, _value)
+
+def offline() -> None:
+    """The environment every benchmark runs in, set first thing in its `main` (and inherited by
+    the processes it starts): no telemetry, no hub lookups, offline like `spin demo`; and
+    DeepSpeed's CPU communication op, compiled on first use (~25-80 s), built in a private
+    directory, so that other environments on this machine, which build it with other flags
+    into the shared ~/.cache, cannot force a rebuild in the middle of a measurement.
+    Importing this module sets nothing: the tests import it."""
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
+    }.items():
+        os.environ.setdefault(key, value)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -312,9 +316,9 @@ def generate_and_build(cfg, prompts, out_dir: Path, *, opponent: str | None = No
 class TrainPhases:
     """Wall seconds of one in-process `train_iteration` call, phase by phase.
 
-    Timed around the library's own calls (`spin_core.train._score_opponent`,
-    `save_checkpoint`, `export_model`, wrapped for the duration of `timing()`)
-    and at each step's `on_step` record:
+    Timed by the call's own hooks, given to it as `on_phase=phases.on_phase` and
+    `on_step=phases.on_step` (or, through the pipeline's train step, by a context whose
+    `phase` is `on_phase`), inside `with phases.timing():`
 
     - load: from the call to the start of scoring (process group, θt loaded,
       DeepSpeed engine built);
@@ -333,21 +337,17 @@ class TrainPhases:
     with pre-scored pairs there is no scoring span and `split` raises.
     """
 
-    WRAPPED = ("_score_opponent", "save_checkpoint", "export_model")
-    # The phase that ends where a wrapped call starts, and the one that ends with it.
-    BEFORE = {"_score_opponent": "load", "save_checkpoint": "steps", "export_model": "other"}
-    PHASE = {
-        "_score_opponent": "scoring",
-        "save_checkpoint": "checkpoint",
-        "export_model": "export",
-    }
+    PHASES = ("scoring", "checkpoint", "export")
+    # The phase that ends where a timed phase starts.
+    BEFORE = {"scoring": "load", "checkpoint": "steps", "export": "other"}
 
     def __init__(self) -> None:
-        self.spans: dict[str, list[tuple[float, float]]] = {name: [] for name in self.WRAPPED}
+        self.spans: dict[str, list[tuple[float, float]]] = {name: [] for name in self.PHASES}
         self.step_ends: list[float] = []
         self.records: list[dict] = []
         self.started = self.ended = 0.0
         self.cuda_peaks: dict[str, float] = {}
+        self._open: dict[str, float] = {}
 
     def _phase_ends(self, phase: str) -> None:
         """On CUDA: the peak allocated memory since the last boundary belongs to `phase`."""
@@ -363,26 +363,18 @@ class TrainPhases:
         self.step_ends.append(time.perf_counter())
         self.records.append(record)
 
-    def _timed(self, name: str, function):
-        def timed(*args, **kwargs):
+    def on_phase(self, name: str, event: str) -> None:
+        """`train_iteration`'s on_phase: `name` ("scoring", "checkpoint", "export") starts or ends."""
+        if event == "start":
             self._phase_ends(self.BEFORE[name])
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.spans[name].append((started, time.perf_counter()))
-                self._phase_ends(self.PHASE[name])
-
-        return timed
+            self._open[name] = time.perf_counter()
+        else:
+            self.spans[name].append((self._open.pop(name), time.perf_counter()))
+            self._phase_ends(name)
 
     @contextmanager
     def timing(self):
-        """Wrap the phase functions of spin_core.train; time the block as the whole call."""
-        from spin_core import train
-
-        originals = {name: getattr(train, name) for name in self.WRAPPED}
-        for name, function in originals.items():
-            setattr(train, name, self._timed(name, function))
+        """Time the block as the whole call."""
         self._phase_ends("before")  # resets the peak counter on CUDA
         self.started = time.perf_counter()
         try:
@@ -391,20 +383,18 @@ class TrainPhases:
             self.ended = time.perf_counter()
             self._phase_ends("other")
             self.cuda_peaks.pop("before", None)
-            for name, function in originals.items():
-                setattr(train, name, function)
 
     def step_seconds(self) -> list[float]:
         """Seconds of each optimizer step; the first also holds the pairs' set-up after scoring."""
-        starts = [self.spans["_score_opponent"][0][1], *self.step_ends[:-1]]
+        starts = [self.spans["scoring"][0][1], *self.step_ends[:-1]]
         return [round(b - a, 4) for a, b in zip(starts, self.step_ends, strict=True)]
 
     def split(self) -> dict[str, float]:
-        if not self.spans["_score_opponent"]:
+        if not self.spans["scoring"]:
             raise RuntimeError("train_iteration did not score the pairs: give it unscored pairs")
         if not self.step_ends:
             raise RuntimeError("train_iteration ran no optimizer step")
-        score_start, score_end = self.spans["_score_opponent"][0]
+        score_start, score_end = self.spans["scoring"][0]
         last_step = self.step_ends[-1]
 
         def total(name: str, before: float | None = None) -> float:
@@ -416,9 +406,9 @@ class TrainPhases:
             "total": self.ended - self.started,
             "load": score_start - self.started,
             "scoring": score_end - score_start,
-            "steps": last_step - score_end - total("save_checkpoint", before=last_step),
-            "checkpoint": total("save_checkpoint"),
-            "export": total("export_model"),
+            "steps": last_step - score_end - total("checkpoint", before=last_step),
+            "checkpoint": total("checkpoint"),
+            "export": total("export"),
         }
         phases["other"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
         return {k: round(v, 3) for k, v in phases.items()}

@@ -229,6 +229,7 @@ def run_stage(args) -> None:
 
 
 def main() -> None:
+    _common.offline()
     args = _common.parser(__doc__.splitlines()[0])
     args.add_argument("--stage", action="store_true", help=argparse.SUPPRESS)
     args.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)

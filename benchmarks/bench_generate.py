@@ -258,6 +258,7 @@ def vllm_side(cfg, model_dir: str, tokenizer, prompts: list[str], spin_ids, thre
 
 
 def main() -> None:
+    _common.offline()
     args = _common.parser(__doc__.splitlines()[0])
     _common.add_model_argument(args)
     args.add_argument(

@@ -90,6 +90,7 @@ def run_side(args) -> None:
 
 
 def main() -> None:
+    _common.offline()
     args = _common.training_parser(__doc__.splitlines()[0], ["full", "lora"]).parse_args()
     if args.side:
         run_side(args)

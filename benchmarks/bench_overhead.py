@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 from benchmarks import _common
-from flows.server import prefect_server
-from spin_core.launch import free_port
 
 TARGET_SECONDS = 5.0  # the fixed cost of orchestrating a run (the issue's goal)
 OVERRIDES = [
@@ -135,6 +133,8 @@ def cached_reruns(config_path: Path, args, rounds: int, api_url: str, name: str)
 def database_phase(config_path: Path, args, rounds: int) -> dict:
     """Cached reruns against a server on SQLite and one on PostgreSQL (when one can be started
     here: tests/postgres.py), each server alone on the machine while it is measured."""
+    from flows.server import prefect_server
+    from spin_core.runtime.processes import free_port
     from tests.postgres import postgres_database, unavailable
 
     out: dict = {}
@@ -155,6 +155,7 @@ def database_phase(config_path: Path, args, rounds: int) -> dict:
 
 
 def main() -> None:
+    _common.offline()
     args = _common.parser(__doc__.splitlines()[0])
     args.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)
     args.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -164,6 +165,9 @@ def main() -> None:
     if args.side:
         run_plain(args)
         return
+    from flows.server import prefect_server  # after _common.offline(): Prefect reads it
+    from spin_core.runtime.processes import free_port
+
     _common.toy()  # built once, outside the timings
     _common.warm_up_deepspeed()
     rounds = 1 if args.quick else args.rounds

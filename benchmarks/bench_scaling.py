@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import _common
-from spin_core import steps
-from spin_core.driver import PlainRunner
 from spin_core.step import PlainContext
 
 SCALES = (1, 2, 4)
@@ -47,6 +45,9 @@ class _StepClock(PlainContext):
 
         return Clock()
 
+    def phase(self, name: str, event: str) -> None:
+        self.phases.on_phase(name, event)
+
 
 def one_iteration(num_prompts: int, out_dir: Path) -> dict:
     """Seconds of each step of one iteration on `num_prompts` toy prompts."""
@@ -59,6 +60,9 @@ def one_iteration(num_prompts: int, out_dir: Path) -> dict:
             f"generation.shard_size={max(num_prompts // 4, 1)}",
         ]
     )
+    from spin_core import steps  # after _common.offline(): transformers reads it at import
+    from spin_core.driver import PlainRunner
+
     run_dir, opponent = str(out_dir), str(cfg.model.name_or_path)
     phases = _common.TrainPhases()
     runner = PlainRunner(_StepClock(phases))
@@ -86,6 +90,7 @@ def one_iteration(num_prompts: int, out_dir: Path) -> dict:
 
 
 def main() -> None:
+    _common.offline()
     args = _common.parser(__doc__.splitlines()[0])
     args.add_argument("--repeats", type=int, default=2, help="runs per scale (fastest kept)")
     args = args.parse_args()

@@ -209,6 +209,7 @@ def run_spin(args, out_dir: Path) -> dict:
                 iteration=0,
             ),
             on_step=phases.on_step,
+            on_phase=phases.on_phase,
         )
     split = phases.split()
     return {
@@ -471,6 +472,7 @@ def compare(name: str, setup: tuple, args) -> None:
 
 
 def main() -> None:
+    _common.offline()
     args = _common.training_parser(__doc__.splitlines()[0], ["spin", "trl"])
     args.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args.add_argument(

@@ -173,11 +173,11 @@ def write_long_chats(out_dir: Path, num_train: int, num_eval: int, response_toke
     seen: set[str] = set()
     rows = []
     while len(rows) < num_train + num_eval:
-        question = rt._question(rng)
+        question = rt.question(rng)
         if question in seen:
             continue
         seen.add(question)
-        answer = " ".join(rt._sentence(rng) for _ in range(max(1, response_tokens // 10)))
+        answer = " ".join(rt.sentence(rng) for _ in range(max(1, response_tokens // 10)))
         rows.append(
             {
                 "messages": [
@@ -556,6 +556,7 @@ def check_spin(work: Path, sizes: Sizes, dry: bool) -> dict:
                     iteration=0,
                 ),
                 on_step=phases.on_step,
+                on_phase=phases.on_phase,
             )
     # Peak allocated CUDA memory of the whole call (the counter is reset at each phase).
     peaks = phases.cuda_peaks
@@ -928,6 +929,7 @@ def markdown(records: list[dict]) -> str:
 
 
 def main() -> None:
+    _common.offline()
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument(
         "--dry-run",

@@ -51,6 +51,9 @@ class Context(Protocol):
 
     def markdown(self, key: str, text: str, description: str) -> None: ...
 
+    def phase(self, name: str, event: str) -> None:
+        """A phase inside the body starts or ends (`train.train_iteration`'s on_phase)."""
+
 
 class _NoProgress:
     def update(self, done: float, total: float) -> None:
@@ -70,6 +73,9 @@ class PlainContext:
         pass
 
     def markdown(self, key: str, text: str, description: str) -> None:
+        pass
+
+    def phase(self, name: str, event: str) -> None:
         pass
 
 

@@ -377,7 +377,7 @@ def _train(ctx: Context, config: SpinConfig, progress, job: TrainJob) -> None:
         )
         launch.launch_training(config, job, on_step=on_step, on_log=ctx.log.info)
         return
-    result = train.run_rank(config, job, on_step=on_step)
+    result = train.run_rank(config, job, on_step=on_step, on_phase=ctx.phase)
     if result.resumed_from:
         ctx.log.info("iteration %d: resumed training from step %d", iteration, result.resumed_from)
 

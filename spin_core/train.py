@@ -15,7 +15,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -319,7 +320,10 @@ def step_metrics(sums: dict[str, float]) -> dict[str, float | None]:
 
 
 def run_rank(
-    cfg: SpinConfig, job: TrainJob, on_step: Callable[[dict], None] | None = None
+    cfg: SpinConfig,
+    job: TrainJob,
+    on_step: Callable[[dict], None] | None = None,
+    on_phase: Callable[[str, str], None] | None = None,
 ) -> TrainResult:
     """`train_iteration` as the pipeline runs it, in process or on each launched rank: with
     `training.eval_steps` and `job.opponent_eval_file` set, the held-out real
@@ -327,7 +331,18 @@ def run_rank(
     health = None
     if cfg.training.eval_steps and job.opponent_eval_file:
         health = health_probe(cfg, job.init_model, job.opponent_eval_file)
-    return train_iteration(cfg, job, on_step=on_step, health=health)
+    return train_iteration(cfg, job, on_step=on_step, on_phase=on_phase, health=health)
+
+
+@contextmanager
+def _phase(on_phase: Callable[[str, str], None] | None, name: str) -> Iterator[None]:
+    if on_phase is not None:
+        on_phase(name, "start")
+    try:
+        yield
+    finally:
+        if on_phase is not None:
+            on_phase(name, "end")
 
 
 def train_iteration(
@@ -335,12 +350,15 @@ def train_iteration(
     job: TrainJob,
     *,
     on_step: Callable[[dict], None] | None = None,
+    on_phase: Callable[[str, str], None] | None = None,
     health: HealthProbe | None = None,
     stop_after_steps: int | None = None,
 ) -> TrainResult:
     """Train one iteration as `job` says (spin_core/train_job.py); export θ(t+1).
 
-    `on_step` gets every step record on rank 0. `health` adds the held-out real
+    `on_step` gets every step record on rank 0. `on_phase(name, "start" | "end")` brackets
+    the phases between the steps: "scoring" (θt's log-probs of the pairs), each
+    "checkpoint" and the "export" (the benchmarks time them). `health` adds the held-out real
     log-likelihood to the step records every `health.every` steps and warns when it
     falls below the opponent's. `stop_after_steps` ends the call after that step's
     checkpoint, as a crash would.
@@ -366,9 +384,15 @@ def train_iteration(
     try:
         if objective == "spin" and "opponent_real_logps" not in frame:
             # Before any checkpoint is loaded: the engine's weights are still θt's.
-            frame = _score_opponent(
-                trainer.engine, frame, training, trainer.pad_id, job.scored_path, trainer.world_size
-            )
+            with _phase(on_phase, "scoring"):
+                frame = _score_opponent(
+                    trainer.engine,
+                    frame,
+                    training,
+                    trainer.pad_id,
+                    job.scored_path,
+                    trainer.world_size,
+                )
         data = PairData(frame, training)
         sft_weight = training.sft_weight if objective == "spin" else 0.0
         objective_loss = make_objective(
@@ -395,23 +419,29 @@ def train_iteration(
                 sink.write(record)
                 last = step + 1 == total_steps
                 if (step + 1) % training.save_steps == 0 or last or step + 1 == stop_after_steps:
-                    save_checkpoint(
-                        trainer.engine, state_dir, step + 1, training.keep_checkpoints, trainer.rank
-                    )
+                    with _phase(on_phase, "checkpoint"):
+                        save_checkpoint(
+                            trainer.engine,
+                            state_dir,
+                            step + 1,
+                            training.keep_checkpoints,
+                            trainer.rank,
+                        )
                 if stop_after_steps is not None and step + 1 >= stop_after_steps and not last:
                     return TrainResult(total_steps, start_step, sink.log_path, None)
-        export_model(
-            trainer.engine,
-            trainer.tokenizer,
-            model_out,
-            trainer.rank,
-            training.zero_stage,
-            EXPORT_DTYPES[training.export_dtype],
-            lora=training.lora,
-            base=(job.init_model, cfg.model),
-            summary_path=state_dir / EXPORT_SUMMARY,
-            compute=compute_dtype(cfg.model.precision),
-        )
+        with _phase(on_phase, "export"):
+            export_model(
+                trainer.engine,
+                trainer.tokenizer,
+                model_out,
+                trainer.rank,
+                training.zero_stage,
+                EXPORT_DTYPES[training.export_dtype],
+                lora=training.lora,
+                base=(job.init_model, cfg.model),
+                summary_path=state_dir / EXPORT_SUMMARY,
+                compute=compute_dtype(cfg.model.precision),
+            )
     finally:
         trainer.close()
     return TrainResult(total_steps, start_step, state_dir / STEP_LOG, model_out)

@@ -49,3 +49,6 @@ class PrefectContext:
 
     def markdown(self, key: str, text: str, description: str) -> None:
         create_markdown_artifact(markdown=text, key=key, description=description)
+
+    def phase(self, name: str, event: str) -> None:
+        pass

@@ -236,19 +236,19 @@ UNICODE_BITS = ("café", "naïve", "jalapeño", "Zürich", "résumé", "façade"
 EMOJI = ("🙂", "🚀", "🌲", "☕", "🎉")
 
 
-def _sentence(rng: random.Random, lo: int = 4, hi: int = 10) -> str:
+def sentence(rng: random.Random, lo: int = 4, hi: int = 10) -> str:
     words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
     return " ".join(words).capitalize() + rng.choice(".!.")
 
 
-def _question(rng: random.Random) -> str:
+def question(rng: random.Random) -> str:
     topic = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
-    tail = _sentence(rng, 3, 7) if rng.random() < 0.5 else ""
+    tail = sentence(rng, 3, 7) if rng.random() < 0.5 else ""
     return f"{rng.choice(VERBS).capitalize()} the {topic}? {tail}".strip()
 
 
 def _response(rng: random.Random, style: str) -> str:
-    body = " ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))
+    body = " ".join(sentence(rng) for _ in range(rng.randint(1, 3)))
     if style == "letter":
         return f"{rng.choice(OPENERS)} {body}"
     if style == "space":
@@ -265,7 +265,7 @@ def _response(rng: random.Random, style: str) -> str:
     if style == "emoji":
         return f"{rng.choice(EMOJI)} {body} {rng.choice(EMOJI)}"
     # mixed: lines, a numbered list, a double space, a tab and an accent
-    first, second = _sentence(rng, 2, 5), _sentence(rng, 2, 5)
+    first, second = sentence(rng, 2, 5), sentence(rng, 2, 5)
     return f"{body}\n\n1. {first}\n2.  {second}\n\tEnjoy the café {rng.choice(EMOJI)}"
 
 
@@ -280,10 +280,10 @@ def make_chats(n: int, seed: int) -> pd.DataFrame:
 
     def fresh_question() -> str:
         while True:
-            question = _question(rng)
-            if question not in seen:
-                seen.add(question)
-                return question
+            asked = question(rng)
+            if asked not in seen:
+                seen.add(asked)
+                return asked
 
     rows = []
     for i in range(n):
