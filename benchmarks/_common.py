@@ -301,12 +301,13 @@ def generate_and_build(cfg, prompts, out_dir: Path, *, opponent: str | None = No
     dropped, by the pipeline's own generate and build steps (iteration 0 in `out_dir`)."""
     import pandas as pd
 
-    from spin_core import data, steps
+    from spin_core import steps
     from spin_core.driver import PlainRunner
+    from spin_core.files import write_parquet_atomic
     from spin_core.rundir import RunDir
 
     run, runner = RunDir(out_dir), PlainRunner()
-    data.write_parquet_atomic(prompts, run.prompts(0))
+    write_parquet_atomic(prompts, run.prompts(0))
     opponent = opponent or str(cfg.model.name_or_path)
     runner.step(steps.generate_responses, cfg, str(run.root), 0, opponent)
     counts = runner.step(steps.build_training_set, cfg, str(run.root), 0)

@@ -122,6 +122,7 @@ def write_generations(
     """
     from spin_core import data
     from spin_core.checkpoint import load_tokenizer
+    from spin_core.files import write_parquet_atomic
     from spin_core.prompts import encode_pairs
 
     paths = [out_dir / f"generated-{t}.parquet" for t in (0, 1)]
@@ -157,7 +158,7 @@ def write_generations(
             opponent=f"iter_{t - 1}/model" if t else "theta0",
             decoding='{"do_sample": false}',
         )
-        data.write_parquet_atomic(frame, path)
+        write_parquet_atomic(frame, path)
     return paths
 
 
@@ -182,6 +183,7 @@ def run_stage(args) -> None:
 
     from spin_core import data
     from spin_core.checkpoint import load_tokenizer
+    from spin_core.files import write_parquet_atomic
     from spin_core.prompts import encode_pairs
 
     cfg = _data_config(args.dataset)
@@ -206,7 +208,7 @@ def run_stage(args) -> None:
                 )
             sample = sample.assign(prompt_ids=prompt_ids, real_ids=real_ids)
             del prompt_ids, real_ids
-            data.write_parquet_atomic(sample, Path(tmp) / "prompts.parquet")
+            write_parquet_atomic(sample, Path(tmp) / "prompts.parquet")
         step("sample", timer)
         step("encode", encoding)
         record |= {"rows_read": stats["dataset"]["rows_read"], "train_rows": len(train)}
@@ -216,7 +218,7 @@ def run_stage(args) -> None:
         with _common.Timer() as timer:
             generated = {t: pd.read_parquet(p) for t, p in enumerate(args.generated)}
             pairs, build_stats = data.build_training_set(generated)
-            data.write_parquet_atomic(pairs, Path(tmp) / "pairs.parquet")
+            write_parquet_atomic(pairs, Path(tmp) / "pairs.parquet")
         step("build", timer)
     record |= {
         "training_pairs": build_stats.rows,

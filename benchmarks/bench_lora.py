@@ -37,17 +37,18 @@ def _vm_hwm_mib() -> float:
 
 def score_once(pairs: Path, model_dir: Path, cfg) -> Path:
     """The pairs with θt's log-probs, so neither side's peak is the scoring pass's."""
-    from spin_core import data, score
+    from spin_core import score
     from spin_core.checkpoint import load_policy
+    from spin_core.files import read_parquet_checked, write_parquet_atomic
 
     out = pairs.with_name(f"scored-{model_dir.name}-{pairs.name}")
-    if data.read_parquet_checked(out) is None:
+    if read_parquet_checked(out) is None:
         import pandas as pd
 
         model, tokenizer = load_policy(str(model_dir), cfg.model)
         frame = pd.read_parquet(pairs)
         scored, _ = score.score_with_opponent(model, tokenizer.pad_token_id, frame, cfg.training)
-        data.write_parquet_atomic(scored, out)
+        write_parquet_atomic(scored, out)
     return out
 
 

@@ -303,7 +303,7 @@ def read_log(path: Path) -> list[dict]:
 
 def check_zero3(work: Path, sizes: Sizes, dry: bool) -> dict:
     """(a) ZeRO-3, micro-batch 4 × accumulation 2, against ZeRO-0 with micro-batch 8."""
-    from spin_core import data
+    from spin_core.files import write_parquet_atomic
     from spin_core.train import train_iteration
 
     rt = realtok(work)
@@ -331,7 +331,7 @@ def check_zero3(work: Path, sizes: Sizes, dry: bool) -> dict:
         cfg = config([*common, *runs["zero0"]], dry)
         sample = _common.sample_with_ids(cfg, sizes.zero3_prompts)
         pairs, stats = _common.generate_and_build(cfg, sample, tmp)
-        pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
+        pairs_path = write_parquet_atomic(pairs, tmp / "pairs.parquet")
         losses, first = {}, {}
         for name, extra in runs.items():  # ZeRO-0 first: ZeRO-3 leaves transformers' hook set
             cfg = config([*common, *extra], dry)
@@ -377,7 +377,7 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
     forward computes its log-probs in several chunks: ranks whose chunk counts differ
     would issue different numbers of collectives and hang or mix up weight shards.
     """
-    from spin_core import data
+    from spin_core.files import write_parquet_atomic
     from spin_core.launch import launch_training
     from spin_core.train import train_iteration
 
@@ -399,7 +399,7 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
         cfg = config([*common, "training.zero_stage=0", "training.micro_batch_size=8"], dry)
         sample = _common.sample_with_ids(cfg, sizes.zero3_prompts)
         pairs, stats = _common.generate_and_build(cfg, sample, tmp)
-        pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
+        pairs_path = write_parquet_atomic(pairs, tmp / "pairs.parquet")
         job = TrainJob(
             init_model=str(rt.model_dir),
             train_path=pairs_path,
@@ -529,19 +529,20 @@ def check_spin(work: Path, sizes: Sizes, dry: bool) -> dict:
     import pandas as pd
 
     from spin_core import data, train
+    from spin_core.files import write_parquet_atomic
     from spin_core.score import frame_examples
 
     model_dir, cfg = spin_inputs(work, sizes, dry)
     total, matmul = parameters(model_dir)
     prompts = _common.sample_with_ids(cfg, sizes.pairs)
-    data.write_parquet_atomic(prompts, work / "spin-prompts.parquet")  # (c) answers these
+    write_parquet_atomic(prompts, work / "spin-prompts.parquet")  # (c) answers these
     generated, hf = timed_generation(cfg, model_dir, prompts, work / "spin-hf")
     pairs, stats = data.build_training_set(
         {0: pd.read_parquet(generated)}, drop_identical=cfg.data.drop_identical
     )
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         tmp = Path(tmp)
-        pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
+        pairs_path = write_parquet_atomic(pairs, tmp / "pairs.parquet")
         free_memory()
         phases = _common.TrainPhases()
         with phases.timing():
@@ -671,9 +672,10 @@ def train_vllm_train(cfg, model_dir, prompts_path, reference, vllm_python, tmp, 
     import torch
 
     from spin_core import data, generation, train
+    from spin_core.files import write_parquet_atomic
 
     pairs, _ = data.build_training_set({0: reference}, drop_identical=cfg.data.drop_identical)
-    pairs_path = data.write_parquet_atomic(pairs, tmp / "pairs.parquet")
+    pairs_path = write_parquet_atomic(pairs, tmp / "pairs.parquet")
 
     def two_steps(name: str) -> str:
         try:

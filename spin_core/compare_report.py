@@ -24,8 +24,10 @@ from spin_core.compare import (  # noqa: E402
     RunResult,
     compare_runs,
 )
-from spin_core.data import write_parquet_atomic  # noqa: E402
-from spin_core.files import write_text_atomic  # noqa: E402
+from spin_core.files import (
+    write_parquet_atomic,  # noqa: E402
+    write_text_atomic,  # noqa: E402
+)
 
 
 def _value(metric: str, value: float) -> str:

@@ -1,4 +1,4 @@
-"""SFT data in, SPIN training sets out: loading, sampling and Parquet IO.
+"""SFT data in, SPIN training sets out: loading and sampling.
 
 Steps 1 and 3 of SPIN (Chen et al., 2024) live here: `sample_prompts` draws the
 seeded (prompt, real) sample that every iteration reuses, and `build_training_set`
@@ -7,8 +7,7 @@ joins the opponent's generations of the current iteration with those of its
 
 `load_pairs` reads UltraChat-style chat data (a `messages` list of {role, content})
 or two plain columns with pyarrow kernels, so 200k multi-turn rows load in seconds.
-Every file of the run directory is written with `write_parquet_atomic`, so a file
-that exists is complete; `read_parquet_checked` returns None for anything else.
+The run directory's Parquet files are written and read by spin_core/files.py.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from spin_core.config import DataConfig
-from spin_core.errors import InputError
-from spin_core.files import atomic_path
+from spin_core.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,54 +53,6 @@ PARQUET_BATCH_ROWS = 8192  # rows decoded at once: bounds memory to a batch of c
 _HELDOUT_STREAM = 1
 _SAMPLE_STREAM = 2
 _EVAL_SUBSET_STREAM = 3
-
-
-# --------------------------------------------------------------------------- IO
-
-
-def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
-    """Write `df` to `path` atomically (`spin_core.files.atomic_path`): a file that exists
-    is complete. Parent directories are created."""
-    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)
-
-
-def read_parquet_checked(
-    path: str | Path, *, expected_rows: int | None = None
-) -> pd.DataFrame | None:
-    """The Parquet file at `path`, or None when it must be redone.
-
-    None when the file is missing, unreadable (e.g. truncated: no valid footer)
-    or holds a different number of rows than `expected_rows`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        parquet = pq.ParquetFile(path)
-        rows = parquet.metadata.num_rows
-        if expected_rows is not None and rows != expected_rows:
-            logger.warning("%s has %d rows, expected %d; redoing it", path, rows, expected_rows)
-            return None
-        return parquet.read().to_pandas()
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        logger.warning("%s is unreadable (%s); redoing it", path, _first_line(exc))
-        return None
-
-
-def parquet_rows(path: str | Path) -> int | None:
-    """Rows of a complete Parquet file (from its footer), or None if missing or truncated."""
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, ValueError, pa.ArrowException):
-        return None
-
-
-def parquet_complete(path: str | Path, expected_rows: int | None = None) -> bool:
-    rows = parquet_rows(path)
-    return rows is not None and (expected_rows is None or rows == expected_rows)
 
 
 def pair_id(prompt: str, response: str) -> str:
@@ -293,7 +243,7 @@ def _read_file(path: Path, columns: list[str]) -> Iterable[pa.Table]:
             # Without pre-buffering: it would hold every row group's compressed bytes at once.
             parquet = pq.ParquetFile(path, pre_buffer=False)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+            raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
         _check_columns(path, parquet.schema_arrow.names, columns)
         return _parquet_batches(path, parquet, columns)
     if path.suffix in (".jsonl", ".json"):
@@ -309,7 +259,7 @@ def _parquet_batches(path: Path, parquet: pq.ParquetFile, columns: list[str]) ->
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
 
 
 def _read_json(path: Path) -> pa.Table:
@@ -323,7 +273,7 @@ def _read_json(path: Path) -> pa.Table:
             return pa.Table.from_pandas(frame, preserve_index=False)
         except (ValueError, pa.ArrowException):
             raise InputError(
-                f"{path}: not readable JSON Lines records ({_first_line(arrow_error)})"
+                f"{path}: not readable JSON Lines records ({first_line(arrow_error)})"
             ) from None
 
 
@@ -335,7 +285,7 @@ def _read_hub(source: str, split: str, columns: list[str], revision: str | None)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
         raise InputError(
             f"{source}: not a local file or directory, and loading it as a Hugging Face "
-            f"dataset (split {split!r}) failed: {_first_line(exc)}"
+            f"dataset (split {split!r}) failed: {first_line(exc)}"
         ) from None
     _check_columns(source, dataset.column_names, columns)
     return dataset.select_columns(columns).with_format("arrow")[:]
@@ -460,11 +410,6 @@ def _first_per_chat(position: np.ndarray, chat: np.ndarray, num_chats: int) -> n
 
 def _non_blank(text: pa.Array) -> pa.Array:
     return pc.fill_null(pc.greater(pc.binary_length(pc.utf8_trim_whitespace(text)), 0), False)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # ------------------------------------------------------- held-out and SFT data

@@ -22,8 +22,11 @@ import yaml  # noqa: E402
 
 from spin_core import lm_eval  # noqa: E402
 from spin_core import significance as sig  # noqa: E402
-from spin_core.data import write_parquet_atomic  # noqa: E402
-from spin_core.files import atomic_path, write_text_atomic
+from spin_core.files import (
+    atomic_path,
+    write_parquet_atomic,  # noqa: E402
+    write_text_atomic,
+)
 from spin_core.rundir import RunDir  # noqa: E402
 
 COLUMNS = [

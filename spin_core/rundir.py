@@ -50,7 +50,7 @@ class EvalDir:
 
     def done(self) -> bool:
         """Whether both files are there (eval.parquet complete)."""
-        from spin_core.data import parquet_complete
+        from spin_core.files import parquet_complete
 
         return self.metrics.exists() and parquet_complete(self.eval)
 

@@ -103,7 +103,7 @@ class Output:
     def complete(self, params: Params) -> bool:
         path = self.path(params)
         if self.kind == "parquet":
-            from spin_core.data import parquet_complete
+            from spin_core.files import parquet_complete
 
             return parquet_complete(path, self.rows(params) if self.rows else None)
         if self.kind == "model":

@@ -36,7 +36,14 @@ from spin_core.checkpoint import (
 from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.evaluate import collapsed, evaluate_model, evaluation_config, training_summary
-from spin_core.files import atomic_path, write_json_atomic
+from spin_core.files import (
+    atomic_path,
+    parquet_complete,
+    parquet_rows,
+    read_parquet_checked,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from spin_core.generation import Generated
 from spin_core.generation.workers import in_process
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
@@ -158,9 +165,9 @@ def check_inputs(ctx: Context, config: SpinConfig, run_dir: str) -> str:
         config, run.base_model(config), run.data_config(config)
     )
     ctx.log.info("data: %d training pairs, %d held out (%s)", len(train_pairs), len(heldout), stats)
-    if data.read_parquet_checked(run.heldout) is None:
+    if read_parquet_checked(run.heldout) is None:
         columns = [c for c in [*data.PAIR_COLUMNS, *data.OPTIONAL_COLUMNS] if c in heldout]
-        data.write_parquet_atomic(heldout[columns], run.heldout)
+        write_parquet_atomic(heldout[columns], run.heldout)
     return str(run.heldout)
 
 
@@ -184,7 +191,7 @@ def sample_prompts(ctx: Context, config: SpinConfig, run_dir: str, iteration: in
     the same every iteration unless data.resample_each_iteration."""
     run = RunDir(run_dir)
     first = run.prompts(0)
-    if iteration > 0 and not config.data.resample_each_iteration and data.parquet_complete(first):
+    if iteration > 0 and not config.data.resample_each_iteration and parquet_complete(first):
         # The paper's fixed sample: iteration 0 drew and tokenized these very rows.
         with atomic_path(run.prompts(iteration)) as tmp:
             shutil.copyfile(first, tmp)
@@ -209,14 +216,14 @@ def sample_prompts(ctx: Context, config: SpinConfig, run_dir: str, iteration: in
     # Tokenized once, here, as the SFT trainer tokenized the chat; later steps use these ids.
     prompt_ids, real_ids = encode_pairs(tokenizer, sample, max_prompt)
     sample = sample.assign(prompt_ids=prompt_ids, real_ids=real_ids)
-    return str(data.write_parquet_atomic(sample, run.prompts(iteration)))
+    return str(write_parquet_atomic(sample, run.prompts(iteration)))
 
 
 # ------------------------------------------------------ 2. the opponent's responses
 
 
 def _prompt_rows(params: Params) -> int | None:
-    return data.parquet_rows(_run(params).prompts(params["iteration"]))
+    return parquet_rows(_run(params).prompts(params["iteration"]))
 
 
 @step(
@@ -234,7 +241,7 @@ def generate_responses(
     finished shards are kept, so a crash costs at most one shard per worker.
     """
     run = RunDir(run_dir)
-    rows = data.parquet_rows(run.prompts(iteration))
+    rows = parquet_rows(run.prompts(iteration))
     shards = run.generated_shards(iteration)
     size = config.generation.shard_size
     finished = rows - sum(
@@ -259,7 +266,7 @@ def generate_responses(
 def merge_generated(log, config: SpinConfig, run_dir: str, iteration: int) -> str:
     """The finished shards → iter_t/generated.parquet, in prompt order."""
     run = RunDir(run_dir)
-    rows = data.parquet_rows(run.prompts(iteration))
+    rows = parquet_rows(run.prompts(iteration))
     out = run.generated(iteration)
     generation.merge_shards(
         run.generated_shards(iteration), rows, config.generation.shard_size, out
@@ -297,7 +304,7 @@ def build_training_set(ctx: Context, config: SpinConfig, run_dir: str, iteration
     sources = history_window(config, iteration)
     generated = {t: pd.read_parquet(run.generated(t)) for t in sources}
     pairs, stats = data.build_training_set(generated, drop_identical=config.data.drop_identical)
-    data.write_parquet_atomic(pairs, run.pairs(iteration))
+    write_parquet_atomic(pairs, run.pairs(iteration))
     counts = {
         "train_pairs": stats.rows,
         "identical_dropped": stats.identical_dropped,
@@ -407,8 +414,8 @@ def _generate_heldout(
     prompt_ids, _ = encode_pairs(tokenizer, heldout, config.training.max_prompt_length)
     shards, prompts = out.root / "eval_generated", out.root / "eval_generated" / "prompts.parquet"
     shards.mkdir(parents=True, exist_ok=True)
-    if not data.parquet_complete(prompts):
-        data.write_parquet_atomic(pd.DataFrame({"prompt_ids": prompt_ids}), prompts)
+    if not parquet_complete(prompts):
+        write_parquet_atomic(pd.DataFrame({"prompt_ids": prompt_ids}), prompts)
     generation.generate(model, cfg, prompts, shards, on_log=ctx.log.info)
     merged = generation.merge_shards(
         shards, len(heldout), cfg.generation.shard_size, shards / "merged.parquet"
@@ -465,7 +472,7 @@ def evaluate(
     )
     del policy  # the next step (vLLM generation, training) needs this process's GPU memory
     release_memory()
-    data.write_parquet_atomic(frame, out.eval)
+    write_parquet_atomic(frame, out.eval)
     metrics["model"] = model
     metrics |= provenance.record(config.generation.backend, model)
     if iteration is not None:

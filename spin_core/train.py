@@ -36,8 +36,8 @@ from spin_core.checkpoint import (
     rank0_decides,
 )
 from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
-from spin_core.data import read_parquet_checked, write_parquet_atomic
 from spin_core.export import EXPORT_DTYPES, carry_fp32_masters, export_model, with_adapter
+from spin_core.files import read_parquet_checked, write_parquet_atomic
 from spin_core.health import HealthProbe, check_health, health_probe
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from spin_core.config import SpinConfig
-from spin_core.data import SAMPLE_COLUMNS, read_parquet_checked, write_parquet_atomic
+from spin_core.data import SAMPLE_COLUMNS
+from spin_core.files import read_parquet_checked, write_parquet_atomic
 from spin_core.generation.claims import claimed_shards
 from spin_core.generation.decoding import Decoding, GenerationBackend
 from spin_core.generation.hf import HFBackend

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from spin_core.config import ConfigError, SpinConfig
-from spin_core.data import parquet_rows
+from spin_core.files import parquet_rows
 from spin_core.generation.shards import generate_from_model, missing_shards
 from spin_core.runtime.devices import plan_workers
 from spin_core.runtime.processes import Children, child_env

@@ -20,12 +20,11 @@ from spin_core.data import (
     load_pairs,
     load_sft_data,
     pair_id,
-    read_parquet_checked,
     sample_prompts,
     split_heldout,
-    write_parquet_atomic,
 )
 from spin_core.errors import InputError
+from spin_core.files import read_parquet_checked, write_parquet_atomic
 
 
 def chat(*turns: tuple[str, str]) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spin_core.checkpoint import load_policy
-from spin_core.data import read_parquet_checked
+from spin_core.files import read_parquet_checked
 from spin_core.generation import (
     Decoding,
     Generated,

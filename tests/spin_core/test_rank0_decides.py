@@ -16,7 +16,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spin_core.data import write_parquet_atomic
+from spin_core.files import write_parquet_atomic
 from spin_core.train import _score_opponent
 from spin_core.train_state import COMPLETE_MARKER, _wait_visible, resume_point
 

@@ -10,7 +10,7 @@ import pytest
 
 from spin_core import steps
 from spin_core.config import load_config
-from spin_core.data import write_parquet_atomic
+from spin_core.files import write_parquet_atomic
 from spin_core.rundir import RunDir
 from spin_core.step import Output, PlainContext, at_iteration, execute, step
 
