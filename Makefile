@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo demo-real test lint bench clean browser postgres gpu-check
+.PHONY: setup demo demo-real test test-fast lint bench clean browser postgres gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ postgres:
 test: browser postgres
 test: lint
 	$(BIN)/pytest -q
+
+# The unit tier (under 3 minutes): everything but the tests marked slow, server or browser.
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not server and not browser"
 
 # Performance claims (docs/PERFORMANCE.md): one JSON line per benchmark, ~12 min on 2 CPU
 # cores, at lowest priority; then the results table in docs/PERFORMANCE.md is rewritten.

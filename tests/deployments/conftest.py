@@ -31,11 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "server: starts a real Prefect server and workers (CI)")
-    config.addinivalue_line("markers", "browser: drives the Prefect UI in headless Chromium (CI)")
-
-
 def scaling_out_commands() -> list[str]:
     """The commands of README "Scaling out"'s first bash block that deploys the flows, comments
     dropped."""

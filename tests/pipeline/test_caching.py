@@ -63,6 +63,7 @@ def harness():
         yield
 
 
+@pytest.mark.slow  # real flows on a Prefect server
 def test_a_step_with_complete_outputs_is_loaded_not_run(harness, tmp_path):
     calls = []
     out = tmp_path / "out.txt"
@@ -100,6 +101,7 @@ def test_a_step_with_complete_outputs_is_loaded_not_run(harness, tmp_path):
     assert [e["event"] for e in read_journal(tmp_path)][3:] == ["reused", "started", "finished"]
 
 
+@pytest.mark.slow  # real flows on a Prefect server
 def test_a_cached_result_lives_in_the_run_directory_and_needs_no_storage_block(harness, tmp_path):
     """The result is written under the run directory's .prefect/results and found there
     again by its absolute path, by any process that mounts it: no block is saved on the

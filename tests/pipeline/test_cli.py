@@ -39,6 +39,7 @@ def demo_run(tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow  # runs the real pipeline
 def test_demo_runs_end_to_end_and_prints_the_metrics_table(demo_run):
     run_dir, result = demo_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,6 +49,7 @@ def test_demo_runs_end_to_end_and_prints_the_metrics_table(demo_run):
     assert (run_dir / "metrics.parquet").exists()
 
 
+@pytest.mark.slow  # runs the real pipeline
 def test_report_rebuilds_from_an_existing_run(demo_run):
     run_dir, _ = demo_run
     (run_dir / "report.md").unlink()
@@ -57,6 +59,7 @@ def test_report_rebuilds_from_an_existing_run(demo_run):
     assert "| θ1 |" in result.stdout
 
 
+@pytest.mark.slow  # runs the real pipeline
 def test_rerun_with_a_result_changing_config_is_refused(demo_run):
     run_dir, _ = demo_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -100,6 +103,7 @@ def test_missing_model_directory_exits_2(tmp_path):
     assert "no-model does not exist" in result.stderr
 
 
+@pytest.mark.slow  # runs the real pipeline
 def test_a_run_time_failure_ends_with_one_line_naming_step_iteration_and_log(tmp_path, monkeypatch):
     """Exit 1's last line: the step that failed, its iteration, the error and spin.log."""
     import pytest

@@ -9,6 +9,8 @@ from prefect.testing.utilities import prefect_test_harness
 from spin_core.rundir import RunDir
 from tests.overrides import overrides
 
+pytestmark = pytest.mark.slow  # runs the real pipeline
+
 
 def _collapsing_run(toy_build, run_dir, extra: list[str]):
     from flows.pipeline import spin_pipeline

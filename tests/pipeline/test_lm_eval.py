@@ -152,6 +152,7 @@ TWO_GPUS = "import torch\ntorch.cuda.device_count = lambda: 2\n"
 
 
 @needs_lm_eval
+@pytest.mark.slow  # a child job / a real flow
 def test_two_ranks_share_the_requests_and_score_as_one_process(
     toy_build, task_dir, offline, tmp_path, monkeypatch
 ):
@@ -185,6 +186,7 @@ def test_lm_eval_runs_one_process_per_gpu(monkeypatch):
 
 
 @needs_lm_eval
+@pytest.mark.slow  # a child job / a real flow
 def test_task_writes_lm_eval_json_and_a_rerun_is_cached(toy_build, task_dir, offline, tmp_path):
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 from spin_core.rundir import RunDir
 from tests.overrides import overrides
 
+pytestmark = pytest.mark.slow  # runs the real pipeline
+
 
 @pytest.fixture(scope="module")
 def harness():

@@ -67,6 +67,7 @@ def test_the_temporary_server_starts_in_its_own_session_and_stops(tmp_path, monk
     assert "PREFECT_API_URL" not in os.environ
 
 
+@pytest.mark.slow  # real flows on a Prefect server
 def test_flows_on_the_temporary_server_send_no_heartbeats(tmp_path, monkeypatch):
     """A flow run against the temporary server runs without Prefect's heartbeat thread (its
     exit waited up to 1 s for it, per flow: one per iteration); against any other server
