@@ -1,4 +1,6 @@
-"""The package's modules import downwards only: no import cycle, even through a lazy import.
+"""The package's modules import downwards only: no import cycle, even through a lazy import,
+and spin_core's layers (spin_core/__init__.py) imported only from above, but for a list of
+exceptions that may only shrink.
 
 A cycle (a module importing, inside a function, one that imports it) works until someone
 moves that import to the top; it also means two modules share one responsibility.
@@ -49,3 +51,41 @@ def test_no_import_cycles():
         visit(name, [name], {name})
     assert not cycles, "\n".join(sorted(set(cycles)))
     assert "flows.pipeline" in graph and "spin_core.generation" in graph  # the walk saw the package
+
+
+# spin_core's imports against its layers today: each one a step that runs a report or builds
+# the embedded default, or a model directory's tokenizer facts kept with generation and
+# prompts. Fix one and delete its line; a new one is refused.
+UPWARD_ALLOWED = {
+    ("spin_core.checkpoint", "spin_core.generation.decoding"),  # stop_token_ids
+    ("spin_core.checkpoint", "spin_core.prompts"),  # ensure_pad_token
+    ("spin_core.steps", "spin_core.report"),  # the write-report step
+    ("spin_core.steps", "spin_core.toy"),  # the build-embedded-default step
+    ("spin_core.steps", "spin_core.tracking"),  # the track-experiment step
+}
+
+
+def test_spin_core_imports_its_layers_from_above_only():
+    import spin_core
+
+    modules = _modules()
+    rank = {name: i for i, names in enumerate(spin_core.LAYERS.values()) for name in names}
+    ours = {name for name in modules if name.startswith("spin_core.")}
+    unplaced = sorted({name.split(".")[1] for name in ours} - set(rank))
+    assert not unplaced, f"add these to spin_core.LAYERS: {unplaced}"
+
+    def layer(name: str) -> int:
+        return rank[name.split(".")[1]]
+
+    upward = {
+        (name, dependency)
+        for name in ours
+        for dependency in _imports(modules[name], modules)
+        if dependency.startswith("spin_core.") and layer(dependency) > layer(name)
+    }
+    assert not upward - UPWARD_ALLOWED, (
+        f"imports against the layers: {sorted(upward - UPWARD_ALLOWED)}"
+    )
+    assert not UPWARD_ALLOWED - upward, (
+        f"fixed, delete from UPWARD_ALLOWED: {sorted(UPWARD_ALLOWED - upward)}"
+    )
