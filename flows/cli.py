@@ -367,7 +367,7 @@ def _disk_full_line(exc: BaseException) -> str | None:
     free = shutil.disk_usage(probe).free
     if not no_space and free >= _LOW_SPACE:
         return None  # a short write with room left: not the disk
-    from spin_core.status import last_failure, where
+    from spin_core.console import last_failure, where
 
     failure = last_failure()
     during = f" during {where(failure.iteration)}: {failure.step}" if failure else ""
@@ -387,7 +387,7 @@ def _size(n: float) -> str:
 
 def _failure_line(exc: BaseException) -> str:
     """`spin: failed: iteration 0: train-policy: RuntimeError: ...; full log: RUN/spin.log`."""
-    from spin_core.status import last_failure, where
+    from spin_core.console import last_failure, where
 
     disk_full = _disk_full_line(exc)
     if disk_full:

@@ -14,8 +14,8 @@ may only shrink):
   (DeepSpeed checkpoints, resume), `export`, `health`, `memory` (the ZeRO memory model),
   `launch`, `train_entry` and `train_node` (the launched ranks and nodes);
 - pipeline: `step` (what a step is), `steps` (the steps), `pipeline` (the loop over
-  iterations), `driver` (the pipeline without Prefect), `status` (the console and
-  `spin status`);
+  iterations), `driver` (the pipeline without Prefect), `console` (a step's lines while it
+  runs), `status` (`spin status`, after the fact);
 - reports and the embedded default: `report`, `significance`, `compare`, `compare_report`,
   `tracking`, `preflight`, `toy`, `chat_tasks`.
 
@@ -44,7 +44,7 @@ LAYERS = {
         "train_entry",
         "train_node",
     ),
-    "pipeline": ("step", "steps", "pipeline", "driver", "status"),
+    "pipeline": ("step", "steps", "pipeline", "driver", "console", "status"),
     "reports": (
         "report",
         "significance",

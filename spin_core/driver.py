@@ -20,8 +20,8 @@ from typing import Any
 
 from spin_core import pipeline
 from spin_core.config import SpinConfig
+from spin_core.console import announce
 from spin_core.errors import retryable
-from spin_core.status import announce
 from spin_core.step import Context, PlainContext, Step, execute
 
 

@@ -35,9 +35,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
+from spin_core.console import announce
 from spin_core.errors import InputError, retryable
 from spin_core.rundir import RunDir
-from spin_core.status import announce
 from spin_core.step import Step, execute
 from tasks.context import PrefectContext
 

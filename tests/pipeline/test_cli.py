@@ -103,18 +103,17 @@ def test_missing_model_directory_exits_2(tmp_path):
     assert "no-model does not exist" in result.stderr
 
 
-@pytest.mark.slow  # runs the real pipeline
 def test_a_run_time_failure_ends_with_one_line_naming_step_iteration_and_log(tmp_path, monkeypatch):
     """Exit 1's last line: the step that failed, its iteration, the error and spin.log."""
     import pytest
 
     from flows import cli
-    from spin_core import status
+    from spin_core import console
 
     monkeypatch.setattr(cli, "_RUN_DIRS", [str(tmp_path)])
-    monkeypatch.setattr(status, "_failure", [])
+    monkeypatch.setattr(console, "_failure", [])
     with pytest.raises(RuntimeError) as error:
-        with status.announce("train-policy", {"iteration": 1}):
+        with console.announce("train-policy", {"iteration": 1}):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
     line = cli._failure_line(error.value)
     assert line == (
