@@ -225,7 +225,7 @@ def spin_compare(
     return str(path)
 
 
-def _publish(path: Path, comparison: compare.Comparison, reused: set[str]) -> None:
+def _publish(path: Path, comparison: compare.RecipeComparison, reused: set[str]) -> None:
     summary = comparison.summary
     if len(summary):
         columns = ["recipe", "model", "iteration", "n_seeds", "seeds"]

@@ -331,7 +331,7 @@ class PooledComparison:
 def _evaluations(run_dir: Path, t: int) -> tuple[pd.DataFrame, pd.DataFrame] | str:
     """(SFT baseline t, θt) per-prompt evaluations of a run, checked to pair; or why not."""
     run = RunDir(run_dir)
-    sft, spin = run.baseline_evaluation(t - 1).eval, run.eval(t - 1)
+    sft, spin = run.baseline_evaluation(t - 1).eval, run.eval_file(t - 1)
     for path in (sft, spin):
         if not path.exists():
             return f"no {path.relative_to(run.root)}"
@@ -404,7 +404,7 @@ def pooled_comparison(
 
 
 @dataclass
-class Comparison:
+class RecipeComparison:
     """Everything compare.md shows, from the finished runs' files."""
 
     results: list[RunResult]
@@ -448,7 +448,7 @@ def compare_runs(
     n_resamples: int = N_RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
-) -> Comparison:
+) -> RecipeComparison:
     """Collect the finished runs' metrics, the across-seed summary and the pooled tests of
     every iteration t ≥ 1 whose θt and SFT baseline t exist in at least one seed."""
     values = per_seed_values(results)
@@ -479,4 +479,6 @@ def compare_runs(
                     confidence=confidence,
                     seed=seed,
                 )
-    return Comparison(list(results), values, summary, tests, notes, list(missing), n_resamples)
+    return RecipeComparison(
+        list(results), values, summary, tests, notes, list(missing), n_resamples
+    )

@@ -19,15 +19,12 @@ from spin_core.compare import (  # noqa: E402
     METRICS,
     SFT,
     SPIN,
-    Comparison,
     PooledComparison,
+    RecipeComparison,
     RunResult,
     compare_runs,
 )
-from spin_core.files import (
-    write_parquet_atomic,  # noqa: E402
-    write_text_atomic,  # noqa: E402
-)
+from spin_core.files import write_parquet_atomic, write_text_atomic  # noqa: E402
 
 
 def _value(metric: str, value: float) -> str:
@@ -58,7 +55,7 @@ def summary_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def runs_table(comparison: Comparison) -> str:
+def runs_table(comparison: RecipeComparison) -> str:
     lines = [
         "| recipe | seed | run directory | models | exact match (last θ) | real log-lik/token (last θ) |",
         "|---|---|---|---|---|---|",
@@ -96,7 +93,9 @@ def _seed_phrase(test: PooledComparison) -> str:
     return text
 
 
-def compare_markdown(comparison: Comparison, *, title: str, plots: Sequence[Path] = ()) -> str:
+def compare_markdown(
+    comparison: RecipeComparison, *, title: str, plots: Sequence[Path] = ()
+) -> str:
     results = comparison.results
     recipes = list(dict.fromkeys(r.recipe for r in results))
     seeds = sorted({r.seed for r in results})
@@ -162,7 +161,7 @@ def compare_markdown(comparison: Comparison, *, title: str, plots: Sequence[Path
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_comparison(comparison: Comparison, out_dir: Path) -> list[Path]:
+def plot_comparison(comparison: RecipeComparison, out_dir: Path) -> list[Path]:
     """plots/compare_metrics.png: exact match and real log-lik per iteration, one colour
     per recipe (SPIN solid, its SFT baseline dashed), error bars the across-seed interval."""
     summary = comparison.summary
@@ -215,7 +214,7 @@ def write_compare(
     *,
     missing: Sequence[str] = (),
     n_resamples: int = sig.N_RESAMPLES,
-) -> tuple[Path, Comparison]:
+) -> tuple[Path, RecipeComparison]:
     """Write OUT/compare.md, OUT/plots/compare_metrics.png and OUT/compare.parquet (the
     summary table); returns (compare.md, the comparison)."""
     out = Path(out_dir).expanduser().resolve()

@@ -9,8 +9,7 @@ lm-eval is an optional extra (`pip install 'spin[lm-eval]'`): it is imported onl
 when a benchmark runs. Its tasks download their data sets from the Hugging Face hub
 unless they are custom tasks over local files (`include_path`).
 
-    result = evaluate_model("runs/x/theta0/model", config.eval.lm_eval, dtype="float32")
-    write_result(result, Path("runs/x/theta0"))
+    result = run("runs/x/theta0/model", config.eval.lm_eval, "runs/x/theta0")  # → lm_eval.json
 """
 
 from __future__ import annotations
@@ -166,7 +165,7 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def evaluate_model(
+def harness_scores(
     model_dir: str | Path,
     settings: LmEvalConfig,
     *,
@@ -280,14 +279,14 @@ def run(
 ) -> dict:
     """Score `model_dir` on `settings.tasks` → out_dir/lm_eval.json; returns its content.
 
-    On one device it runs here (`evaluate_model`). Over several GPUs (`ranks`, by default
+    On one device it runs here (`harness_scores`). Over several GPUs (`ranks`, by default
     `processes(settings)`) it runs as a child job of one process per GPU (`torchrun`),
     where lm-eval shares each task's requests among the ranks (its accelerate data
     parallelism) and rank 0 writes the result; their output lines go to `on_line`.
     """
     ranks = ranks or processes(settings)
     if ranks == 1:
-        result = evaluate_model(
+        result = harness_scores(
             model_dir, settings, dtype=dtype, trust_remote_code=trust_remote_code
         )
         write_result(result, out_dir)
@@ -329,7 +328,7 @@ def _rank_main(job_file: str) -> None:
     import os
 
     job = json.loads(Path(job_file).read_text())
-    result = evaluate_model(
+    result = harness_scores(
         job["model_dir"],
         LmEvalConfig.model_validate(job["settings"]),
         dtype=job["dtype"],

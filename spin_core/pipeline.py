@@ -13,24 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from spin_core import lm_eval, train
+from spin_core import lm_eval, steps, train
 from spin_core.config import SpinConfig
 from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from spin_core.step import Step
-from spin_core.steps import (
-    build_embedded_default,
-    build_training_set,
-    check_inputs,
-    check_own_inputs,
-    evaluate,
-    generate_responses,
-    lm_eval_model,
-    sample_prompts,
-    track_experiment,
-    train_policy,
-    train_sft_baseline,
-    write_report,
-)
 
 RETRY_LR_SCALE = 0.5  # run.on_collapse=retry_half_lr: the retry's learning-rate factor
 
@@ -62,17 +48,25 @@ def run_iteration(
     """
     rundir = RunDir(run_dir)
     # 1. Sample the SFT prompts (the same fixed sample every iteration by default).
-    run.step(sample_prompts, config, run_dir, iteration)
+    run.step(steps.sample_prompts, config, run_dir, iteration)
     # 2. The opponent θt writes y' for every prompt.
-    run.step(generate_responses, config, run_dir, iteration, opponent)
+    run.step(steps.generate_responses, config, run_dir, iteration, opponent)
     # 3. D_t = {(x, y, y')} with `data.history` earlier iterations.
-    run.step(build_training_set, config, run_dir, iteration)
+    run.step(steps.build_training_set, config, run_dir, iteration)
     # 4. Train θ(t+1) from θt on the SPIN loss; θt's log-probs of D_t are scored once,
     #    by the training ranks before their first step (θ(t+1) starts as θt).
-    model = run.step(train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale)
+    model = run.step(
+        steps.train_policy, config, run_dir, iteration, opponent, opponent_eval, lr_scale
+    )
     # 5. θ(t+1) is an HF model directory; evaluate it against θt (and decide `collapsed`).
     metrics = run.step(
-        evaluate, config, run_dir, model, str(rundir.iteration(iteration)), opponent_eval, iteration
+        steps.evaluate,
+        config,
+        run_dir,
+        model,
+        str(rundir.iteration(iteration)),
+        opponent_eval,
+        iteration,
     )
     if config.run.baseline == "sft":
         # The question users have: does SPIN beat continued SFT with the same steps?
@@ -81,8 +75,8 @@ def run_iteration(
             if iteration == 0
             else str(rundir.baseline_model(iteration - 1))
         )
-        baseline = run.step(train_sft_baseline, config, run_dir, iteration, previous)
-        run.step(evaluate, config, run_dir, baseline, str(rundir.baseline(iteration)))
+        baseline = run.step(steps.train_sft_baseline, config, run_dir, iteration, previous)
+        run.step(steps.evaluate, config, run_dir, baseline, str(rundir.baseline(iteration)))
     return metrics
 
 
@@ -141,7 +135,7 @@ def run_lm_eval(
     """The lm-eval step when `eval.lm_eval.tasks` is set; None (nothing runs) otherwise."""
     if not lm_eval.enabled(config.eval.lm_eval):
         return None
-    return run.step(lm_eval_model, config, run_dir, model, out_dir, iteration)
+    return run.step(steps.lm_eval_model, config, run_dir, model, out_dir, iteration)
 
 
 def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
@@ -155,16 +149,16 @@ def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
         check_config(rundir, config)
         train.use_deterministic(config.run.deterministic)  # before any GPU work here
         if config.uses_toy():
-            run.step(check_own_inputs, config, run_dir)  # before minutes of toy build
-            run.step(build_embedded_default, config, run_dir)
+            run.step(steps.check_own_inputs, config, run_dir)  # before minutes of toy build
+            run.step(steps.build_embedded_default, config, run_dir)
         # Data and model are checked before anything is written for the run, so a
         # corrected rerun is not refused as a changed config.
-        run.step(check_inputs, config, run_dir)
+        run.step(steps.check_inputs, config, run_dir)
         save_config(rundir, config)
-        opponent, opponent_eval = rundir.base_model(config), str(rundir.base_eval())
-        run.step(evaluate, config, run_dir, opponent, opponent_eval)
+        opponent, opponent_eval = rundir.base_model(config), str(rundir.theta0())
+        run.step(steps.evaluate, config, run_dir, opponent, opponent_eval)
         run_lm_eval(run, config, run_dir, opponent, opponent_eval)
-        run.step(track_experiment, config, run_dir)
+        run.step(steps.track_experiment, config, run_dir)
         for t in range(config.run.iterations):
             args = (config, run_dir, t, opponent, opponent_eval)
             metrics = run.iteration(*args, lr_scale=rundir.lr_scale(t))
@@ -184,10 +178,10 @@ def run_pipeline(run: Runner, config: SpinConfig, run_dir: str) -> str:
                     run.log.info("iteration %d: removed %d checkpoints", t, len(removed))
             # θ(t+1) is promoted: benchmark it (a collapsed, unpromoted model is not)
             run_lm_eval(run, config, run_dir, opponent, opponent_eval, t)
-            run.step(track_experiment, config, run_dir)
+            run.step(steps.track_experiment, config, run_dir)
             if decision.action == "stop":
                 run.log.info(decision.reason)
                 break
-        path = run.step(write_report, config, run_dir)
-        run.step(track_experiment, config, run_dir)
+        path = run.step(steps.write_report, config, run_dir)
+        run.step(steps.track_experiment, config, run_dir)
         return path

@@ -22,11 +22,7 @@ import yaml  # noqa: E402
 
 from spin_core import lm_eval  # noqa: E402
 from spin_core import significance as sig  # noqa: E402
-from spin_core.files import (
-    atomic_path,
-    write_parquet_atomic,  # noqa: E402
-    write_text_atomic,
-)
+from spin_core.files import atomic_path, write_parquet_atomic, write_text_atomic  # noqa: E402
 from spin_core.rundir import RunDir  # noqa: E402
 
 COLUMNS = [
@@ -53,7 +49,7 @@ def collect_metrics(run: RunDir) -> pd.DataFrame:
     base = run.base_evaluation().metrics
     if base.exists():
         row = {"iteration": 0, "model_name": "θ0", **json.loads(base.read_text())}
-        rows.append(row | _lm_eval_columns(run.base_eval()))
+        rows.append(row | _lm_eval_columns(run.theta0()))
     for t in run.finished_iterations():
         metrics = json.loads(run.iteration_metrics(t).read_text())
         row = {"iteration": t + 1, "model_name": f"θ{t + 1}", **metrics}
@@ -114,7 +110,7 @@ def evaluated_models(run: RunDir) -> list[EvaluatedModel]:
     if run.base_evaluation().metrics.exists():
         models.append(EvaluatedModel(0, "", "θ0", run.base_evaluation().eval))
     for t in run.finished_iterations():
-        models.append(EvaluatedModel(t + 1, "", f"θ{t + 1}", run.eval(t)))
+        models.append(EvaluatedModel(t + 1, "", f"θ{t + 1}", run.eval_file(t)))
         baseline = run.baseline_evaluation(t)
         if baseline.metrics.exists():
             models.append(EvaluatedModel(t + 1, "sft_", baseline_name(t + 1), baseline.eval))
@@ -154,7 +150,7 @@ def _read_eval(model: EvaluatedModel) -> pd.DataFrame | str:
         return f"{model.eval_path} is unreadable ({str(exc).splitlines()[0]})"
 
 
-def significance(run: RunDir, *, n_resamples: int = 10_000, seed: int = 0) -> Significance:
+def significance_tests(run: RunDir, *, n_resamples: int = 10_000, seed: int = 0) -> Significance:
     """Every model vs θ0, each SPIN θt vs the SFT baseline of the same iteration, and each
     model's own 95% exact-match interval (percentile bootstrap of the mean).
 
@@ -402,7 +398,9 @@ def samples_table(run: RunDir, rows: int) -> str | None:
     """Held-out prompts with the real response and every model's greedy generation."""
     frames = [("θ0", run.base_evaluation().eval)]
     frames += [
-        (f"θ{t + 1}", run.eval(t)) for t in run.finished_iterations() if run.eval(t).exists()
+        (f"θ{t + 1}", run.eval_file(t))
+        for t in run.finished_iterations()
+        if run.eval_file(t).exists()
     ]
     if rows == 0 or not frames[0][1].exists():
         return None
@@ -510,7 +508,7 @@ def _tested(comparison: sig.Comparison | None) -> str:
     return f": {sig.verdict(comparison, unit=sig.UNITS[comparison.metric])}."
 
 
-def verdict(metrics: pd.DataFrame, tests: Significance | None = None) -> list[str]:
+def verdict_lines(metrics: pd.DataFrame, tests: Significance | None = None) -> list[str]:
     """Plain statements of what the numbers show, whatever they are.
 
     A change is called higher or lower only when it is significant (see `significance`).
@@ -591,13 +589,13 @@ def write_report(
     if sample_rows is None:
         saved = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
         sample_rows = int((saved or {}).get("run", {}).get("sample_rows", 8))
-    tests = significance(run)
+    tests = significance_tests(run)
     metrics = with_significance(collect_metrics(run), tests)
     if len(metrics):
         write_parquet_atomic(metrics, run.metrics)
     plots = plot_metrics(metrics, step_logs(run), run.plots)
     parts = [f"# SPIN report: {run.root.name}", ""]
-    parts += ["## Verdict", ""] + [f"- {line}" for line in verdict(metrics, tests)] + [""]
+    parts += ["## Verdict", ""] + [f"- {line}" for line in verdict_lines(metrics, tests)] + [""]
     if len(metrics):
         parts += ["## Held-out metrics per model", "", metrics_table(metrics), ""]
     if len(metrics) > 1:

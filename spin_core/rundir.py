@@ -149,12 +149,12 @@ class RunDir:
     def wandb_state(self) -> Path:
         return self.root / "tracking-wandb.json"
 
-    def base_eval(self) -> Path:
-        """Held-out evaluation of θ0 (eval.parquet, metrics.json)."""
+    def theta0(self) -> Path:
+        """The directory of θ0's held-out evaluation (eval.parquet, metrics.json) and lm-eval."""
         return self.root / "theta0"
 
     def base_evaluation(self) -> EvalDir:
-        return EvalDir(self.base_eval())
+        return EvalDir(self.theta0())
 
     def finished_iterations(self) -> list[int]:
         """0, 1, … up to the last iteration whose model is evaluated (iter_t/metrics.json),
@@ -203,7 +203,8 @@ class RunDir:
         """θ(t+1)'s held-out evaluation (against θt), in iter_t/."""
         return EvalDir(self.iteration(t))
 
-    def eval(self, t: int) -> Path:
+    def eval_file(self, t: int) -> Path:
+        """θ(t+1)'s held-out eval.parquet."""
         return self.evaluation(t).eval
 
     def iteration_metrics(self, t: int) -> Path:
@@ -239,7 +240,12 @@ class RunDir:
         """Move a collapsed attempt's outputs aside (nothing is deleted) and record the retry."""
         aside = self.collapsed_attempt(t)
         aside.mkdir(parents=True, exist_ok=True)
-        for path in (self.model(t), self.train_state(t), self.eval(t), self.iteration_metrics(t)):
+        for path in (
+            self.model(t),
+            self.train_state(t),
+            self.eval_file(t),
+            self.iteration_metrics(t),
+        ):
             if path.exists():
                 os.replace(path, aside / path.name)
         write_json_atomic({"lr_scale": lr_scale, "collapsed_attempt": str(aside)}, self.retry(t))

@@ -628,6 +628,3 @@ def track_experiment(ctx: Context, config: SpinConfig, run_dir: str) -> None:
         return
     state = tracking.track(RunDir(run_dir), params)
     ctx.log.info("MLflow run %s at %s: logged %s", state["parent"], state["uri"], state["logged"])
-
-
-# ------------------------------------------------------------------------ the order

@@ -44,7 +44,7 @@ def output_stamps(run: RunDir) -> dict:
     train.parquet is the training step's own first output (θt's log-probs, scored by the
     training ranks before their first step): kept across the kill when it was written.
     """
-    paths = [run.heldout, run.base_eval() / "eval.parquet", run.prompts(0), run.generated(0)]
+    paths = [run.heldout, run.theta0() / "eval.parquet", run.prompts(0), run.generated(0)]
     paths += [run.pairs(0), *sorted(run.generated_shards(0).glob("part-*.parquet"))]
     paths += [run.train(0)] if run.train(0).exists() else []
     return {str(p): p.stat().st_mtime_ns for p in paths}

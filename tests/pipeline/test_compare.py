@@ -255,7 +255,7 @@ def _synthetic_run(run_dir: Path, seed: int, iterations: int, baseline: bool) ->
     rows = []
     for t in range(iterations + 1):
         a, b = _evals(40, rng, 0.3 + 0.02 * seed, 0.5 + 0.1 * t, shift=0.05 * t)
-        path = run.base_eval() / "eval.parquet" if t == 0 else run.eval(t - 1)
+        path = run.theta0() / "eval.parquet" if t == 0 else run.eval_file(t - 1)
         path.parent.mkdir(parents=True, exist_ok=True)
         b.to_parquet(path)
         row = {

@@ -126,12 +126,12 @@ def test_library_scores_the_toy_model_offline(toy_build, task_dir, offline, tmp_
 
     settings = LmEvalConfig(tasks=[f"{TASK}:2"], include_path=str(task_dir), batch_size=16)
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
-    result = lm_eval.evaluate_model(toy_build.model_dir, settings)
+    result = lm_eval.harness_scores(toy_build.model_dir, settings)
     # lm-eval seeds the global generators (1234): the pipeline's seeding is restored.
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
-    lm_eval.evaluate_model(toy_build.model_dir, settings)
+    lm_eval.harness_scores(toy_build.model_dir, settings)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert result["lm_eval_version"] == lm_eval.installed_version()
     assert result["paper_lm_eval_version"] == "0.4.0"
@@ -210,8 +210,8 @@ def test_task_writes_lm_eval_json_and_a_rerun_is_cached(toy_build, task_dir, off
         ],
     )
     run = RunDir(tmp_path / "run")
-    args = (config, str(run.root), str(toy_build.model_dir), str(run.base_eval()))
-    path = run.base_eval() / lm_eval.RESULT_FILE
+    args = (config, str(run.root), str(toy_build.model_dir), str(run.theta0()))
+    path = run.theta0() / lm_eval.RESULT_FILE
     with prefect_test_harness():
         first = benchmark(*args)
         written = json.loads(path.read_text())
@@ -256,11 +256,11 @@ def _scores(acc: float, stderr: float, version: str = "0.4.13") -> dict:
 
 def test_report_picks_up_lm_eval_scores(tmp_path):
     run = RunDir(tmp_path / "run")
-    for directory, acc in ((run.base_eval(), 0.5), (run.iteration(0), 0.6)):
+    for directory, acc in ((run.theta0(), 0.5), (run.iteration(0), 0.6)):
         directory.mkdir(parents=True)
         write_json_atomic(_scores(acc, 0.01), directory / lm_eval.RESULT_FILE)
     base = {"eval_pairs": 10, "exact_match": 0.3, "real_loglik_per_token": -1.0}
-    write_json_atomic(base, run.base_eval() / "metrics.json")
+    write_json_atomic(base, run.theta0() / "metrics.json")
     write_json_atomic(base | {"margin": 0.2, "collapsed": False}, run.iteration_metrics(0))
     (run.iteration(1)).mkdir()
     write_json_atomic(_scores(0.9, 0.01), run.iteration(1) / lm_eval.RESULT_FILE)  # no metrics
@@ -288,7 +288,7 @@ def test_report_picks_up_lm_eval_scores(tmp_path):
 def test_report_without_lm_eval_has_no_section(tmp_path):
     run = RunDir(tmp_path / "run")
     base = {"eval_pairs": 10, "exact_match": 0.3, "real_loglik_per_token": -1.0}
-    write_json_atomic(base, run.base_eval() / "metrics.json")
+    write_json_atomic(base, run.theta0() / "metrics.json")
     path, metrics = write_report(run.root)
     assert "lm-evaluation-harness" not in path.read_text()
     assert not any(column.startswith("lm_eval") for column in metrics)

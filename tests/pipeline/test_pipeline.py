@@ -214,7 +214,7 @@ def test_lm_eval_scores_reach_mlflow_and_wandb(finished_run, tmp_path, monkeypat
             },
             "spec": {"limit": None},
         }
-        lm_eval.write_result(result, copy.base_eval() if t == 0 else copy.iteration(t - 1))
+        lm_eval.write_result(result, copy.theta0() if t == 0 else copy.iteration(t - 1))
     state = tracking.track(copy)
     client = MlflowClient(tracking_uri=state["uri"])
     history = client.get_metric_history(state["parent"], "lm_eval/arc_easy/acc")

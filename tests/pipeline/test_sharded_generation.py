@@ -103,7 +103,7 @@ def test_held_out_evaluation_generates_on_the_same_workers(
     for workers in (1, 2):
         run, config = _run(tmp_path, f"e{workers}", prompts, toy_config, toy_build, workers)
         prompts[["id", "prompt", "real"]].to_parquet(run.heldout)
-        out = run.base_eval()
+        out = run.theta0()
         caplog.clear()
         metrics[workers] = _evaluate(config, str(run.root), str(toy_build.model_dir), str(out))
         said[workers] = {m.split(":")[0] for m in caplog.messages if m.startswith("generation")}

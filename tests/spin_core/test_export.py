@@ -119,7 +119,7 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
         assert changed < 0.01 and lost  # measured: 0.0078 (θ1 = θ0 in 99.2 %)
     # metrics.json → metrics.parquet and the report
     (run.iteration(0) / "pairs.json").write_text(json.dumps({"train_pairs": 64}))
-    write_eval(run.base_eval(), right=20, loglik_per_token=-1.0)
+    write_eval(run.theta0(), right=20, loglik_per_token=-1.0)
     metrics = write_eval(run.iteration(0), right=21, loglik_per_token=-1.0)
     (run.iteration_metrics(0)).write_text(json.dumps(metrics | training_summary(run, 0)))
     report, table = write_report(run.root)

@@ -45,7 +45,7 @@ def run(tmp_path) -> RunDir:
     """θ0 right on 20 prompts; θ1 on 32 (b01 = 12); its SFT baseline on 21 (b01 = 1);
     θ2 from an older run with metrics.json but no eval.parquet."""
     run = RunDir(tmp_path / "run")
-    write_eval(run.base_eval(), right=20, loglik_per_token=-1.0)
+    write_eval(run.theta0(), right=20, loglik_per_token=-1.0)
     theta1 = write_eval(run.iteration(0), right=32, loglik_per_token=-0.9)
     theta1 |= {"margin": 0.3, "reward_accuracy": 0.8, "collapsed": False}
     write_json_atomic(theta1, run.iteration_metrics(0))

@@ -19,7 +19,7 @@ def test_finished_iterations_stop_at_the_first_gap(tmp_path):
 def test_evaluation_directories_hold_eval_parquet_and_metrics_json(tmp_path):
     run = RunDir(tmp_path)
     assert run.evaluation(1) == EvalDir(run.iteration(1))
-    assert run.eval(1) == run.iteration(1) / "eval.parquet"
+    assert run.eval_file(1) == run.iteration(1) / "eval.parquet"
     assert run.iteration_metrics(1) == run.iteration(1) / "metrics.json"
     assert run.baseline_evaluation(1).metrics == run.baseline(1) / "metrics.json"
     assert run.baseline_model(1) == run.baseline(1) / "model"
