@@ -269,7 +269,7 @@ def with_ids(sample, cfg, tokenizer=None):
     The tokenizer is θ0's (`cfg.model.name_or_path`) unless given; prompts are
     left-truncated to `training.max_prompt_length` (`spin_core.prompts.encode_pairs`).
     """
-    from spin_core.checkpoint import load_tokenizer
+    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
 
     if tokenizer is None:

@@ -121,8 +121,8 @@ def write_generations(
     cut by characters, ids by 1-50 tokens: the build step only compares ids).
     """
     from spin_core import data
-    from spin_core.checkpoint import load_tokenizer
     from spin_core.files import write_parquet_atomic
+    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
 
     paths = [out_dir / f"generated-{t}.parquet" for t in (0, 1)]
@@ -182,8 +182,8 @@ def run_stage(args) -> None:
     import pandas as pd
 
     from spin_core import data
-    from spin_core.checkpoint import load_tokenizer
     from spin_core.files import write_parquet_atomic
+    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
 
     cfg = _data_config(args.dataset)

@@ -38,8 +38,8 @@ def _vm_hwm_mib() -> float:
 def score_once(pairs: Path, model_dir: Path, cfg) -> Path:
     """The pairs with θt's log-probs, so neither side's peak is the scoring pass's."""
     from spin_core import score
-    from spin_core.checkpoint import load_policy
     from spin_core.files import read_parquet_checked, write_parquet_atomic
+    from spin_core.models import load_policy
 
     out = pairs.with_name(f"scored-{model_dir.name}-{pairs.name}")
     if read_parquet_checked(out) is None:

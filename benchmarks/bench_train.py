@@ -122,7 +122,7 @@ def _prepare_chat_pairs(num_pairs: int, path: Path) -> Path:
 def prepare_model(name: str, architecture: dict | str | None) -> Path:
     """The toy θ0, or a wider Llama with its tokenizer (randomly initialised, seeded)."""
     from spin_core import toy
-    from spin_core.checkpoint import load_tokenizer, save_model_dir
+    from spin_core.models import load_tokenizer, save_model_dir
 
     if architecture == "smollm2":
         return _common.smollm2_dir()

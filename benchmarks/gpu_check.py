@@ -485,7 +485,7 @@ def timed_generation(cfg, model_dir: Path, prompts, out_dir: Path) -> tuple[Path
     import pandas as pd
 
     from spin_core import generation
-    from spin_core.checkpoint import load_tokenizer
+    from spin_core.models import load_tokenizer
 
     shutil.rmtree(out_dir, ignore_errors=True)  # finished shards would be kept, not timed
     tokenizer = load_tokenizer(str(model_dir))

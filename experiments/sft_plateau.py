@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from spin_core import toy
-from spin_core.checkpoint import load_policy
 from spin_core.config import load_config
 from spin_core.evaluate import evaluate_model
+from spin_core.models import load_policy
 from spin_core.significance import bootstrap_mean_ci
 
 

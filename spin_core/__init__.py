@@ -5,10 +5,11 @@ list, never one below (tests/test_imports.py holds the few exceptions left, a li
 may only shrink):
 
 - vocabulary: `config` (every setting, validated), `config_reference`, `errors`;
+- runtime: `runtime/` (this rank's device and collectives, worker devices, child
+  processes, memory release);
 - storage: `files` (atomic writes, Parquet I/O), `rundir` (the run directory's layout and
-  lock), `checkpoint` (Hugging Face model directories), `gguf_import`, `provenance` (a model
-  directory's fingerprint), `train_job`;
-- runtime: `runtime/` (devices, child processes, memory release);
+  lock), `models` (Hugging Face model directories: load, save, check), `gguf_import`,
+  `provenance` (a model directory's fingerprint), `train_job`;
 - algorithm, the paper's words: `loss`, `logprobs`, `score`, `prompts`, `data`, `evaluate`,
   `lm_eval`, `generation/` (θt writes y'), and training: `train` (the loop), `train_state`
   (DeepSpeed checkpoints, resume), `export`, `health`, `memory` (the ZeRO memory model),
@@ -24,8 +25,8 @@ may only shrink):
 
 LAYERS = {
     "vocabulary": ("config", "config_reference", "errors"),
-    "storage": ("files", "rundir", "checkpoint", "gguf_import", "provenance", "train_job"),
     "runtime": ("runtime",),
+    "storage": ("files", "rundir", "models", "gguf_import", "provenance", "train_job"),
     "algorithm": (
         "loss",
         "logprobs",

@@ -121,7 +121,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     The same file imported again returns at once. A non-empty `out_dir` that is not this
     file's import is refused (InputError), never overwritten.
     """
-    from spin_core.checkpoint import save_model_dir
+    from spin_core.models import save_model_dir
 
     path = check_gguf(gguf_path)
     out_dir = Path(out_dir).expanduser()

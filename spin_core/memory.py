@@ -129,7 +129,7 @@ def model_shape(name_or_path: str, *, trust_remote_code: bool = False) -> ModelS
     """The shape of the causal LM at `name_or_path`, from its config only (no weights)."""
     from transformers import AutoConfig
 
-    from spin_core.checkpoint import check_causal_lm
+    from spin_core.models import check_causal_lm
 
     check_causal_lm(name_or_path, trust_remote_code=trust_remote_code)  # InputError naming it
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

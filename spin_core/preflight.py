@@ -326,7 +326,7 @@ def preflight(
 
 def _model_section(report: PreflightReport, cfg: SpinConfig, run) -> Any:
     """θ0's shape and tokenizer (config files only, never the weights); returns the tokenizer."""
-    from spin_core.checkpoint import load_tokenizer
+    from spin_core.models import load_tokenizer
     from spin_core.prompts import template_name
 
     path = run.base_model(cfg)

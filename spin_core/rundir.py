@@ -290,7 +290,7 @@ class RunDir:
     def base_model(self, cfg: SpinConfig) -> str:
         if cfg.model.name_or_path == TOY:
             return str(toy_artifacts(self.toy).model_dir)
-        from spin_core.checkpoint import pinned_model  # torch: not for `spin status`
+        from spin_core.models import pinned_model  # torch: not for `spin status`
 
         return pinned_model(cfg.model.name_or_path, cfg.model.revision)
 

@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from spin_core.checkpoint import all_reduce_sum
-from spin_core.checkpoint import device as rank_device
 from spin_core.config import TrainingConfig
 from spin_core.generation.decoding import token_budget_batches
 from spin_core.logprobs import check_logprob_path, pad_batch, sequence_logps
 from spin_core.prompts import Truncation, build_example, encode_conversations, prompt_messages
+from spin_core.runtime.devices import all_reduce_sum
+from spin_core.runtime.devices import device as rank_device
 
 # What scoring adds to the training set: θt's summed log-probs of each pair's two responses.
 SCORED_COLUMNS = ("opponent_real_logps", "opponent_generated_logps")

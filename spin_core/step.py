@@ -107,7 +107,7 @@ class Output:
 
             return parquet_complete(path, self.rows(params) if self.rows else None)
         if self.kind == "model":
-            from spin_core.checkpoint import is_model_dir
+            from spin_core.models import is_model_dir
 
             return is_model_dir(path)
         return path.is_file()

@@ -27,13 +27,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from spin_core import data, generation, lm_eval, provenance, report, toy, tracking, train
-from spin_core.checkpoint import (
-    check_causal_lm,
-    compute_dtype,
-    load_policy,
-    pinned_model,
-)
-from spin_core.checkpoint import load_tokenizer as _load_tokenizer
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.evaluate import collapsed, evaluate_model, evaluation_config, training_summary
 from spin_core.files import (
@@ -46,9 +39,11 @@ from spin_core.files import (
 )
 from spin_core.generation import Generated
 from spin_core.generation.workers import in_process
+from spin_core.models import check_causal_lm, load_policy, pinned_model
+from spin_core.models import load_tokenizer as _load_tokenizer
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.rundir import EvalDir, RunDir, RunLock, check_config
-from spin_core.runtime.devices import check_device_counts, release_memory
+from spin_core.runtime.devices import check_device_counts, compute_dtype, release_memory
 from spin_core.step import Context, Output, Params, at_iteration, step
 from spin_core.train_job import TrainJob
 

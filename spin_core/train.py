@@ -28,13 +28,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from spin_core.checkpoint import (
-    all_reduce_sum,
-    compute_dtype,
-    device,
-    load_policy,
-    rank0_decides,
-)
 from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
 from spin_core.export import EXPORT_DTYPES, carry_fp32_masters, export_model, with_adapter
 from spin_core.files import read_parquet_checked, write_parquet_atomic
@@ -42,8 +35,15 @@ from spin_core.health import HealthProbe, check_health, health_probe
 from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import reward_metrics, reward_sums, sft_loss, spin_sft_loss
+from spin_core.models import load_policy
 from spin_core.rundir import EXPORT_SUMMARY, STEP_LOG
-from spin_core.runtime.devices import release_memory
+from spin_core.runtime.devices import (
+    all_reduce_sum,
+    compute_dtype,
+    device,
+    rank0_decides,
+    release_memory,
+)
 from spin_core.score import SCORED_COLUMNS, Examples, frame_examples, score_with_opponent
 from spin_core.train_job import TrainJob
 from spin_core.train_state import (

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from spin_core.checkpoint import device, rank0_decides
+from spin_core.runtime.devices import device, rank0_decides
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ def make_backend(
 
         return VLLMBackend(model_path, tokenizer, decoding, cfg)
     if model is None:
-        from spin_core.checkpoint import device, load_policy
+        from spin_core.models import load_policy
+        from spin_core.runtime.devices import device
 
         model, _ = load_policy(model_path, cfg.model, on_device=device())
     return HFBackend(
@@ -128,7 +129,7 @@ def generate_from_model(
     """One generation worker, in this process: load the opponent at `opponent` on this
     process's device, answer the prompts' stored token ids shard by shard (those no other
     worker holds), then free the model and its GPU memory."""
-    from spin_core.checkpoint import load_tokenizer
+    from spin_core.models import load_tokenizer
 
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
     backend = make_backend(opponent, cfg, tokenizer)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from spin_core.checkpoint import compute_dtype
 from spin_core.config import SpinConfig
 from spin_core.generation.decoding import Decoding, Generated, stop_token_ids
+from spin_core.runtime.devices import compute_dtype
 
 CPU_KV_CACHE_GIB = 4.0  # vLLM's own default for VLLM_CPU_KVCACHE_SPACE
 

@@ -1,4 +1,5 @@
-"""Devices for worker processes, and GPU memory between steps.
+"""This rank's device and dtype, the collectives every rank goes through, devices for worker
+processes, and GPU memory between steps.
 
 A generation worker is a process with devices of its own, chosen here before it starts:
 on a GPU node, `tensor_parallel_size` GPUs each (`CUDA_VISIBLE_DEVICES`); on a CPU, its own
@@ -10,9 +11,75 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU for 'auto' (docs/DESIGN.md §4)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# What NCCL, the backend on GPUs, can reduce: it has no bool or complex type.
+COLLECTIVE_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks, in place; every collective of spin goes through here.
+
+    It must be on this rank's `device()` in a dtype NCCL reduces: NCCL rejects a CPU
+    tensor ("No backend type associated with device type cpu"), which gloo on a CPU
+    would accept, so the check stops on a CPU what would break only on GPUs.
+    """
+    import torch.distributed as dist
+
+    if tensor.device != device() or tensor.dtype not in COLLECTIVE_DTYPES:
+        raise RuntimeError(
+            f"a collective got a {tensor.dtype} tensor on {tensor.device}; expected it on "
+            f"{device()} in one of {[str(d).removeprefix('torch.') for d in COLLECTIVE_DTYPES]}"
+        )
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def rank0_decides(read: Callable[[], T]) -> T:
+    """What `read()` returns on rank 0, on every rank (it must pickle); only rank 0 reads.
+
+    Ranks on several nodes can see different states of a shared filesystem (NFS caches
+    attributes for up to a minute), so a decision read from files there (which checkpoint to
+    resume, whether the pairs are scored) is taken on rank 0 alone and sent to the others.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return read()
+    box = [read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device())  # NCCL sends from the GPU
+    return box[0]
 
 
 def release_memory() -> None:

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from spin_core.checkpoint import is_model_dir
 from spin_core.config import load_config
+from spin_core.models import is_model_dir
 from spin_core.rundir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(900)]

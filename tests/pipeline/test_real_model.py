@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spin_core.checkpoint import load_policy, load_tokenizer
 from spin_core.config import ModelConfig
 from spin_core.generation import Decoding, HFBackend, generate_shards
+from spin_core.models import load_policy, load_tokenizer
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
 from spin_core.rundir import RunDir, toy_artifacts
 from tests.naive import teacher_forced_logp

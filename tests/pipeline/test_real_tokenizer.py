@@ -16,9 +16,9 @@ import pytest
 import torch
 from prefect.testing.utilities import prefect_test_harness
 
-from spin_core.checkpoint import load_policy, load_tokenizer
 from spin_core.config import ModelConfig, load_config
 from spin_core.generation import Decoding, HFBackend, generate_shards
+from spin_core.models import load_policy, load_tokenizer
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
 from spin_core.rundir import RunDir
 from tests.naive import teacher_forced_logp

@@ -14,7 +14,7 @@ import pytest
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from spin_core.checkpoint import load_tokenizer
+from spin_core.models import load_tokenizer
 from spin_core.prompts import encode_pairs
 from spin_core.rundir import RunDir
 

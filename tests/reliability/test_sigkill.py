@@ -52,8 +52,8 @@ def test_sigkill_of_the_process_running_generation_workers_stops_them(
     (PR_SET_PDEATHSIG), and a rerun finishes with the shards written before it kept."""
     import pandas as pd
 
-    from spin_core.checkpoint import load_tokenizer
     from spin_core.generation import shard_path
+    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
 
     heldout = pd.read_parquet(toy_build.eval_path).head(160)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import spin_core.checkpoint
-from spin_core.checkpoint import COLLECTIVE_DTYPES
+import spin_core.runtime.devices
+from spin_core.runtime.devices import COLLECTIVE_DTYPES
 
 
 class _Reached(Exception):
@@ -29,7 +29,7 @@ def handed(monkeypatch):
         raise _Reached
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(spin_core.checkpoint, "device", lambda: torch.device("meta"))
+    monkeypatch.setattr(spin_core.runtime.devices, "device", lambda: torch.device("meta"))
     return seen
 
 
@@ -43,7 +43,7 @@ def _on_rank_device(seen):
 def test_step_metric_sums_are_reduced_on_the_rank_device(handed, monkeypatch):
     import spin_core.train
 
-    monkeypatch.setattr(spin_core.train, "device", spin_core.checkpoint.device)
+    monkeypatch.setattr(spin_core.train, "device", spin_core.runtime.devices.device)
     with pytest.raises(_Reached):
         spin_core.train._reduce_sums({"loss": 0.7, "pairs": 4.0, "tokens": 100.0}, world_size=2)
     _on_rank_device(handed)
@@ -54,7 +54,7 @@ def test_scored_logps_are_gathered_on_the_rank_device(handed, monkeypatch):
     import spin_core.score
     from spin_core.score import Examples, score_examples
 
-    monkeypatch.setattr(spin_core.score, "rank_device", spin_core.checkpoint.device)
+    monkeypatch.setattr(spin_core.score, "rank_device", spin_core.runtime.devices.device)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
 
     class Constant(torch.nn.Module):  # logits of a fixed distribution; no backbone/head split
@@ -72,7 +72,7 @@ def test_scored_logps_are_gathered_on_the_rank_device(handed, monkeypatch):
 
 
 def test_a_tensor_off_the_rank_device_is_refused_before_it_reaches_nccl(handed):
-    from spin_core.checkpoint import all_reduce_sum
+    from spin_core.runtime.devices import all_reduce_sum
 
     with pytest.raises(RuntimeError, match="on cpu; expected it on meta"):
         all_reduce_sum(torch.zeros(3, dtype=torch.float64))
@@ -82,13 +82,13 @@ def test_a_tensor_off_the_rank_device_is_refused_before_it_reaches_nccl(handed):
 
 
 def test_every_collective_in_the_package_goes_through_the_checked_helper():
-    root = Path(spin_core.checkpoint.__file__).parent
+    root = Path(spin_core.runtime.devices.__file__).parents[1]
     direct = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*)\(")
     offenders = [
         f"{path.name}:{number}"
         for path in sorted(root.rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if direct.search(line)
-        and not (path.name == "checkpoint.py" and ("all_reduce(tensor" in line or "(box" in line))
+        and not (path.name == "devices.py" and ("all_reduce(tensor" in line or "(box" in line))
     ]
-    assert not offenders, f"collectives that bypass checkpoint's helpers: {offenders}"
+    assert not offenders, f"collectives that bypass runtime.devices' helpers: {offenders}"

@@ -35,8 +35,8 @@ def test_loading_a_model_leaves_the_default_dtype_as_it_was(bf16_theta0, monkeyp
     """Also when the load fails after transformers switched it to the model's dtype."""
     from transformers import AutoModelForCausalLM
 
-    from spin_core.checkpoint import load_model
     from spin_core.errors import InputError
+    from spin_core.models import load_model
 
     load_model(str(bf16_theta0), dtype=torch.bfloat16)
     assert torch.get_default_dtype() == torch.float32

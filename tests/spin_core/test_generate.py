@@ -4,7 +4,6 @@ import pandas as pd
 import pytest
 import torch
 
-from spin_core.checkpoint import load_policy
 from spin_core.files import read_parquet_checked
 from spin_core.generation import (
     Decoding,
@@ -15,6 +14,7 @@ from spin_core.generation import (
     shard_path,
     token_budget_batches,
 )
+from spin_core.models import load_policy
 from spin_core.prompts import encode_prompts
 
 

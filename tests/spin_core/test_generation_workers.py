@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from spin_core.checkpoint import load_policy
 from spin_core.config import ModelConfig
 from spin_core.generation import (
     Decoding,
@@ -16,6 +15,7 @@ from spin_core.generation import (
     merge_shards,
     shard_path,
 )
+from spin_core.models import load_policy
 from spin_core.prompts import encode_prompts
 
 SHARD_SIZE = 10
@@ -128,12 +128,12 @@ def test_generation_frees_the_model_then_empties_the_cuda_cache(
     (else the cache keeps its blocks and the next step, training or vLLM, cannot have them)."""
     import weakref
 
-    from spin_core import checkpoint
+    from spin_core import models
     from spin_core.generation import generate_from_model
 
     _, tokenizer = opponent
     loaded, emptied = [], []
-    real_load = checkpoint.load_policy
+    real_load = models.load_policy
 
     def load_policy(*args, **kwargs):
         model, tok = real_load(*args, **kwargs)
@@ -141,7 +141,7 @@ def test_generation_frees_the_model_then_empties_the_cuda_cache(
         loaded.append(weakref.ref(model))
         return model, tok
 
-    monkeypatch.setattr(checkpoint, "load_policy", load_policy)
+    monkeypatch.setattr(models, "load_policy", load_policy)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(loaded[0]() is None))
     generate_from_model(
         toy_config.model.name_or_path,

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from spin_core import data
-from spin_core.checkpoint import SNAPSHOT_FILES, pinned_model
 from spin_core.config import DataConfig, SpinConfig
 from spin_core.errors import InputError
+from spin_core.models import SNAPSHOT_FILES, pinned_model
 from spin_core.rundir import RunDir
 
 

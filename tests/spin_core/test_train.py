@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spin_core.checkpoint import load_policy
 from spin_core.generation import Decoding, HFBackend
+from spin_core.models import load_policy
 from spin_core.prompts import encode_pairs
 from spin_core.rundir import STEP_LOG
 from spin_core.score import score_with_opponent

@@ -22,9 +22,9 @@ import psutil
 import pytest
 
 from spin_core.chat_tasks import make_pairs
-from spin_core.checkpoint import load_tokenizer
 from spin_core.config import load_config
 from spin_core.generation import generate, merge_shards, shard_path
+from spin_core.models import load_tokenizer
 from spin_core.prompts import encode_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,9 +52,9 @@ def model(smollm2_dir, tmp_path_factory):
     found in most of its greedy answers to these prompts, so many rows stop there."""
     import shutil
 
-    from spin_core.checkpoint import load_policy
     from spin_core.config import ModelConfig
     from spin_core.generation import Decoding, HFBackend
+    from spin_core.models import load_policy
 
     policy, tokenizer = load_policy(str(smollm2_dir), ModelConfig(precision="fp32"))
     decoding = Decoding(False, 1.0, 1.0, MAX_NEW_TOKENS, 0, "chat")

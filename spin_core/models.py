@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -21,71 +19,9 @@ from spin_core.config import ModelConfig
 from spin_core.errors import InputError
 from spin_core.generation.decoding import stop_token_ids
 from spin_core.prompts import ensure_pad_token
+from spin_core.runtime.devices import compute_dtype, device
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """bf16 on GPU and fp32 on CPU for 'auto' (docs/DESIGN.md §4)."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-# What NCCL, the backend on GPUs, can reduce: it has no bool or complex type.
-COLLECTIVE_DTYPES = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.uint8,
-    torch.int32,
-    torch.int64,
-)
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all ranks, in place; every collective of spin goes through here.
-
-    It must be on this rank's `device()` in a dtype NCCL reduces: NCCL rejects a CPU
-    tensor ("No backend type associated with device type cpu"), which gloo on a CPU
-    would accept, so the check stops on a CPU what would break only on GPUs.
-    """
-    import torch.distributed as dist
-
-    if tensor.device != device() or tensor.dtype not in COLLECTIVE_DTYPES:
-        raise RuntimeError(
-            f"a collective got a {tensor.dtype} tensor on {tensor.device}; expected it on "
-            f"{device()} in one of {[str(d).removeprefix('torch.') for d in COLLECTIVE_DTYPES]}"
-        )
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def rank0_decides(read: Callable[[], T]) -> T:
-    """What `read()` returns on rank 0, on every rank (it must pickle); only rank 0 reads.
-
-    Ranks on several nodes can see different states of a shared filesystem (NFS caches
-    attributes for up to a minute), so a decision read from files there (which checkpoint to
-    resume, whether the pairs are scored) is taken on rank 0 alone and sent to the others.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return read()
-    box = [read() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0, device=device())  # NCCL sends from the GPU
-    return box[0]
 
 
 def _looks_local(name_or_path: str) -> bool:
