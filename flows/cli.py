@@ -473,12 +473,7 @@ def _input_error_in(exc: BaseException):
     """An InputError raised inside a flow reaches us as itself or as a cause."""
     from spin_core.errors import InputError
 
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, InputError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((error for error in _chain(exc) if isinstance(error, InputError)), None)
 
 
 if __name__ == "__main__":

@@ -340,11 +340,7 @@ class RunLock:
                     )
                     self.path.unlink(missing_ok=True)
                     continue
-                raise InputError(
-                    f"{self.path.parent}: run directory is held by a live run "
-                    f"(pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}); "
-                    "wait for it or use another --run-dir"
-                ) from None
+                raise self._held_by(holder) from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(me, handle)
             self.held = True
@@ -356,13 +352,15 @@ class RunLock:
         holder = self.holder()
         if not holder or holder.get("host") != socket.gethostname():
             return
-        pid = int(holder.get("pid", 0))
-        if pid != os.getpid() and self.alive(holder):
-            raise InputError(
-                f"{self.path.parent}: run directory is held by a live run "
-                f"(pid {pid} on {holder.get('host')}, started {holder.get('started')}); "
-                "wait for it or use another --run-dir"
-            )
+        if int(holder.get("pid", 0)) != os.getpid() and self.alive(holder):
+            raise self._held_by(holder)
+
+    def _held_by(self, holder: dict) -> InputError:
+        return InputError(
+            f"{self.path.parent}: run directory is held by a live run (pid {holder.get('pid')} "
+            f"on {holder.get('host')}, started {holder.get('started')}); "
+            "wait for it or use another --run-dir"
+        )
 
     def holder(self) -> dict:
         """What the lock file says (pid, host, started); {} when there is none."""
