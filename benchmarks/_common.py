@@ -109,7 +109,7 @@ def add_model_argument(args: argparse.ArgumentParser) -> None:
 
 def smollm2_dir() -> Path:
     """The imported SmolLM2-135M-Instruct directory; exit 2 naming it if it is not there."""
-    from spin_core.gguf_import import SMOLLM2_DIR
+    from spin_core.storage.gguf_import import SMOLLM2_DIR
 
     path = ROOT / SMOLLM2_DIR
     if not (path / "config.json").exists():
@@ -269,8 +269,8 @@ def with_ids(sample, cfg, tokenizer=None):
     The tokenizer is θ0's (`cfg.model.name_or_path`) unless given; prompts are
     left-truncated to `training.max_prompt_length` (`spin_core.prompts.encode_pairs`).
     """
-    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
+    from spin_core.storage.models import load_tokenizer
 
     if tokenizer is None:
         tokenizer = load_tokenizer(
@@ -303,8 +303,8 @@ def generate_and_build(cfg, prompts, out_dir: Path, *, opponent: str | None = No
 
     from spin_core import steps
     from spin_core.driver import PlainRunner
-    from spin_core.files import write_parquet_atomic
-    from spin_core.rundir import RunDir
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.storage.rundir import RunDir
 
     run, runner = RunDir(out_dir), PlainRunner()
     write_parquet_atomic(prompts, run.prompts(0))
@@ -496,7 +496,7 @@ def emit(benchmark: str, figures: dict, *, target: str, met: bool | None, quick:
 
 def warm_up_deepspeed() -> None:
     """Build (once) and load DeepSpeed's CPU op in a throwaway process, outside any timing."""
-    code = "from spin_core.train import init_distributed; init_distributed()"
+    code = "from spin_core.training.train import init_distributed; init_distributed()"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
 
 

@@ -121,9 +121,9 @@ def write_generations(
     cut by characters, ids by 1-50 tokens: the build step only compares ids).
     """
     from spin_core import data
-    from spin_core.files import write_parquet_atomic
-    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.storage.models import load_tokenizer
 
     paths = [out_dir / f"generated-{t}.parquet" for t in (0, 1)]
     if all(p.exists() for p in paths):
@@ -182,9 +182,9 @@ def run_stage(args) -> None:
     import pandas as pd
 
     from spin_core import data
-    from spin_core.files import write_parquet_atomic
-    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.storage.models import load_tokenizer
 
     cfg = _data_config(args.dataset)
     record = {"rss_before_mib": round(_common.current_rss_mib(), 1)}

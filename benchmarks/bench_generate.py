@@ -272,7 +272,7 @@ def main() -> None:
     )
     args = args.parse_args()
     _common.setup(args.threads)
-    from spin_core.models import load_policy
+    from spin_core.storage.models import load_policy
 
     cfg, prompts, rounds = _inputs(args)
     model, tokenizer = load_policy(str(cfg.model.name_or_path), cfg.model)

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks import _common
 from benchmarks.bench_train import QUICK_SETUPS, SETUPS, peak_memory, prepare_model, prepare_pairs
 from benchmarks.bench_train import spin_config as base_config
-from spin_core.train_job import TrainJob
+from spin_core.training.job import TrainJob
 
 LORA = ["training.lora.r=16", "training.lora.alpha=32"]
 
@@ -38,8 +38,8 @@ def _vm_hwm_mib() -> float:
 def score_once(pairs: Path, model_dir: Path, cfg) -> Path:
     """The pairs with θt's log-probs, so neither side's peak is the scoring pass's."""
     from spin_core import score
-    from spin_core.files import read_parquet_checked, write_parquet_atomic
-    from spin_core.models import load_policy
+    from spin_core.storage.files import read_parquet_checked, write_parquet_atomic
+    from spin_core.storage.models import load_policy
 
     out = pairs.with_name(f"scored-{model_dir.name}-{pairs.name}")
     if read_parquet_checked(out) is None:
@@ -53,7 +53,7 @@ def score_once(pairs: Path, model_dir: Path, cfg) -> Path:
 
 
 def run_side(args) -> None:
-    from spin_core import train
+    from spin_core.training import train
 
     _common.setup(args.threads)
     cfg = base_config(args.model_dir, args.batch, args.epochs)

@@ -1,7 +1,7 @@
 """GPU check: ZeRO-3 accumulation in bf16, ZeRO-3 on 2 ranks, one SPIN iteration, generation workers.
 
 Four checks, through the library as the pipeline calls it
-(`spin_core.train.train_iteration` on unscored pairs, `spin_core.generation`
+(`spin_core.training.train.train_iteration` on unscored pairs, `spin_core.generation`
 backends, configs/zephyr-7b-ultrachat.yaml with `--set`-style overrides), with
 Mistral-7B's real tokenizer and UltraChat-shaped chats (tests/realtok.py):
 
@@ -66,7 +66,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks import _common
-from spin_core.train_job import TrainJob
+from spin_core.training.job import TrainJob
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.jsonl"
 DRY_RESULTS = _common.CACHE / "gpu_check_dry_run.jsonl"
@@ -303,8 +303,8 @@ def read_log(path: Path) -> list[dict]:
 
 def check_zero3(work: Path, sizes: Sizes, dry: bool) -> dict:
     """(a) ZeRO-3, micro-batch 4 × accumulation 2, against ZeRO-0 with micro-batch 8."""
-    from spin_core.files import write_parquet_atomic
-    from spin_core.train import train_iteration
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.training.train import train_iteration
 
     rt = realtok(work)
     common = [
@@ -377,9 +377,9 @@ def check_zero3_ranks(work: Path, sizes: Sizes, dry: bool) -> dict:
     forward computes its log-probs in several chunks: ranks whose chunk counts differ
     would issue different numbers of collectives and hang or mix up weight shards.
     """
-    from spin_core.files import write_parquet_atomic
-    from spin_core.launch import launch_training
-    from spin_core.train import train_iteration
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.training.launch import launch_training
+    from spin_core.training.train import train_iteration
 
     rt = realtok(work)
     common = [
@@ -485,7 +485,7 @@ def timed_generation(cfg, model_dir: Path, prompts, out_dir: Path) -> tuple[Path
     import pandas as pd
 
     from spin_core import generation
-    from spin_core.models import load_tokenizer
+    from spin_core.storage.models import load_tokenizer
 
     shutil.rmtree(out_dir, ignore_errors=True)  # finished shards would be kept, not timed
     tokenizer = load_tokenizer(str(model_dir))
@@ -528,9 +528,10 @@ def check_spin(work: Path, sizes: Sizes, dry: bool) -> dict:
     """(b) One SPIN iteration of the ~0.35B model; its HF generation is (c)'s HF side."""
     import pandas as pd
 
-    from spin_core import data, train
-    from spin_core.files import write_parquet_atomic
+    from spin_core import data
     from spin_core.score import frame_examples
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.training import train
 
     model_dir, cfg = spin_inputs(work, sizes, dry)
     total, matmul = parameters(model_dir)
@@ -671,8 +672,9 @@ def train_vllm_train(cfg, model_dir, prompts_path, reference, vllm_python, tmp, 
     import pandas as pd
     import torch
 
-    from spin_core import data, generation, train
-    from spin_core.files import write_parquet_atomic
+    from spin_core import data, generation
+    from spin_core.storage.files import write_parquet_atomic
+    from spin_core.training import train
 
     pairs, _ = data.build_training_set({0: reference}, drop_identical=cfg.data.drop_identical)
     pairs_path = write_parquet_atomic(pairs, tmp / "pairs.parquet")

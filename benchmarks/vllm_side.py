@@ -20,7 +20,7 @@ if __name__ == "__main__":
     from spin_core.config import SpinConfig
     from spin_core.generation.decoding import Decoding
     from spin_core.generation.vllm import VLLMBackend
-    from spin_core.models import load_tokenizer
+    from spin_core.storage.models import load_tokenizer
 
     cfg = SpinConfig.model_validate(args["config"])
     tokenizer = load_tokenizer(args["model"])

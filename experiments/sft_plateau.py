@@ -21,8 +21,8 @@ import pandas as pd
 from spin_core import toy
 from spin_core.config import load_config
 from spin_core.evaluate import evaluate_model
-from spin_core.models import load_policy
-from spin_core.significance import bootstrap_mean_ci
+from spin_core.reports.significance import bootstrap_mean_ci
+from spin_core.storage.models import load_policy
 
 
 def _pairs(path: Path, n: int | None = None) -> pd.DataFrame:

@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from spin_core.gguf_import import import_gguf, smollm2_gguf
+    from spin_core.storage.gguf_import import import_gguf, smollm2_gguf
 
     source = smollm2_gguf() if args.gguf == "smollm2" else args.gguf
     print(import_gguf(source, args.out))
@@ -139,8 +139,8 @@ def _run_pipeline(config_path: Path | str, run_dir: str | None, overrides: list[
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from spin_core.compare import load_recipes, plan_runs
     from spin_core.errors import InputError
+    from spin_core.reports.compare import load_recipes, plan_runs
 
     if args.max_parallel < 1:
         raise InputError(f"--max-parallel must be at least 1 (got {args.max_parallel})")
@@ -169,7 +169,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     """Print the pre-flight report; exit 2 with one line per problem that stops the run."""
     from spin_core.config import load_config
-    from spin_core.preflight import preflight
+    from spin_core.reports.preflight import preflight
 
     config = load_config(args.config, args.overrides)
     report = preflight(
@@ -411,7 +411,7 @@ def _raise_terminated(signum, frame) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from spin_core.errors import InputError
-    from spin_core.report import write_report
+    from spin_core.reports.report import write_report
 
     if not Path(args.run_dir).is_dir():
         raise InputError(f"{args.run_dir}: run directory not found")
@@ -422,7 +422,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """What a run directory says: done, running (pid, since), failed (step, error), next."""
-    from spin_core.status import render, run_status
+    from spin_core.reports.status import render, run_status
 
     print(render(run_status(args.run_dir)))
     return 0

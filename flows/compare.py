@@ -20,10 +20,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import spin_pipeline
-from spin_core import compare, compare_report, toy
+from spin_core import toy
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
-from spin_core.report import embed_images
+from spin_core.reports import compare, compare_report
+from spin_core.reports.report import embed_images
 from spin_core.runtime.devices import check_device_counts
 
 
@@ -68,7 +69,7 @@ def _one_rank_worker(shares=None) -> None:
     shares: a queue of CUDA_VISIBLE_DEVICES values (`gpu_shares`); each worker process
     takes one before anything touches CUDA. Training on one rank initialises
     torch.distributed once per process and sets RANK, LOCAL_RANK and WORLD_SIZE
-    (spin_core.train.init_distributed), which DeepSpeed reads again at every later run.
+    (spin_core.training.train.init_distributed), which DeepSpeed reads again at every later run.
     The runner restores a worker's environment after each task, which would drop them
     while the process group stays initialised: set them for good.
     """

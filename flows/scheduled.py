@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from flows.pipeline import spin_pipeline
 from spin_core.config import SpinConfig, validate_config
 from spin_core.errors import InputError
-from spin_core.rundir import RunDir
+from spin_core.storage.rundir import RunDir
 
 
 def next_iteration_config(run: RunDir, max_iterations: int) -> SpinConfig | None:

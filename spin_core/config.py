@@ -241,7 +241,7 @@ class TrainingConfig(_Section):
     launcher: Literal["auto", "deepspeed", "torchrun"] = Field(
         "auto",
         description="how ranks start: deepspeed (over SSH, from the hostfile) or torchrun (every "
-        "other node runs `python -m spin_core.train_node`); auto = deepspeed with a hostfile",
+        "other node runs `python -m spin_core.training.node`); auto = deepspeed with a hostfile",
         json_schema_extra=MAY_CHANGE_ON_RESUME,
     )
     rdzv_endpoint: str | None = Field(

@@ -7,7 +7,7 @@ joins the opponent's generations of the current iteration with those of its
 
 `load_pairs` reads UltraChat-style chat data (a `messages` list of {role, content})
 or two plain columns with pyarrow kernels, so 200k multi-turn rows load in seconds.
-The run directory's Parquet files are written and read by spin_core/files.py.
+The run directory's Parquet files are written and read by spin_core/storage/files.py.
 """
 
 from __future__ import annotations

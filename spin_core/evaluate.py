@@ -20,8 +20,8 @@ from spin_core.config import SpinConfig
 from spin_core.generation import Decoding, Generated, HFBackend
 from spin_core.loss import reward_metrics, reward_sums
 from spin_core.prompts import encode_pairs
-from spin_core.rundir import RunDir
 from spin_core.score import examples_from_ids, score_named
+from spin_core.storage.rundir import RunDir
 
 
 def collapsed(loglik: float, opponent_loglik: float, tolerance: float) -> bool:

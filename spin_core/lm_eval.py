@@ -22,7 +22,7 @@ from typing import Any
 
 from spin_core.config import LmEvalConfig
 from spin_core.errors import InputError
-from spin_core.files import write_json_atomic
+from spin_core.storage.files import write_json_atomic
 
 RESULT_FILE = "lm_eval.json"
 PAPER_VERSION = "0.4.0"  # the harness version behind the paper's Open LLM Leaderboard numbers
@@ -208,7 +208,7 @@ def harness_scores(
         by_shots.setdefault(shots, []).append(name)
     scores: dict[str, dict] = {}
     runs = []
-    from spin_core.train_state import rng_state, set_rng_state
+    from spin_core.training.state import rng_state, set_rng_state
 
     world_size = lm.world_size  # lm-eval's data-parallel ranks (1 unless run() started several)
     rng = rng_state()  # simple_evaluate seeds Python's, NumPy's and torch's global generators

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from spin_core import lm_eval, steps, train
+from spin_core import lm_eval, steps
 from spin_core.config import SpinConfig
-from spin_core.rundir import RunDir, RunLock, check_config, save_config
 from spin_core.step import Step
+from spin_core.storage.rundir import RunDir, RunLock, check_config, save_config
+from spin_core.training import train
 
 RETRY_LR_SCALE = 0.5  # run.on_collapse=retry_half_lr: the retry's learning-rate factor
 

@@ -4,7 +4,7 @@ The opponent θt is frozen during iteration t, so log pθt(y|x) and log pθt(y'|
 are computed once per iteration and stored in `train.parquet`; training then
 needs no second model in memory. Because θ(t+1) starts as θt, the training ranks
 do this scoring with their own engine before the first optimizer step
-(`spin_core.train`), each rank a share, so it scales with the ranks.
+(`spin_core.training.train`), each rank a share, so it scales with the ranks.
 """
 
 from __future__ import annotations

@@ -103,11 +103,11 @@ class Output:
     def complete(self, params: Params) -> bool:
         path = self.path(params)
         if self.kind == "parquet":
-            from spin_core.files import parquet_complete
+            from spin_core.storage.files import parquet_complete
 
             return parquet_complete(path, self.rows(params) if self.rows else None)
         if self.kind == "model":
-            from spin_core.models import is_model_dir
+            from spin_core.storage.models import is_model_dir
 
             return is_model_dir(path)
         return path.is_file()
@@ -121,7 +121,7 @@ def at_iteration(where: Callable[[Any, int], Path]) -> Callable[[Params], Path]:
     """An output path from a `RunDir` method of the iteration: `at_iteration(RunDir.pairs)`."""
 
     def path(params: Params) -> Path:
-        from spin_core.rundir import RunDir
+        from spin_core.storage.rundir import RunDir
 
         return where(RunDir(params["run_dir"]), params["iteration"])
 

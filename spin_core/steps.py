@@ -26,10 +26,17 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spin_core import data, generation, lm_eval, provenance, report, toy, tracking, train
+from spin_core import data, generation, lm_eval, toy
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.evaluate import collapsed, evaluate_model, evaluation_config, training_summary
-from spin_core.files import (
+from spin_core.generation import Generated
+from spin_core.generation.workers import in_process
+from spin_core.prompts import drop_overlong_prompts, encode_pairs
+from spin_core.reports import report, tracking
+from spin_core.runtime.devices import check_device_counts, compute_dtype, release_memory
+from spin_core.step import Context, Output, Params, at_iteration, step
+from spin_core.storage import provenance
+from spin_core.storage.files import (
     atomic_path,
     parquet_complete,
     parquet_rows,
@@ -37,15 +44,11 @@ from spin_core.files import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from spin_core.generation import Generated
-from spin_core.generation.workers import in_process
-from spin_core.models import check_causal_lm, load_policy, pinned_model
-from spin_core.models import load_tokenizer as _load_tokenizer
-from spin_core.prompts import drop_overlong_prompts, encode_pairs
-from spin_core.rundir import EvalDir, RunDir, RunLock, check_config
-from spin_core.runtime.devices import check_device_counts, compute_dtype, release_memory
-from spin_core.step import Context, Output, Params, at_iteration, step
-from spin_core.train_job import TrainJob
+from spin_core.storage.models import check_causal_lm, load_policy, pinned_model
+from spin_core.storage.models import load_tokenizer as _load_tokenizer
+from spin_core.storage.rundir import EvalDir, RunDir, RunLock, check_config
+from spin_core.training import train
+from spin_core.training.job import TrainJob
 
 
 def _run(params: Params) -> RunDir:
@@ -360,7 +363,7 @@ def train_policy(
 
 def _train(ctx: Context, config: SpinConfig, progress, job: TrainJob) -> None:
     """`train.run_rank(job)` in this process, or on `num_processes` ranks launched as a group."""
-    from spin_core import launch
+    from spin_core.training import launch
 
     iteration = job.iteration
 
@@ -614,7 +617,7 @@ def track_experiment(ctx: Context, config: SpinConfig, run_dir: str) -> None:
     """Copy what is new in the run directory to MLflow or W&B (`run.tracking`); else nothing."""
     if config.run.tracking == "none":
         return
-    from spin_core import tracking
+    from spin_core.reports import tracking
 
     params = tracking.config_params(config.model_dump(mode="json"))
     if config.run.tracking == "wandb":

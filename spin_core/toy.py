@@ -33,12 +33,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from spin_core import chat_tasks
 from spin_core.config import ToyConfig
-from spin_core.files import atomic_path, write_json_atomic
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import sft_loss
-from spin_core.models import load_model, load_tokenizer, save_model_dir
 from spin_core.prompts import build_example, encode_conversations, prompt_messages
-from spin_core.rundir import ToyArtifacts, toy_artifacts
+from spin_core.storage.files import atomic_path, write_json_atomic
+from spin_core.storage.models import load_model, load_tokenizer, save_model_dir
+from spin_core.storage.rundir import ToyArtifacts, toy_artifacts
 
 logger = logging.getLogger(__name__)
 

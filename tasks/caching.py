@@ -37,8 +37,8 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
 from spin_core.console import announce
 from spin_core.errors import InputError, retryable
-from spin_core.rundir import RunDir
 from spin_core.step import Step, execute
+from spin_core.storage.rundir import RunDir
 from tasks.context import PrefectContext
 
 HASHED_FILE_LIMIT = 64 * 2**20  # larger files (model weights) are fingerprinted by size and mtime

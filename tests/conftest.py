@@ -68,7 +68,13 @@ def toy_config(toy_build):
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct as an HF directory: `make setup`'s import when it is of the
     installed wheel's file, else imported once for this session (~35 s)."""
-    from spin_core.gguf_import import SMOLLM2_DIR, import_gguf, imported_from, sha256, smollm2_gguf
+    from spin_core.storage.gguf_import import (
+        SMOLLM2_DIR,
+        import_gguf,
+        imported_from,
+        sha256,
+        smollm2_gguf,
+    )
 
     gguf = smollm2_gguf()
     made = Path(__file__).resolve().parent.parent / SMOLLM2_DIR

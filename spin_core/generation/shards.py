@@ -22,11 +22,11 @@ import pandas as pd
 
 from spin_core.config import SpinConfig
 from spin_core.data import SAMPLE_COLUMNS
-from spin_core.files import read_parquet_checked, write_parquet_atomic
 from spin_core.generation.claims import claimed_shards
 from spin_core.generation.decoding import Decoding, GenerationBackend
 from spin_core.generation.hf import HFBackend
 from spin_core.runtime.devices import release_memory
+from spin_core.storage.files import read_parquet_checked, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def make_backend(
 
         return VLLMBackend(model_path, tokenizer, decoding, cfg)
     if model is None:
-        from spin_core.models import load_policy
         from spin_core.runtime.devices import device
+        from spin_core.storage.models import load_policy
 
         model, _ = load_policy(model_path, cfg.model, on_device=device())
     return HFBackend(
@@ -129,7 +129,7 @@ def generate_from_model(
     """One generation worker, in this process: load the opponent at `opponent` on this
     process's device, answer the prompts' stored token ids shard by shard (those no other
     worker holds), then free the model and its GPU memory."""
-    from spin_core.models import load_tokenizer
+    from spin_core.storage.models import load_tokenizer
 
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)
     backend = make_backend(opponent, cfg, tokenizer)

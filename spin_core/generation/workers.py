@@ -25,10 +25,10 @@ from pathlib import Path
 import pandas as pd
 
 from spin_core.config import ConfigError, SpinConfig
-from spin_core.files import parquet_rows
 from spin_core.generation.shards import generate_from_model, missing_shards
 from spin_core.runtime.devices import plan_workers
 from spin_core.runtime.processes import Children, child_env
+from spin_core.storage.files import parquet_rows
 
 ROWS_PREFIX = "SPIN_ROWS "  # a worker prints this and a row count after every batch
 WORKER_ATTEMPTS = 2  # a worker that died is started once more; it takes over its claim

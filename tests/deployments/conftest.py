@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from flows.server import prefect_server as start_prefect_server
-from spin_core.launch import free_port
+from spin_core.training.launch import free_port
 from tests.overrides import overrides
 from tests.postgres import postgres_database
 from tests.postgres import unavailable as postgres_unavailable

@@ -11,9 +11,9 @@ from flows.dispatch import REMOTE_STEPS, spin_evaluate, spin_generate, spin_lm_e
 from flows.scheduled import next_iteration_config, spin_next_iteration
 from spin_core.config import load_config
 from spin_core.errors import InputError
-from spin_core.files import write_json_atomic
-from spin_core.rundir import RunDir, check_or_save_config
 from spin_core.steps import evaluate, generate_responses, lm_eval_model, train_policy
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import RunDir, check_or_save_config
 from tests.deployments.conftest import ROOT, scaling_out_commands
 
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from spin_core.config import load_config
-from spin_core.launch import free_port
+from spin_core.training.launch import free_port
 from tests.deployments.conftest import BIN, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(600)]

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from spin_core.config import load_config
-from spin_core.models import is_model_dir
-from spin_core.rundir import RunDir
+from spin_core.storage.models import is_model_dir
+from spin_core.storage.rundir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(900)]
 

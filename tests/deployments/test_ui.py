@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from spin_core.config import load_config
-from spin_core.rundir import RunDir
+from spin_core.storage.rundir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.browser, pytest.mark.timeout(900)]
 

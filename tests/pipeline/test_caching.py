@@ -13,8 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from spin_core.config import load_config
 from spin_core.driver import PlainRunner
-from spin_core.rundir import RunDir
 from spin_core.step import read_journal, step
+from spin_core.storage.rundir import RunDir
 from tasks import caching
 
 

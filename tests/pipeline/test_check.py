@@ -11,8 +11,8 @@ import pytest
 
 from flows.cli import main
 from spin_core.config import load_config
-from spin_core.memory import GIB, ModelShape, estimate_memory
-from spin_core.preflight import optimizer_steps, preflight
+from spin_core.reports.preflight import optimizer_steps, preflight
+from spin_core.training.memory import GIB, ModelShape, estimate_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -281,7 +281,7 @@ def test_optimizer_steps_of_the_paper_recipe():
 
 
 def test_lora_trains_only_the_adapter(mistral_7b_dir):
-    from spin_core.memory import lora_parameters, model_shape
+    from spin_core.training.memory import lora_parameters, model_shape
 
     shape = model_shape(str(mistral_7b_dir))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

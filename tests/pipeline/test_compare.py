@@ -1,4 +1,4 @@
-"""spin compare: recipes over seeds (flows/compare.py, spin_core/compare.py).
+"""spin compare: recipes over seeds (flows/compare.py, spin_core/reports/compare.py).
 
 Fast: the interval maths and compare.md on synthetic run directories. Slow: two toy
 recipes × two seeds through the real flows, then a third seed, which runs only the two
@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from spin_core import compare, compare_report
-from spin_core import significance as sig
 from spin_core.config import ConfigError, load_config
 from spin_core.errors import InputError
-from spin_core.files import write_json_atomic
-from spin_core.rundir import RunDir, save_config
+from spin_core.reports import compare, compare_report
+from spin_core.reports import significance as sig
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import RunDir, save_config
 from tests.overrides import overrides, set_args
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from spin_core.status import ITERATION_STEPS
+from spin_core.reports.status import ITERATION_STEPS
 from tests.overrides import overrides, set_args
 
 pytestmark = pytest.mark.slow

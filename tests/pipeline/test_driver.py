@@ -12,8 +12,8 @@ from prefect.testing.utilities import prefect_test_harness
 from spin_core import driver
 from spin_core.config import load_config
 from spin_core.pipeline import Decision, after_iteration
-from spin_core.rundir import RunDir
 from spin_core.step import read_journal
+from spin_core.storage.rundir import RunDir
 from tests.overrides import overrides
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from spin_core.rundir import RunDir
+from spin_core.storage.rundir import RunDir
 from tests.overrides import overrides
 
 pytestmark = pytest.mark.slow  # runs the real pipeline

@@ -13,9 +13,9 @@ import pytest
 
 from spin_core import lm_eval
 from spin_core.config import ConfigError, LmEvalConfig, load_config
-from spin_core.files import write_json_atomic
-from spin_core.report import write_report
-from spin_core.rundir import RunDir
+from spin_core.reports.report import write_report
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import RunDir
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,

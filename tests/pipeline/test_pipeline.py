@@ -7,7 +7,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
 
-from spin_core.rundir import RunDir
+from spin_core.storage.rundir import RunDir
 from tests.overrides import overrides
 
 pytestmark = pytest.mark.slow  # runs the real pipeline
@@ -158,7 +158,7 @@ def test_mlflow_holds_one_run_with_a_nested_run_per_iteration(finished_run):
     """run.tracking=mlflow: the step records and evaluations of the files, logged once."""
     from mlflow.tracking import MlflowClient
 
-    from spin_core import tracking
+    from spin_core.reports import tracking
 
     run, cfg, _ = finished_run
     state = tracking.tracked_runs(run.root)
@@ -190,7 +190,8 @@ def test_lm_eval_scores_reach_mlflow_and_wandb(finished_run, tmp_path, monkeypat
 
     from mlflow.tracking import MlflowClient
 
-    from spin_core import lm_eval, tracking
+    from spin_core import lm_eval
+    from spin_core.reports import tracking
 
     run, cfg, _ = finished_run
     copy = RunDir(
@@ -230,7 +231,7 @@ def test_lm_eval_scores_reach_mlflow_and_wandb(finished_run, tmp_path, monkeypat
 
 def test_wandb_offline_holds_a_run_per_iteration_and_the_models(finished_run, monkeypatch):
     """run.tracking=wandb, offline: what the files hold, one W&B run per iteration + one overview."""
-    from spin_core import tracking
+    from spin_core.reports import tracking
 
     run, cfg, _ = finished_run
     monkeypatch.setenv("WANDB_MODE", "offline")

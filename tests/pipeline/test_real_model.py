@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 from spin_core.config import ModelConfig
 from spin_core.generation import Decoding, HFBackend, generate_shards
-from spin_core.models import load_policy, load_tokenizer
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
-from spin_core.rundir import RunDir, toy_artifacts
+from spin_core.storage.models import load_policy, load_tokenizer
+from spin_core.storage.rundir import RunDir, toy_artifacts
 from tests.naive import teacher_forced_logp
 from tests.overrides import set_args
 from tests.reliability.test_crash import kill_when
@@ -37,7 +37,7 @@ IM_END = 2  # '<|im_end|>': SmolLM2's EOS and pad token
 
 def test_import_refuses_a_missing_or_corrupt_file_with_one_line(tmp_path):
     from spin_core.errors import InputError
-    from spin_core.gguf_import import import_gguf
+    from spin_core.storage.gguf_import import import_gguf
 
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(2000))
@@ -67,7 +67,7 @@ def test_imported_directory_is_the_gguf_model(smollm2_dir):
     logits as transformers' own GGUF loading."""
     from transformers import AutoModelForCausalLM
 
-    from spin_core.gguf_import import imported_from, smollm2_gguf
+    from spin_core.storage.gguf_import import imported_from, smollm2_gguf
 
     assert list(Path(smollm2_dir).glob("*.safetensors")) and imported_from(smollm2_dir)
     config = json.loads((Path(smollm2_dir) / "config.json").read_text())

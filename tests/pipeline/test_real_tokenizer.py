@@ -18,9 +18,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 from spin_core.config import ModelConfig, load_config
 from spin_core.generation import Decoding, HFBackend, generate_shards
-from spin_core.models import load_policy, load_tokenizer
 from spin_core.prompts import encode_conversation, encode_pairs, prompt_messages
-from spin_core.rundir import RunDir
+from spin_core.storage.models import load_policy, load_tokenizer
+from spin_core.storage.rundir import RunDir
 from tests.naive import teacher_forced_logp
 from tests.overrides import overrides
 

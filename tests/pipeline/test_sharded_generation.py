@@ -14,9 +14,9 @@ import pytest
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from spin_core.models import load_tokenizer
 from spin_core.prompts import encode_pairs
-from spin_core.rundir import RunDir
+from spin_core.storage.models import load_tokenizer
+from spin_core.storage.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import pytest
 
 from flows.cli import main
 from spin_core.config import load_config
-from spin_core.rundir import RunDir, save_config
+from spin_core.storage.rundir import RunDir, save_config
 from tests.overrides import overrides
 
 pytestmark = pytest.mark.slow

@@ -46,7 +46,7 @@ def test_sigterm_stops_every_training_rank(toy_build, tmp_path):
             assert spin.poll() is None, (tmp_path / "spin.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "training ranks never started"
             descendants = parent.children(recursive=True)
-            ranks = [p for p in descendants if "spin_core.train_entry" in " ".join(_cmd(p))]
+            ranks = [p for p in descendants if "spin_core.training.rank" in " ".join(_cmd(p))]
             time.sleep(0.2)
         started = parent.children(recursive=True)
 

@@ -98,7 +98,7 @@ def _is_rank(command: list[str]) -> bool:
     """A training rank, not the launcher (torchrun) whose arguments also name the module."""
     line = " ".join(command)
     return (
-        "spin_core.train_entry" in line
+        "spin_core.training.rank" in line
         and "torch.distributed.run" not in line
         and ("torchrun" not in line and "-c" not in command[:2])
     )

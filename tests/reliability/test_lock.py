@@ -8,7 +8,7 @@ import pytest
 
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
-from spin_core.rundir import RunDir, RunLock, check_or_save_config
+from spin_core.storage.rundir import RunDir, RunLock, check_or_save_config
 
 
 def test_a_live_holder_is_refused_with_its_pid(tmp_path):

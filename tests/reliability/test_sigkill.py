@@ -53,8 +53,8 @@ def test_sigkill_of_the_process_running_generation_workers_stops_them(
     import pandas as pd
 
     from spin_core.generation import shard_path
-    from spin_core.models import load_tokenizer
     from spin_core.prompts import encode_pairs
+    from spin_core.storage.models import load_tokenizer
 
     heldout = pd.read_parquet(toy_build.eval_path).head(160)
     prompts = pd.DataFrame(

@@ -41,11 +41,13 @@ def _on_rank_device(seen):
 
 
 def test_step_metric_sums_are_reduced_on_the_rank_device(handed, monkeypatch):
-    import spin_core.train
+    import spin_core.training.train
 
-    monkeypatch.setattr(spin_core.train, "device", spin_core.runtime.devices.device)
+    monkeypatch.setattr(spin_core.training.train, "device", spin_core.runtime.devices.device)
     with pytest.raises(_Reached):
-        spin_core.train._reduce_sums({"loss": 0.7, "pairs": 4.0, "tokens": 100.0}, world_size=2)
+        spin_core.training.train._reduce_sums(
+            {"loss": 0.7, "pairs": 4.0, "tokens": 100.0}, world_size=2
+        )
     _on_rank_device(handed)
 
 

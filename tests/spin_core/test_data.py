@@ -24,7 +24,7 @@ from spin_core.data import (
     split_heldout,
 )
 from spin_core.errors import InputError
-from spin_core.files import read_parquet_checked, write_parquet_atomic
+from spin_core.storage.files import read_parquet_checked, write_parquet_atomic
 
 
 def chat(*turns: tuple[str, str]) -> list[dict[str, str]]:

@@ -6,8 +6,8 @@ import shutil
 from collections import namedtuple
 
 from spin_core.config import load_config
-from spin_core.memory import GIB, ModelShape
-from spin_core.preflight import estimate_disk
+from spin_core.reports.preflight import estimate_disk
+from spin_core.training.memory import GIB, ModelShape
 
 PAPER = "configs/zephyr-7b-ultrachat.yaml"
 MISTRAL_7B = ModelShape(
@@ -38,7 +38,7 @@ def test_a_7b_iteration_writes_its_model_and_bf16_rmsprop_checkpoints(tmp_path):
 def test_the_checkpoints_an_iteration_writes_are_counted_in_bytes_and_minutes(tmp_path):
     """The recipe: 1,563 steps in iteration 0 (50k pairs, 2 epochs, batch 64), 3,125 in each
     later one (100k pairs); one checkpoint every save_steps and one at the end."""
-    from spin_core.preflight import checkpoint_write_lines, optimizer_steps
+    from spin_core.reports.preflight import checkpoint_write_lines, optimizer_steps
 
     def line(save_steps: int) -> str:
         cfg = load_config(PAPER, [f"training.save_steps={save_steps}"])
@@ -81,7 +81,7 @@ def test_spin_check_exits_2_when_the_run_cannot_fit(monkeypatch, capsys, toy_bui
 def test_a_generation_worker_of_the_7b_recipe_fits_on_an_80_gib_gpu():
     """bf16 weights 13.5 GiB, the KV cache of the recipe's 131,072 tokens (32 layers × 8 kv
     heads × 128 × 2 × 2 B = 128 KiB a token: 16 GiB), and a prefill layer's MLP (10.5 GiB)."""
-    from spin_core.memory import generation_memory
+    from spin_core.training.memory import generation_memory
 
     memory = generation_memory(load_config(PAPER), MISTRAL_7B, 80 * GIB)
     kv = next(r for r in memory.rows if r.name.startswith("KV cache"))
@@ -90,7 +90,7 @@ def test_a_generation_worker_of_the_7b_recipe_fits_on_an_80_gib_gpu():
 
 
 def test_generation_that_cannot_fit_is_refused_with_the_field_to_change(tmp_path):
-    from spin_core.memory import generation_memory, generation_memory_problem
+    from spin_core.training.memory import generation_memory, generation_memory_problem
 
     big = load_config(PAPER, ["generation.batch_tokens=1000000"])
     memory = generation_memory(big, MISTRAL_7B, 80 * GIB)

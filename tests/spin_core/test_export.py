@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from spin_core.config import deepspeed_config, load_config
-from spin_core.rundir import RunDir
-from spin_core.train_job import TrainJob
+from spin_core.storage.rundir import RunDir
+from spin_core.training.job import TrainJob
 from tests.spin_core.test_train import _config, toy_job, train_parquet  # noqa: F401 - a fixture
 
 
@@ -36,7 +36,7 @@ def test_loading_a_model_leaves_the_default_dtype_as_it_was(bf16_theta0, monkeyp
     from transformers import AutoModelForCausalLM
 
     from spin_core.errors import InputError
-    from spin_core.models import load_model
+    from spin_core.storage.models import load_model
 
     load_model(str(bf16_theta0), dtype=torch.bfloat16)
     assert torch.get_default_dtype() == torch.float32
@@ -74,8 +74,8 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     master weights. Exported in fp32 it is kept; in bf16 it rounds away (θ1 = θ0 almost
     everywhere), which metrics.json, metrics.parquet and the report then say."""
     from spin_core.evaluate import training_summary
-    from spin_core.report import write_report
-    from spin_core.train import train_iteration
+    from spin_core.reports.report import write_report
+    from spin_core.training.train import train_iteration
     from tests.spin_core.test_report import write_eval
 
     run = RunDir(tmp_path / "run")
@@ -88,7 +88,7 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
         "training.zero_stage=0",
         f"training.export_dtype={export_dtype}",
     )
-    with caplog.at_level(logging.WARNING, logger="spin_core.train"):
+    with caplog.at_level(logging.WARNING, logger="spin_core.training.train"):
         train_iteration(
             cfg,
             TrainJob(
@@ -133,7 +133,7 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
 def test_the_engine_is_freed_when_training_returns(toy_build, train_parquet, tmp_path, monkeypatch):  # noqa: F811
     """With the cyclic GC off (as when it has not run yet), the engine and its optimizer,
     which refer to each other, are still freed when the in-process training returns."""
-    from spin_core import train
+    from spin_core.training import train
 
     engines = []
     build = train._Trainer.build.__func__
@@ -157,7 +157,7 @@ def test_the_engine_is_freed_when_training_returns(toy_build, train_parquet, tmp
 
 
 def test_deterministic_mode_sets_the_flag_and_the_cublas_workspace(monkeypatch):
-    from spin_core.train import use_deterministic
+    from spin_core.training.train import use_deterministic
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     use_deterministic(False)
@@ -174,7 +174,7 @@ def test_deterministic_mode_sets_the_flag_and_the_cublas_workspace(monkeypatch):
 
 def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     """Saved on rank 1 of an 8-GPU node, restored on a worker that sees one GPU."""
-    from spin_core import train_state
+    from spin_core.training import state as train_state
 
     calls = []
 
@@ -198,7 +198,7 @@ def test_bf16_at_zero_0_accumulates_gradients_in_fp32_and_preflight_counts_it():
     """One GPU, bf16, 8 accumulation micro-batches: DeepSpeed's BF16_Optimizer (ZeRO-1 with
     fp32 accumulation) instead of summing bf16 gradients; the pre-flight adds its
     persistent fp32 gradient buffer (4 B/param) and drops the step-time fp32 copy."""
-    from spin_core.memory import GIB, ModelShape, memory_for
+    from spin_core.training.memory import GIB, ModelShape, memory_for
 
     cfg = load_config(
         "configs/demo.yaml",
@@ -244,7 +244,7 @@ def test_bf16_at_zero_0_accumulates_gradients_in_fp32_and_preflight_counts_it():
 
 def test_optimizers_step_one_parameter_at_a_time(toy_build):
     """No foreach: its sqrt(state) temporary for every parameter at once is 4 B/param."""
-    from spin_core.train import _build_optimizer
+    from spin_core.training.train import _build_optimizer
 
     model = torch.nn.Linear(4, 4)
     for name in ("rmsprop", "adamw"):
@@ -261,7 +261,7 @@ def test_bf16_training_starts_from_the_fp32_weights_of_theta_t(toy_build, stage)
     from it too, not from the bf16 module copy DeepSpeed builds its masters from."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from spin_core import train
+    from spin_core.training import train
 
     cfg = load_config(
         "configs/demo.yaml",
@@ -294,7 +294,7 @@ def test_collectives_wait_as_long_as_the_config_says(monkeypatch):
     import deepspeed
     import torch.distributed as dist
 
-    from spin_core.train import init_distributed
+    from spin_core.training.train import init_distributed
 
     asked = {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -313,7 +313,7 @@ def _export_rank(rank, port, model_dir, out_dir, results):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     os.environ["WORLD_SIZE"] = "2"
-    from spin_core import export, train
+    from spin_core.training import export, train
     from tests.spin_core.test_train import ZERO3_ALL_PARTITIONED
 
     cfg = load_config(
@@ -366,7 +366,7 @@ def test_zero3_export_copies_to_host_memory_on_rank_0_only(toy_build, tmp_path):
     and a rank waiting in a collective is killed at the collective timeout."""
     import torch.multiprocessing as mp
 
-    from spin_core.launch import free_port
+    from spin_core.training.launch import free_port
 
     with mp.Manager() as manager:
         results = manager.dict()
@@ -396,7 +396,7 @@ def test_a_lora_update_on_a_bf16_model_is_merged_and_exported_in_fp32(
     """bf16 θt and compute, a small adapter update (lr 1e-6, 4 steps): merged into a fresh
     fp32 θt and exported in fp32, it changes the adapted weights; merged into the bf16
     module (as before) it vanished into bf16's spacing."""
-    from spin_core.train import train_iteration
+    from spin_core.training.train import train_iteration
 
     cfg = _config(
         toy_build,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spin_core.config import SpinConfig
-from spin_core.rundir import RunDir
+from spin_core.storage.rundir import RunDir
 
 
 def _fake_state(state) -> None:

@@ -4,7 +4,6 @@ import pandas as pd
 import pytest
 import torch
 
-from spin_core.files import read_parquet_checked
 from spin_core.generation import (
     Decoding,
     Generated,
@@ -14,8 +13,9 @@ from spin_core.generation import (
     shard_path,
     token_budget_batches,
 )
-from spin_core.models import load_policy
 from spin_core.prompts import encode_prompts
+from spin_core.storage.files import read_parquet_checked
+from spin_core.storage.models import load_policy
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from spin_core.generation import (
     merge_shards,
     shard_path,
 )
-from spin_core.models import load_policy
 from spin_core.prompts import encode_prompts
+from spin_core.storage.models import load_policy
 
 SHARD_SIZE = 10
 BATCHING = {"batch_tokens": 4096, "max_batch_size": 64}
@@ -128,8 +128,8 @@ def test_generation_frees_the_model_then_empties_the_cuda_cache(
     (else the cache keeps its blocks and the next step, training or vLLM, cannot have them)."""
     import weakref
 
-    from spin_core import models
     from spin_core.generation import generate_from_model
+    from spin_core.storage import models
 
     _, tokenizer = opponent
     loaded, emptied = [], []
@@ -233,8 +233,8 @@ def test_evaluation_frees_the_model_then_empties_the_cuda_cache(monkeypatch, tmp
 
     from spin_core import steps
     from spin_core.config import load_config
-    from spin_core.rundir import RunDir
     from spin_core.step import PlainContext
+    from spin_core.storage.rundir import RunDir
 
     loaded, emptied = [], []
 

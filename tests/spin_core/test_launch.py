@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from spin_core.config import load_config
-from spin_core.launch import (
+from spin_core.storage.rundir import RunDir, save_config
+from spin_core.training.job import TrainJob
+from spin_core.training.launch import (
     free_port,
     launch_training,
     launcher_command,
@@ -18,8 +20,6 @@ from spin_core.launch import (
     split_step_line,
     write_deepspeed_env,
 )
-from spin_core.rundir import RunDir, save_config
-from spin_core.train_job import TrainJob
 from tests.spin_core.test_train import train_parquet  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_deepspeed_launcher_is_run_by_this_interpreter(tmp_path):
     assert command[command.index("--num_gpus") + 1] == "8"
     # DeepSpeed would otherwise pass --local_rank=N before the args file train_entry reads.
     assert "--no_local_rank" in command
-    assert command[-3:] == ["--module", "spin_core.train_entry", str(tmp_path / "args.json")]
+    assert command[-3:] == ["--module", "spin_core.training.rank", str(tmp_path / "args.json")]
 
 
 def test_the_deepspeed_master_port_is_one_the_first_host_of_the_hostfile_can_use(
@@ -54,7 +54,7 @@ def test_the_deepspeed_master_port_is_one_the_first_host_of_the_hostfile_can_use
     nothing about that one, so it gets $MASTER_PORT or DeepSpeed's default there."""
     import socket
 
-    from spin_core.launch import deepspeed_master_port
+    from spin_core.training.launch import deepspeed_master_port
 
     hostfile = tmp_path / "hostfile"
     monkeypatch.delenv("MASTER_PORT", raising=False)
@@ -92,7 +92,7 @@ def test_torchrun_across_nodes_uses_a_static_rendezvous_at_node_0(tmp_path):
         "--rdzv_endpoint",
         "node-0:29500",
         "-m",
-        "spin_core.train_entry",
+        "spin_core.training.rank",
         str(tmp_path / "args.json"),
     ]
 
@@ -122,7 +122,7 @@ def test_a_step_record_sharing_its_line_with_another_ranks_warning_is_still_read
 def test_a_rank_writes_its_step_record_and_newline_in_one_write(monkeypatch):
     """Unbuffered, print() writes the text and the newline separately: another rank's output
     then lands between them."""
-    import spin_core.train_entry as entry
+    import spin_core.training.rank as entry
 
     writes: list[str] = []
 
@@ -160,7 +160,7 @@ def test_train_node_refuses_node_0(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if k not in ("SLURM_NODEID", "NODE_RANK")}
     result = subprocess.run(
-        [sys.executable, "-m", "spin_core.train_node", str(tmp_path), "--node-rank", "0"],
+        [sys.executable, "-m", "spin_core.training.node", str(tmp_path), "--node-rank", "0"],
         env=env,
         capture_output=True,
         text=True,
@@ -242,7 +242,7 @@ def test_remote_ranks_get_the_hub_variables_through_deepspeeds_runner(tmp_path):
     # Every node runs this interpreter's launcher, which must not pass --local_rank=N.
     assert f"{sys.executable} -u -m deepspeed.launcher.launch" in remote
     assert " --module --no_local_rank " in remote
-    assert " spin_core.train_entry " in remote
+    assert " spin_core.training.rank " in remote
 
 
 def _config(toy_build, *extra: str):
@@ -291,7 +291,7 @@ def test_two_nodes_train_through_a_torchrun_rendezvous(
     tmp_path,
 ):
     """Two "nodes" on this machine, one rank each: node 0 is this process's launch, node 1
-    runs `python -m spin_core.train_node`, joins, and exits when the run's lock goes."""
+    runs `python -m spin_core.training.node`, joins, and exits when the run's lock goes."""
     endpoint = f"127.0.0.1:{free_port()}"
     cfg = _config(
         toy_build,
@@ -305,7 +305,7 @@ def test_two_nodes_train_through_a_torchrun_rendezvous(
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_NODEID", "NODE_RANK")}
     log = (tmp_path / "node1.log").open("w")
     node1 = subprocess.Popen(
-        [sys.executable, "-m", "spin_core.train_node", str(run.root), "--node-rank", "1"],
+        [sys.executable, "-m", "spin_core.training.node", str(run.root), "--node-rank", "1"],
         env=env | {"PYTHONPATH": str(ROOT)},
         cwd=tmp_path,
         stdout=log,
@@ -332,8 +332,8 @@ def test_a_node_that_joined_the_launch_it_first_saw_ends_with_the_run(tmp_path, 
     time the launch ended. It must end then too, not wait for a lock it never saw."""
     import threading
 
-    from spin_core import launch
-    from spin_core.files import write_json_atomic
+    from spin_core.storage.files import write_json_atomic
+    from spin_core.training import launch
 
     run = RunDir(tmp_path / "run")
     run.root.mkdir()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spin_core.export import with_adapter
-from spin_core.train import train_iteration
+from spin_core.training.export import with_adapter
+from spin_core.training.train import train_iteration
 from tests.spin_core.test_train import _config, toy_job, train_parquet  # noqa: F401 (fixture)
 
 LORA = ["training.lora.r=4", "training.lora.alpha=8", "training.learning_rate=1e-2"]

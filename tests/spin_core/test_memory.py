@@ -5,7 +5,7 @@ DeepSpeed ships `estimate_zero2_model_states_mem_needs_all_live` and
 (tied ones once) and its largest layer, and print the GPU memory of the model states per
 GPU for each offload option. Here they run on a small real Llama with tied embeddings and
 grouped-query attention; the exact byte counts behind their printed table are recorded
-(the table rounds to 0.01 GB) and compared with `spin_core.memory.estimate_memory` for the
+(the table rounds to 0.01 GB) and compared with `spin_core.training.memory.estimate_memory` for the
 same model, read from its config alone, for mixed-precision AdamW without offload.
 """
 
@@ -16,7 +16,7 @@ import torch
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spin_core.memory import estimate_memory, model_shape
+from spin_core.training.memory import estimate_memory, model_shape
 
 RANKS = 4
 

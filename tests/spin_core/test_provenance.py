@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from spin_core import provenance
+from spin_core.storage import provenance
 
 
 def test_fingerprint_follows_the_weights_not_the_path(tmp_path, monkeypatch):

@@ -16,9 +16,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spin_core.files import write_parquet_atomic
-from spin_core.train import _score_opponent
-from spin_core.train_state import COMPLETE_MARKER, _wait_visible, resume_point
+from spin_core.storage.files import write_parquet_atomic
+from spin_core.training.state import COMPLETE_MARKER, _wait_visible, resume_point
+from spin_core.training.train import _score_opponent
 
 
 def _in_group(rank: int, init_file: str, body, views: list[str], out: str) -> None:

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spin_core.files import write_json_atomic
-from spin_core.report import write_report
-from spin_core.rundir import RunDir
+from spin_core.reports.report import write_report
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import RunDir
 
 N = 40
 IDS = [f"p{i:02d}" for i in range(N)]
@@ -127,7 +127,7 @@ def test_the_report_prints_counts_as_integers_and_plots_whole_models(run):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from spin_core import report
+    from spin_core.reports import report
 
     for t in (0, 1):
         metrics = json.loads(run.iteration_metrics(t).read_text())
@@ -163,7 +163,7 @@ def test_the_report_artifact_carries_its_plots_inline(run):
     import base64
     import re
 
-    from spin_core.report import embed_images
+    from spin_core.reports.report import embed_images
 
     path, _ = write_report(run.root)
     text = path.read_text()

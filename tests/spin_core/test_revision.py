@@ -8,8 +8,8 @@ import pytest
 from spin_core import data
 from spin_core.config import DataConfig, SpinConfig
 from spin_core.errors import InputError
-from spin_core.models import SNAPSHOT_FILES, pinned_model
-from spin_core.rundir import RunDir
+from spin_core.storage.models import SNAPSHOT_FILES, pinned_model
+from spin_core.storage.rundir import RunDir
 
 
 def test_a_pinned_hub_model_is_loaded_from_its_revision_snapshot(monkeypatch, tmp_path):

@@ -4,8 +4,8 @@ read."""
 
 from __future__ import annotations
 
-from spin_core.files import write_json_atomic
-from spin_core.rundir import EvalDir, RunDir
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import EvalDir, RunDir
 
 
 def test_finished_iterations_stop_at_the_first_gap(tmp_path):

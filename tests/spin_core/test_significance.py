@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spin_core.significance import (
+from spin_core.reports.significance import (
     Comparison,
     bootstrap_mean_ci,
     compare_models,

@@ -12,7 +12,7 @@ import pytest
 
 from flows.cli import main
 from spin_core.errors import InputError
-from spin_core.status import render, run_status
+from spin_core.reports.status import render, run_status
 
 HOST = socket.gethostname()
 
@@ -151,7 +151,7 @@ def test_the_next_step_follows_the_order_run_iteration_runs_the_steps(baseline, 
 
     from spin_core.config import load_config
     from spin_core.pipeline import run_iteration
-    from spin_core.status import ITERATION_STEPS
+    from spin_core.reports.status import ITERATION_STEPS
 
     class Recorder:
         log = logging.getLogger("test")

@@ -10,9 +10,9 @@ import pytest
 
 from spin_core import steps
 from spin_core.config import load_config
-from spin_core.files import write_parquet_atomic
-from spin_core.rundir import RunDir
 from spin_core.step import Output, PlainContext, at_iteration, execute, step
+from spin_core.storage.files import write_parquet_atomic
+from spin_core.storage.rundir import RunDir
 
 
 def test_outputs_make_done_and_load(tmp_path):

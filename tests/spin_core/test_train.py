@@ -12,13 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spin_core.generation import Decoding, HFBackend
-from spin_core.models import load_policy
 from spin_core.prompts import encode_pairs
-from spin_core.rundir import STEP_LOG
 from spin_core.score import score_with_opponent
-from spin_core.train import step_indices, train_iteration
-from spin_core.train_job import TrainJob
-from spin_core.train_state import COMPLETE_MARKER, complete_checkpoints
+from spin_core.storage.models import load_policy
+from spin_core.storage.rundir import STEP_LOG
+from spin_core.training.job import TrainJob
+from spin_core.training.state import COMPLETE_MARKER, complete_checkpoints
+from spin_core.training.train import step_indices, train_iteration
 
 
 def toy_job(toy_build, train_path, state_dir, model_out, **changes) -> TrainJob:
@@ -168,7 +168,7 @@ def test_data_order_is_a_seeded_permutation_with_wraparound():
 
 
 def _launch(cfg, train_parquet, state_dir, model_out):
-    from spin_core.launch import launch_training
+    from spin_core.training.launch import launch_training
 
     steps: list[dict] = []
     job = TrainJob(cfg.model.name_or_path, train_parquet, state_dir, model_out, iteration=0)
@@ -206,7 +206,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(
 
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_launch_with_its_error(toy_build, tmp_path):
-    from spin_core.launch import LaunchError
+    from spin_core.training.launch import LaunchError
 
     cfg = _config(toy_build, "training.num_processes=2", "training.zero_stage=2")
     with pytest.raises(LaunchError, match="no-such.parquet"):
@@ -279,9 +279,9 @@ def test_zero3_scores_and_checks_health_through_the_engine_so_it_can_prefetch(
     """ZeRO-3 records the order it fetches parameters in between two of the engine's forward
     calls, then prefetches in that order. Scoring through the module itself never ends a
     recording: nothing is prefetched, and a health check would spoil the training trace."""
-    from spin_core.health import HealthProbe, check_health
     from spin_core.score import frame_examples
-    from spin_core.train import _score_opponent, _Trainer, init_distributed
+    from spin_core.training.health import HealthProbe, check_health
+    from spin_core.training.train import _score_opponent, _Trainer, init_distributed
 
     cfg = _config(toy_build, "training.zero_stage=3", "training.score_batch_tokens=512")
     init_distributed()
@@ -306,7 +306,7 @@ def test_zero3_scores_and_checks_health_through_the_engine_so_it_can_prefetch(
 def test_two_ranks_score_the_same_opponent_columns_as_one(toy_build, train_parquet, tmp_path):
     cfg = _config(toy_build, "training.num_epochs=1", "training.num_processes=2")
     job = _unscored_job(toy_build, train_parquet, tmp_path)
-    from spin_core.launch import launch_training
+    from spin_core.training.launch import launch_training
 
     launch_training(cfg, job, on_step=lambda record: None)
     ours, reference = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(train_parquet)
@@ -398,7 +398,7 @@ def test_two_ranks_with_many_logprob_chunks_equal_one_rank(
         "run.deterministic=true",
     )
     job = _unscored_job(toy_build, train_parquet, tmp_path)
-    from spin_core.launch import launch_training
+    from spin_core.training.launch import launch_training
 
     lines: list[str] = []
     launch_training(cfg, job, on_step=lambda record: None, on_log=lines.append)

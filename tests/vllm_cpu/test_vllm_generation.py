@@ -24,8 +24,8 @@ import pytest
 from spin_core.chat_tasks import make_pairs
 from spin_core.config import load_config
 from spin_core.generation import generate, merge_shards, shard_path
-from spin_core.models import load_tokenizer
 from spin_core.prompts import encode_pairs
+from spin_core.storage.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -54,7 +54,7 @@ def model(smollm2_dir, tmp_path_factory):
 
     from spin_core.config import ModelConfig
     from spin_core.generation import Decoding, HFBackend
-    from spin_core.models import load_policy
+    from spin_core.storage.models import load_policy
 
     policy, tokenizer = load_policy(str(smollm2_dir), ModelConfig(precision="fp32"))
     decoding = Decoding(False, 1.0, 1.0, MAX_NEW_TOKENS, 0, "chat")

@@ -20,7 +20,7 @@ import yaml
 
 from spin_core.config import TOY, SpinConfig, result_changing_differences, validate_config
 from spin_core.errors import InputError
-from spin_core.files import write_json_atomic, write_text_atomic
+from spin_core.storage.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class EvalDir:
 
     def done(self) -> bool:
         """Whether both files are there (eval.parquet complete)."""
-        from spin_core.files import parquet_complete
+        from spin_core.storage.files import parquet_complete
 
         return self.metrics.exists() and parquet_complete(self.eval)
 
@@ -123,7 +123,7 @@ class RunDir:
 
     @property
     def launch_request(self) -> Path:
-        """A multi-node torchrun launch that nodes 1 … N−1 join (spin_core/launch.py)."""
+        """A multi-node torchrun launch that nodes 1 … N−1 join (spin_core/training/launch.py)."""
         return self.root / ".train-launch.json"
 
     @property
@@ -137,7 +137,7 @@ class RunDir:
 
     @property
     def mlflow_state(self) -> Path:
-        """What run.tracking: mlflow has logged, and its run ids (spin_core/tracking.py)."""
+        """What run.tracking: mlflow has logged, and its run ids (spin_core/reports/tracking.py)."""
         return self.root / "tracking.json"
 
     @property
@@ -290,7 +290,7 @@ class RunDir:
     def base_model(self, cfg: SpinConfig) -> str:
         if cfg.model.name_or_path == TOY:
             return str(toy_artifacts(self.toy).model_dir)
-        from spin_core.models import pinned_model  # torch: not for `spin status`
+        from spin_core.storage.models import pinned_model  # torch: not for `spin status`
 
         return pinned_model(cfg.model.name_or_path, cfg.model.revision)
 

@@ -1,6 +1,6 @@
 """What one iteration's training is given: a `TrainJob`.
 
-The pipeline's training step, the launched ranks (`python -m spin_core.train_entry
+The pipeline's training step, the launched ranks (`python -m spin_core.training.rank
 ARGS.json`, where ARGS.json is `{"config": ..., "job": TrainJob.to_json()}`), the benchmarks
 and the tests all hand `train.run_rank` / `train.train_iteration` this one object.
 """

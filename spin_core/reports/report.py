@@ -21,9 +21,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 from spin_core import lm_eval  # noqa: E402
-from spin_core import significance as sig  # noqa: E402
-from spin_core.files import atomic_path, write_parquet_atomic, write_text_atomic  # noqa: E402
-from spin_core.rundir import RunDir  # noqa: E402
+from spin_core.reports import significance as sig  # noqa: E402
+from spin_core.storage.files import atomic_path, write_parquet_atomic, write_text_atomic  # noqa: E402
+from spin_core.storage.rundir import RunDir  # noqa: E402
 
 COLUMNS = [
     (sig.EXACT_MATCH, sig.LABELS[sig.EXACT_MATCH]),
@@ -261,7 +261,7 @@ def provenance_section(metrics: pd.DataFrame) -> list[str]:
     """Which weights, generator and library versions produced each row (reproducibility)."""
     if "model_fingerprint" not in metrics:
         return []
-    note = "Fingerprints: spin_core/provenance.py (a model directory's files, weights by edges)."
+    note = "Fingerprints: spin_core/storage/provenance.py (a model directory's files, weights by edges)."
     return ["## Provenance", "", markdown_table(metrics, PROVENANCE_COLUMNS), "", note, ""]
 
 

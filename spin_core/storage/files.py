@@ -72,7 +72,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
-    """Write `df` to `path` atomically (`spin_core.files.atomic_path`): a file that exists
+    """Write `df` to `path` atomically (`spin_core.storage.files.atomic_path`): a file that exists
     is complete. Parent directories are created."""
     import pyarrow as pa
     import pyarrow.parquet as pq

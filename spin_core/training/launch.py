@@ -3,7 +3,7 @@
 With `training.num_processes > 1` (or a hostfile) training runs as a DeepSpeed
 job: `torchrun` on one node; on several, the `deepspeed` launcher over SSH to the
 hosts of a hostfile, or torchrun on every node (a static rendezvous at node 0,
-for Slurm and Kubernetes: the other nodes run `python -m spin_core.train_node`).
+for Slurm and Kubernetes: the other nodes run `python -m spin_core.training.node`).
 Both launchers run from this interpreter, so no activated virtualenv is needed.
 The launcher starts in its own session (process group), so stopping it stops
 every rank:
@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spin_core.config import ConfigError, SpinConfig, TrainingConfig
-from spin_core.files import write_json_atomic
-from spin_core.rundir import RunDir
 from spin_core.runtime.processes import LaunchError, child_env, free_port, run_group
-from spin_core.train_job import TrainJob
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import RunDir
+from spin_core.training.job import TrainJob
 
 STEP_PREFIX = "SPIN_STEP "  # rank 0 prints each step record after this prefix
 
@@ -51,14 +51,14 @@ def launcher_command(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
 ) -> list[str]:
-    """The command that starts this node's ranks of `spin_core.train_entry ARGS_FILE`.
+    """The command that starts this node's ranks of `spin_core.training.rank ARGS_FILE`.
 
     Both launchers run from this interpreter (`python -m ...`), so `.venv/bin/spin` works
     without an activated virtualenv. torchrun on several nodes uses a static rendezvous:
     node `node_rank` holds ranks node_rank·P … node_rank·P + P − 1, so global rank 0 (whose
     step records the pipeline reads) is on node 0, the node that runs the pipeline.
     """
-    module = ["-m", "spin_core.train_entry", str(args_file)]
+    module = ["-m", "spin_core.training.rank", str(args_file)]
     per_node = training.num_processes // training.num_nodes
     if launcher_kind(training) == "deepspeed":
         hosts = ["--hostfile", training.hostfile] if training.hostfile else []
@@ -206,10 +206,10 @@ def launch_training(
     on_step: Callable[[dict], None] | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> None:
-    """Run `spin_core.train_entry` on `job` on `training.num_processes` ranks.
+    """Run `spin_core.training.rank` on `job` on `training.num_processes` ranks.
 
     This is node 0. With torchrun on several nodes the launch is announced in the run
-    directory (`.train-launch.json`), where `python -m spin_core.train_node RUN_DIR` on every
+    directory (`.train-launch.json`), where `python -m spin_core.training.node RUN_DIR` on every
     other node picks it up and starts that node's ranks; with the deepspeed launcher the
     forwarded variables go to the remote ranks in a `.deepspeed_env` (DS_ENV_FILE).
     """

@@ -31,7 +31,8 @@ import numpy as np
 
 from spin_core.config import TOY, SpinConfig
 from spin_core.errors import InputError
-from spin_core.memory import (
+from spin_core.storage.rundir import toy_artifacts
+from spin_core.training.memory import (
     GIB,
     OPTIMIZER_STATES,
     MemoryEstimate,
@@ -45,7 +46,6 @@ from spin_core.memory import (
     model_shape,
     uses_bf16,
 )
-from spin_core.rundir import toy_artifacts
 
 DEFAULT_GPU_MEMORY_GIB = 80.0
 SAMPLE_ROWS = 2000  # training rows tokenized for the length statistics
@@ -67,7 +67,7 @@ class StepRow:
 def optimizer_steps(cfg: SpinConfig) -> list[StepRow]:
     """Optimizer steps per iteration: iteration t trains on num_prompts × (1 + min(history, t))
     pairs (its own and its `data.history` predecessors'), num_epochs times over."""
-    from spin_core.train import steps_per_epoch
+    from spin_core.training.train import steps_per_epoch
 
     rows: list[StepRow] = []
     for t in range(cfg.run.iterations):
@@ -249,7 +249,7 @@ def preflight(
     for. Raises InputError for inputs that cannot be read at all (a missing model
     directory or data file); everything else that stops a run is in `.problems`.
     """
-    from spin_core.rundir import RunDir
+    from spin_core.storage.rundir import RunDir
 
     report = PreflightReport(title=f"spin check: {source}")
     run = RunDir(run_dir or Path("runs") / cfg.run.name)
@@ -326,8 +326,8 @@ def preflight(
 
 def _model_section(report: PreflightReport, cfg: SpinConfig, run) -> Any:
     """θ0's shape and tokenizer (config files only, never the weights); returns the tokenizer."""
-    from spin_core.models import load_tokenizer
     from spin_core.prompts import template_name
+    from spin_core.storage.models import load_tokenizer
 
     path = run.base_model(cfg)
     shape = model_shape(path, trust_remote_code=cfg.model.trust_remote_code)

@@ -1,7 +1,7 @@
 """The memory model of a training rank: a model's shape from its config alone, and the GPU
 memory one rank needs at a ZeRO stage, precision, optimizer, micro-batch and gradient
 checkpointing (`estimate_memory`; `memory_for` reads those from a config). `spin check`
-(spin_core/preflight.py) renders it and says what would make a run fit.
+(spin_core/reports/preflight.py) renders it and says what would make a run fit.
 
 Model states follow the ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory
 Optimizations Toward Training Trillion Parameter Models", §3.1 and Figure 1): with
@@ -129,7 +129,7 @@ def model_shape(name_or_path: str, *, trust_remote_code: bool = False) -> ModelS
     """The shape of the causal LM at `name_or_path`, from its config only (no weights)."""
     from transformers import AutoConfig
 
-    from spin_core.models import check_causal_lm
+    from spin_core.storage.models import check_causal_lm
 
     check_causal_lm(name_or_path, trust_remote_code=trust_remote_code)  # InputError naming it
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

@@ -29,14 +29,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from spin_core.config import SpinConfig, TrainingConfig, deepspeed_config, schedule_at
-from spin_core.export import EXPORT_DTYPES, carry_fp32_masters, export_model, with_adapter
-from spin_core.files import read_parquet_checked, write_parquet_atomic
-from spin_core.health import HealthProbe, check_health, health_probe
-from spin_core.launch import free_port
 from spin_core.logprobs import pad_batch, sequence_logps
 from spin_core.loss import reward_metrics, reward_sums, sft_loss, spin_sft_loss
-from spin_core.models import load_policy
-from spin_core.rundir import EXPORT_SUMMARY, STEP_LOG
 from spin_core.runtime.devices import (
     all_reduce_sum,
     compute_dtype,
@@ -45,8 +39,14 @@ from spin_core.runtime.devices import (
     release_memory,
 )
 from spin_core.score import SCORED_COLUMNS, Examples, frame_examples, score_with_opponent
-from spin_core.train_job import TrainJob
-from spin_core.train_state import (
+from spin_core.storage.files import read_parquet_checked, write_parquet_atomic
+from spin_core.storage.models import load_policy
+from spin_core.storage.rundir import EXPORT_SUMMARY, STEP_LOG
+from spin_core.training.export import EXPORT_DTYPES, carry_fp32_masters, export_model, with_adapter
+from spin_core.training.health import HealthProbe, check_health, health_probe
+from spin_core.training.job import TrainJob
+from spin_core.training.launch import free_port
+from spin_core.training.state import (
     resume,
     save_checkpoint,
     seed_everything,
@@ -354,7 +354,7 @@ def train_iteration(
     health: HealthProbe | None = None,
     stop_after_steps: int | None = None,
 ) -> TrainResult:
-    """Train one iteration as `job` says (spin_core/train_job.py); export θ(t+1).
+    """Train one iteration as `job` says (spin_core/training/job.py); export θ(t+1).
 
     `on_step` gets every step record on rank 0. `on_phase(name, "start" | "end")` brackets
     the phases between the steps: "scoring" (θt's log-probs of the pairs), each

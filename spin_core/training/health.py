@@ -38,7 +38,7 @@ class HealthProbe:
 
 def health_probe(cfg: SpinConfig, opponent: str, opponent_eval_file: str | Path) -> HealthProbe:
     """The first `eval.health_size` held-out pairs of θt's evaluation, with θt's log-likelihood."""
-    from spin_core.models import load_tokenizer
+    from spin_core.storage.models import load_tokenizer
 
     scored = pd.read_parquet(opponent_eval_file).head(cfg.eval.health_size)
     tokenizer = load_tokenizer(opponent, trust_remote_code=cfg.model.trust_remote_code)

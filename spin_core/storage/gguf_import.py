@@ -6,7 +6,7 @@ float) but will not save such a model ("quantized with gguf and is not serializa
 `quantization_config`, loads the dequantized weights into it and writes a normal model
 directory that every other part of spin (and any HF tool) reads:
 
-    from spin_core.gguf_import import import_gguf, smollm2_gguf
+    from spin_core.storage.gguf_import import import_gguf, smollm2_gguf
     import_gguf(smollm2_gguf(), "models/SmolLM2-135M-Instruct")   # ~35 s on 2 CPU cores
 
 or `spin import-gguf FILE OUT`. The directory records the GGUF file's SHA-256 in
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from spin_core.errors import InputError
-from spin_core.files import write_json_atomic
+from spin_core.storage.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     The same file imported again returns at once. A non-empty `out_dir` that is not this
     file's import is refused (InputError), never overwritten.
     """
-    from spin_core.models import save_model_dir
+    from spin_core.storage.models import save_model_dir
 
     path = check_gguf(gguf_path)
     out_dir = Path(out_dir).expanduser()

@@ -13,7 +13,7 @@ Across seeds, a metric's interval is the Student-t interval of the per-seed valu
 (mean ± t(0.975, n−1)·s/√n, `significance.mean_interval`); with one seed there is none.
 SPIN θt against the SFT baseline of the same iteration is tested paired over prompts
 within each seed and pooled over seeds (`pooled_comparison`). compare.md and its plot are
-written by spin_core/compare_report.py.
+written by spin_core/reports/compare_report.py.
 
 No Prefect here: the orchestration is flows/compare.py.
 """
@@ -32,8 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from spin_core import pipeline, report
-from spin_core import significance as sig
+from spin_core import pipeline
 from spin_core.config import (
     TOY,
     ConfigError,
@@ -44,13 +43,15 @@ from spin_core.config import (
     validate_config,
 )
 from spin_core.errors import InputError
-from spin_core.rundir import RunDir, toy_artifacts
-from spin_core.significance import (
+from spin_core.reports import report
+from spin_core.reports import significance as sig
+from spin_core.reports.significance import (
     CONFIDENCE,
     N_RESAMPLES,
     mean_interval,
     stratified_paired_bootstrap,
 )
+from spin_core.storage.rundir import RunDir, toy_artifacts
 
 # The fields a comparison seed sets (toy.seed is left alone: θ0 is shared).
 SEEDED_FIELDS = (("data", "seed"), ("generation", "seed"), ("training", "seed"))

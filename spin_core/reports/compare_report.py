@@ -1,4 +1,4 @@
-"""compare.md, its plot and compare.parquet: a comparison (spin_core/compare.py) as a
+"""compare.md, its plot and compare.parquet: a comparison (spin_core/reports/compare.py) as a
 reader sees it."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from spin_core import report  # noqa: E402
-from spin_core import significance as sig  # noqa: E402
-from spin_core.compare import (  # noqa: E402
+from spin_core.reports import report  # noqa: E402
+from spin_core.reports import significance as sig  # noqa: E402
+from spin_core.reports.compare import (  # noqa: E402
     METRICS,
     SFT,
     SPIN,
@@ -24,7 +24,7 @@ from spin_core.compare import (  # noqa: E402
     RunResult,
     compare_runs,
 )
-from spin_core.files import write_parquet_atomic, write_text_atomic  # noqa: E402
+from spin_core.storage.files import write_parquet_atomic, write_text_atomic  # noqa: E402
 
 
 def _value(metric: str, value: float) -> str:

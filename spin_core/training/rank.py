@@ -1,4 +1,4 @@
-"""One training rank: `python -m spin_core.train_entry ARGS.json` (started by spin_core.launch).
+"""One training rank: `python -m spin_core.training.rank ARGS.json` (started by spin_core.training.launch).
 
 ARGS.json is `{"config": <the config as a plain dict>, "job": <TrainJob.to_json()>}`, so a
 launched rank trains exactly as the in-process one does. Rank 0 prints every step record
@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from spin_core.config import SpinConfig
-from spin_core.launch import STEP_PREFIX
-from spin_core.train import run_rank
-from spin_core.train_job import TrainJob
+from spin_core.training.job import TrainJob
+from spin_core.training.launch import STEP_PREFIX
+from spin_core.training.train import run_rank
 
 
 def main(args_file: str) -> None:

@@ -33,8 +33,8 @@ from pathlib import Path
 from spin_core import lm_eval
 from spin_core.config import SpinConfig
 from spin_core.errors import InputError
-from spin_core.files import write_json_atomic
-from spin_core.rundir import RunDir
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.rundir import RunDir
 
 
 def tracking_uri(run: RunDir) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from spin_core.config import LoraConfig, ModelConfig
-from spin_core.files import write_json_atomic
-from spin_core.models import load_policy, save_model_dir
 from spin_core.runtime.devices import device
+from spin_core.storage.files import write_json_atomic
+from spin_core.storage.models import load_policy, save_model_dir
 
 logger = logging.getLogger(__name__)
 
