@@ -53,7 +53,7 @@ def evaluate_model(
     show_progress: bool = False,
     generated: list[Generated] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Evaluate `model` on `heldout` (id, prompt, real[, context]).
+    """Evaluate `model` on `heldout` (id, prompt, real[, context]): generate → score → metrics.
 
     opponent_frame: the opponent's own evaluation frame (same ids), whose
     `generated_ids`, `real_logps` and `generated_logps` give the held-out pairs
@@ -65,32 +65,65 @@ def evaluate_model(
     workers wrote them (`evaluation_config`); else `model` writes them here.
     Returns (per-example frame, metrics dict).
     """
-    training = cfg.training
-    prompt_ids, real_ids = encode_pairs(tokenizer, heldout, training.max_prompt_length)
+    if opponent_frame is not None and beta is None:
+        raise ValueError("beta is needed to compute rewards against the opponent")
+    prompt_ids, real_ids = encode_pairs(tokenizer, heldout, cfg.training.max_prompt_length)
     if generated is None:
-        generation = evaluation_config(cfg).generation
-        backend = HFBackend(
-            model,
-            tokenizer,
-            Decoding.from_config(generation, tokenizer),
-            batch_tokens=generation.batch_tokens,
-            max_batch_size=generation.max_batch_size,
-        )
-        generated = backend.generate(prompt_ids)
+        generated = generate_heldout(model, tokenizer, prompt_ids, cfg)
+    frame = heldout_frame(heldout, generated)
+    opponent_logps = score_heldout(
+        model, tokenizer, frame, prompt_ids, real_ids, cfg, opponent_frame, show_progress
+    )
+    return frame, heldout_metrics(frame, opponent_frame, opponent_logps, beta, group_of)
+
+
+def generate_heldout(model, tokenizer, prompt_ids: list[list[int]], cfg: SpinConfig):
+    """The model's greedy answers to the held-out prompts (`evaluation_config`), in order."""
+    generation = evaluation_config(cfg).generation
+    backend = HFBackend(
+        model,
+        tokenizer,
+        Decoding.from_config(generation, tokenizer),
+        batch_tokens=generation.batch_tokens,
+        max_batch_size=generation.max_batch_size,
+    )
+    return backend.generate(prompt_ids)
+
+
+def heldout_frame(heldout: pd.DataFrame, generated: list[Generated]) -> pd.DataFrame:
+    """One row per held-out example with its answer, the answer's ids and exact match."""
     columns = [c for c in ("id", "prompt", "context", "real") if c in heldout]
     frame = heldout[columns].reset_index(drop=True).copy()
     frame["generated"] = [g.text for g in generated]
     frame["generated_ids"] = [np.asarray(g.token_ids, dtype=np.int32) for g in generated]
     frame["finish_reason"] = [g.finish_reason for g in generated]
     frame["exact_match"] = frame["generated"].str.strip() == frame["real"].str.strip()
+    return frame
 
+
+def score_heldout(
+    model,
+    tokenizer,
+    frame: pd.DataFrame,
+    prompt_ids: list[list[int]],
+    real_ids: list[list[int]],
+    cfg: SpinConfig,
+    opponent_frame: pd.DataFrame | None = None,
+    show_progress: bool = False,
+):
+    """The model's log-probs of the real answers and of its own, added to `frame`
+    (real_logps, real_tokens, generated_logps); with the opponent's frame, also the pairs
+    against the opponent's answers (opponent_generated, tie), whose log-probs it returns."""
+    training = cfg.training
     limits = {"max_length": training.max_length, "max_prompt_length": training.max_prompt_length}
     examples = {
         "real": examples_from_ids(prompt_ids, real_ids, **limits),
-        "generated": examples_from_ids(prompt_ids, [g.token_ids for g in generated], **limits),
+        "generated": examples_from_ids(
+            prompt_ids, [ids.tolist() for ids in frame["generated_ids"]], **limits
+        ),
     }
     if opponent_frame is not None:
-        opponent = opponent_frame.set_index("id").loc[frame["id"]].reset_index()
+        opponent = _aligned(opponent_frame, frame)
         opponent_ids = [list(ids) for ids in opponent["generated_ids"]]
         frame["opponent_generated"] = opponent["generated"].to_numpy()
         # y' = y token for token: the margin is 0 whatever the model, so it is a tie.
@@ -107,7 +140,18 @@ def evaluate_model(
     frame["real_logps"] = logps["real"]
     frame["real_tokens"] = counts["real"]
     frame["generated_logps"] = logps["generated"]
+    return logps.get("opponent_generated")
 
+
+def heldout_metrics(
+    frame: pd.DataFrame,
+    opponent_frame: pd.DataFrame | None = None,
+    opponent_generated_logps=None,
+    beta: float | None = None,
+    group_of: Callable[[str], str] | None = None,
+) -> dict:
+    """Exact match, the real answers' per-token log-likelihood and, against the opponent,
+    the reward metrics (adding each pair's `margin` to `frame`)."""
     metrics: dict = {
         "eval_pairs": len(frame),
         "exact_match": float(frame["exact_match"].mean()),
@@ -121,10 +165,14 @@ def evaluate_model(
             str(k): float(v) for k, v in frame["exact_match"].groupby(groups).mean().items()
         }
     if opponent_frame is not None:
-        if beta is None:
-            raise ValueError("beta is needed to compute rewards against the opponent")
-        metrics |= _reward_metrics(frame, opponent, logps["opponent_generated"], beta)
-    return frame, metrics
+        opponent = _aligned(opponent_frame, frame)
+        metrics |= _reward_metrics(frame, opponent, opponent_generated_logps, beta)
+    return metrics
+
+
+def _aligned(opponent_frame: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """The opponent's evaluation rows in `frame`'s order."""
+    return opponent_frame.set_index("id").loc[frame["id"]].reset_index()
 
 
 def _reward_metrics(frame: pd.DataFrame, opponent: pd.DataFrame, opponent_generated_logps, beta):
