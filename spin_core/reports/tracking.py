@@ -28,6 +28,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from spin_core import lm_eval
@@ -53,6 +55,53 @@ def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, dict):
             out |= _numbers(value, f"{name}/")
     return out
+
+
+@dataclass(frozen=True)
+class FinishedModel:
+    """One evaluated model of a run, as both trackers log it: θ0 (`iteration` None, step 0)
+    or θ(t+1) of iteration t (step t+1)."""
+
+    run: RunDir
+    iteration: int | None
+
+    @property
+    def key(self) -> str:
+        return "theta0" if self.iteration is None else f"iter_{self.iteration}"
+
+    @property
+    def step(self) -> int:
+        return 0 if self.iteration is None else self.iteration + 1
+
+    def heldout(self) -> dict[str, float]:
+        """Its held-out metrics ("heldout/...") and lm-eval scores ("lm_eval/...")."""
+        if self.iteration is None:
+            evaluation = self.run.base_evaluation()
+        else:
+            evaluation = self.run.evaluation(self.iteration)
+        values = _numbers(json.loads(evaluation.metrics.read_text()), "heldout/")
+        return values | lm_eval.scores(evaluation.root)
+
+    def train_steps(self) -> Iterator[tuple[int, dict[str, float]]]:
+        """(step, "train/..." values) of every optimizer step that trained it."""
+        path = None if self.iteration is None else self.run.step_log(self.iteration)
+        for line in path.read_text().splitlines() if path and path.exists() else []:
+            record = json.loads(line)
+            yield int(record["step"]), _numbers(record, "train/")
+
+    def sft_baseline(self) -> dict[str, float]:
+        """The SFT baseline's held-out metrics ("sft/...") of its iteration, if it has one."""
+        if self.iteration is None:
+            return {}
+        path = self.run.baseline_evaluation(self.iteration).metrics
+        return _numbers(json.loads(path.read_text()), "sft/") if path.exists() else {}
+
+
+def finished_models(run: RunDir) -> list[FinishedModel]:
+    """What a tracker may log of `run` so far: θ0 once evaluated, then every finished
+    iteration's model, in order."""
+    theta0 = [FinishedModel(run, None)] if run.base_evaluation().metrics.exists() else []
+    return theta0 + [FinishedModel(run, t) for t in run.finished_iterations()]
 
 
 def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
@@ -94,34 +143,31 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
         for start in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
-    base = run.base_evaluation().metrics
-    if "theta0" not in state["logged"] and base.exists():
-        values = _numbers(json.loads(base.read_text()), "heldout/") | lm_eval.scores(base.parent)
-        log(state["parent"], values, step=0)
-        state["logged"].append("theta0")
-        write_json_atomic(state, state_path)
-    for t in run.finished_iterations():
-        key = f"iter_{t}"
-        if key not in state["logged"]:
+    for model in finished_models(run):
+        if model.key in state["logged"]:
+            continue
+        values = model.heldout()
+        if model.iteration is not None:
             child = client.create_run(
                 state["experiment_id"],
-                tags={MLFLOW_PARENT_RUN_ID: state["parent"], MLFLOW_RUN_NAME: f"iteration {t}"},
+                tags={
+                    MLFLOW_PARENT_RUN_ID: state["parent"],
+                    MLFLOW_RUN_NAME: f"iteration {model.iteration}",
+                },
             )
-            steps = run.step_log(t)
-            for line in steps.read_text().splitlines() if steps.exists() else []:
-                record = json.loads(line)
-                log(child.info.run_id, _numbers(record, "train/"), step=int(record["step"]))
-            metrics = json.loads(run.iteration_metrics(t).read_text())
-            values = _numbers(metrics, "heldout/") | lm_eval.scores(run.iteration(t))
-            log(child.info.run_id, values, step=t + 1)
-            log(state["parent"], values, step=t + 1)
-            baseline = run.baseline_evaluation(t).metrics
-            if baseline.exists():
-                log(state["parent"], _numbers(json.loads(baseline.read_text()), "sft/"), step=t + 1)
+            for step, record in model.train_steps():
+                log(child.info.run_id, record, step=step)
+            log(child.info.run_id, values, step=model.step)
+        log(state["parent"], values, step=model.step)
+        if model.sft_baseline():
+            log(state["parent"], model.sft_baseline(), step=model.step)
+        if model.iteration is not None:
             client.set_terminated(child.info.run_id)
-            client.log_batch(state["parent"], tags=[RunTag("spin.iterations_logged", str(t + 1))])
-            state["logged"].append(key)
-            write_json_atomic(state, state_path)
+            client.log_batch(
+                state["parent"], tags=[RunTag("spin.iterations_logged", str(model.step))]
+            )
+        state["logged"].append(model.key)
+        write_json_atomic(state, state_path)
     if run.report.exists() and "report" not in state["logged"]:
         client.log_artifact(state["parent"], str(run.report))
         client.set_terminated(state["parent"])
@@ -153,32 +199,22 @@ def track_wandb(run: RunDir, config_params: dict[str, str] | None = None) -> dic
         state.setdefault("runs", {})[key] = wandb_run.id
         write_json_atomic(state, state_path)
 
-    finished = run.finished_iterations()
-    for t in finished:
-        key = f"iter_{t}"
-        if key not in state["logged"]:
-            wandb_run = wandb.init(
-                name=f"{run.root.name} iteration {t}", job_type="iteration", **settings
-            )
-            steps = run.step_log(t)
-            for line in steps.read_text().splitlines() if steps.exists() else []:
-                record = json.loads(line)
-                wandb_run.log(_numbers(record, "train/"), step=int(record["step"]))
-            metrics = json.loads(run.iteration_metrics(t).read_text())
-            wandb_run.summary.update(
-                _numbers(metrics, "heldout/") | lm_eval.scores(run.iteration(t))
-            )
-            wandb_run.finish()
-            logged(key, wandb_run)
+    models = finished_models(run)
+    for model in models:
+        if model.iteration is None or model.key in state["logged"]:
+            continue
+        wandb_run = wandb.init(
+            name=f"{run.root.name} iteration {model.iteration}", job_type="iteration", **settings
+        )
+        for step, record in model.train_steps():
+            wandb_run.log(record, step=step)
+        wandb_run.summary.update(model.heldout())
+        wandb_run.finish()
+        logged(model.key, wandb_run)
     if run.report.exists() and "models" not in state["logged"]:
         wandb_run = wandb.init(name=f"{run.root.name} models", job_type="evaluation", **settings)
-        base = run.base_evaluation().metrics
-        if base.exists():
-            values = _numbers(json.loads(base.read_text()), "heldout/")
-            wandb_run.log(values | lm_eval.scores(base.parent), step=0)
-        for i in finished:
-            values = _numbers(json.loads(run.iteration_metrics(i).read_text()), "heldout/")
-            wandb_run.log(values | lm_eval.scores(run.iteration(i)), step=i + 1)
+        for model in models:
+            wandb_run.log(model.heldout(), step=model.step)
         wandb_run.finish()
         logged("models", wandb_run)
     return state
