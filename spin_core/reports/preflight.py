@@ -473,13 +473,73 @@ def estimate_disk(cfg: SpinConfig, shape: ModelShape, run_dir: str | Path) -> Di
 
 
 def _data_section(report: PreflightReport, tokenizer, train, cfg: SpinConfig) -> list[str]:
-    training = cfg.training
+    """The token lengths of the training data: its lines, and its problems and notes added
+    to `report`."""
     try:
         lengths, sample = length_stats(tokenizer, train, cfg)
     except InputError as exc:
         report.problems.append(str(exc))
         return ["", "```", *tokenization_lines(tokenizer, train.iloc[0]), "```"]
     report.lengths = lengths
+    problems, notes = length_findings(lengths, cfg)
+    report.problems += problems
+    report.notes += notes
+    return length_lines(tokenizer, sample.iloc[0], lengths, cfg)
+
+
+def usable_after_dropping(lengths: LengthStats) -> int:
+    """Training rows left once the prompts over training.max_prompt_length are dropped."""
+    return lengths.rows - round(lengths.prompts_over / lengths.sample * lengths.rows)
+
+
+def length_findings(lengths: LengthStats, cfg: SpinConfig) -> tuple[list[str], list[str]]:
+    """The rules over the token lengths: (problems that stop a run, notes)."""
+    training, problems, notes = cfg.training, [], []
+    over = lengths.prompts_over / lengths.sample
+    if cfg.data.overlong_prompts == "drop":
+        usable = usable_after_dropping(lengths)
+        if over > 0.5:
+            problems.append(
+                f"training.max_prompt_length ({training.max_prompt_length}): "
+                f"{100 * over:.0f} % of the prompts are longer and would be dropped "
+                "(data.overlong_prompts: drop); raise it or use overlong_prompts: truncate"
+            )
+        elif usable < cfg.data.num_prompts <= lengths.rows:
+            estimated = "" if lengths.exact else "about "
+            problems.append(
+                f"training.max_prompt_length ({training.max_prompt_length}): after dropping "
+                f"longer prompts {estimated}{usable} remain, fewer than data.num_prompts "
+                f"({cfg.data.num_prompts})"
+            )
+    elif over > 0.5:
+        notes.append(
+            f"{100 * over:.0f} % of the prompts are longer than training.max_prompt_length "
+            f"({training.max_prompt_length}) and will be left-truncated"
+        )
+    if lengths.kept and lengths.responses_cut / lengths.kept > 0.5:
+        notes.append(
+            f"{100 * lengths.responses_cut / lengths.kept:.0f} % of the real responses are cut "
+            f"at training.max_length ({training.max_length})"
+        )
+    if lengths.responses_over_new_tokens / lengths.sample > 0.25:
+        notes.append(
+            f"{100 * lengths.responses_over_new_tokens / lengths.sample:.0f} % of the real "
+            f"responses are longer than generation.max_new_tokens "
+            f"({cfg.generation.max_new_tokens}): the opponent's answers are cut there and the "
+            "real ones are not, a length cue the model can learn instead of quality"
+        )
+    if training.max_prompt_length + cfg.generation.max_new_tokens > training.max_length:
+        notes.append(
+            f"training.max_prompt_length + generation.max_new_tokens "
+            f"({training.max_prompt_length} + {cfg.generation.max_new_tokens}) exceeds "
+            f"training.max_length ({training.max_length}): long generations are cut in training"
+        )
+    return problems, notes
+
+
+def length_lines(tokenizer, row, lengths: LengthStats, cfg: SpinConfig) -> list[str]:
+    """The Data section's lines: one row as training sees it, then the token lengths."""
+    training = cfg.training
     what = (
         f"all {lengths.rows} training rows"
         if lengths.exact
@@ -491,7 +551,7 @@ def _data_section(report: PreflightReport, tokenizer, train, cfg: SpinConfig) ->
         "One row as training sees it:",
         "",
         "```",
-        *tokenization_lines(tokenizer, sample.iloc[0]),
+        *tokenization_lines(tokenizer, row),
         "```",
         "",
         f"Token lengths ({what}; responses include EOS):",
@@ -509,45 +569,10 @@ def _data_section(report: PreflightReport, tokenizer, train, cfg: SpinConfig) ->
         f"- real responses longer than generation.max_new_tokens "
         f"({cfg.generation.max_new_tokens}): {_pct(lengths.responses_over_new_tokens, lengths.sample)}",
     ]
-    over = lengths.prompts_over / lengths.sample
     if drop:
-        usable = lengths.rows - round(over * lengths.rows)
         estimated = "" if lengths.exact else "about "
-        lines.append(f"- usable prompts after dropping: {estimated}{usable}")
-        if over > 0.5:
-            report.problems.append(
-                f"training.max_prompt_length ({training.max_prompt_length}): "
-                f"{100 * over:.0f} % of the prompts are longer and would be dropped "
-                "(data.overlong_prompts: drop); raise it or use overlong_prompts: truncate"
-            )
-        elif usable < cfg.data.num_prompts <= lengths.rows:
-            report.problems.append(
-                f"training.max_prompt_length ({training.max_prompt_length}): after dropping "
-                f"longer prompts {estimated}{usable} remain, fewer than data.num_prompts "
-                f"({cfg.data.num_prompts})"
-            )
-    elif over > 0.5:
-        report.notes.append(
-            f"{100 * over:.0f} % of the prompts are longer than training.max_prompt_length "
-            f"({training.max_prompt_length}) and will be left-truncated"
-        )
-    if lengths.kept and lengths.responses_cut / lengths.kept > 0.5:
-        report.notes.append(
-            f"{100 * lengths.responses_cut / lengths.kept:.0f} % of the real responses are cut "
-            f"at training.max_length ({training.max_length})"
-        )
-    if lengths.responses_over_new_tokens / lengths.sample > 0.25:
-        report.notes.append(
-            f"{100 * lengths.responses_over_new_tokens / lengths.sample:.0f} % of the real "
-            f"responses are longer than generation.max_new_tokens "
-            f"({cfg.generation.max_new_tokens}): the opponent's answers are cut there and the "
-            "real ones are not, a length cue the model can learn instead of quality"
-        )
-    if training.max_prompt_length + cfg.generation.max_new_tokens > training.max_length:
-        report.notes.append(
-            f"training.max_prompt_length + generation.max_new_tokens "
-            f"({training.max_prompt_length} + {cfg.generation.max_new_tokens}) exceeds "
-            f"training.max_length ({training.max_length}): long generations are cut in training"
+        lines.append(
+            f"- usable prompts after dropping: {estimated}{usable_after_dropping(lengths)}"
         )
     return lines
 
