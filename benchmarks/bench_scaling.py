@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import _common
-from spin_core.step import PlainContext
+from spin_core.execution import PlainContext
 
 SCALES = (1, 2, 4)
 BASE, QUICK_BASE = 512, 64

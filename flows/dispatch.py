@@ -22,7 +22,7 @@ from prefect.deployments import run_deployment
 
 from spin_core import steps
 from spin_core.config import SpinConfig
-from spin_core.step import Step
+from spin_core.execution import Step
 from tasks.caching import run_local
 
 POLL_SECONDS = 2  # how often a dispatched step's state is read while waiting for it

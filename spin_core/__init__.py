@@ -6,13 +6,13 @@ may only shrink):
 
 - vocabulary: `config` (every setting, validated), `config_reference`, `errors`;
 - `runtime/`: this rank's device and collectives, worker devices, child processes, memory;
-- `storage/`: atomic files and Parquet, the run directory and its lock, model directories,
-  GGUF import, provenance;
+- `storage/`: atomic files and Parquet, the run directory and its lock, the step journal,
+  model directories, GGUF import, provenance;
 - the algorithm, the paper's words, at the top: `loss`, `logprobs`, `score`, `prompts`,
   `data`, `evaluate`, `lm_eval`; with `generation/` (θt writes y') and `training/` (θ(t+1)
   from θt: the DeepSpeed loop, checkpoints, export, memory model, launchers);
-- the pipeline: `step` (what a step is, its journal), `steps` (the steps), `pipeline` (the
-  loop over iterations), `driver` (the pipeline without Prefect), `console` (a step's lines
+- the pipeline: `execution` (what a step is and how it executes, journaled), `steps` (the
+  steps), `pipeline` (the loop over iterations), `driver` (the pipeline without Prefect), `console` (a step's lines
   while it runs);
 - `reports/` (reports, significance, comparisons, tracking, `spin check`, `spin status`) and
   the embedded default (`toy`, `chat_tasks`).
@@ -37,6 +37,6 @@ LAYERS = {
         "training",
         "train_node",
     ),
-    "pipeline": ("step", "steps", "pipeline", "driver", "console"),
+    "pipeline": ("execution", "steps", "pipeline", "driver", "console"),
     "reports": ("reports", "toy", "chat_tasks"),
 }

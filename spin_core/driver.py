@@ -22,11 +22,11 @@ from spin_core import pipeline
 from spin_core.config import SpinConfig
 from spin_core.console import announce
 from spin_core.errors import retryable
-from spin_core.step import Context, PlainContext, Step, execute
+from spin_core.execution import Context, PlainContext, Step, execute
 
 
 class PlainRunner:
-    """Runs each step in this process (`spin_core.step.execute`), retrying transient failures."""
+    """Runs each step in this process (`spin_core.execution.execute`), retrying transient failures."""
 
     def __init__(self, ctx: Context | None = None):
         self.ctx = ctx or PlainContext()

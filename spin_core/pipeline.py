@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from spin_core import lm_eval, steps
 from spin_core.config import SpinConfig
-from spin_core.step import Step
+from spin_core.execution import Step
 from spin_core.storage.rundir import RunDir, RunLock, check_config, save_config
 from spin_core.training import train
 

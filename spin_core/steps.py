@@ -10,7 +10,7 @@ Algorithm 1 of Chen et al. (2024), one iteration θt → θ(t+1) (`pipeline.run_
    training ranks before their first step);
 5. `evaluate`: θ(t+1)'s held-out metrics against θt, and the collapse decision.
 
-Each step is a `spin_core.step.Step`: its inputs, outputs and body declared together.
+Each step is a `spin_core.execution.Step`: its inputs, outputs and body declared together.
 A runner executes them: `spin_core/driver.py` in plain Python (benchmarks, notebooks),
 `flows/` as cached Prefect tasks and flows, or on GPU workers. docs/DESIGN.md has
 the run directory layout and the step table.
@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from spin_core import data, generation, lm_eval, toy
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
 from spin_core.evaluate import collapsed, evaluate_model, evaluation_config, training_summary
+from spin_core.execution import Context, Output, Params, at_iteration, step
 from spin_core.generation import Generated
 from spin_core.generation.workers import in_process
 from spin_core.prompts import drop_overlong_prompts, encode_pairs
 from spin_core.reports import report, tracking
 from spin_core.runtime.devices import check_device_counts, compute_dtype, release_memory
-from spin_core.step import Context, Output, Params, at_iteration, step
 from spin_core.storage import provenance
 from spin_core.storage.files import (
     atomic_path,

@@ -14,7 +14,7 @@ before each call `done(params)` checks them (Parquet footer and row count,
 complete model directory); if they are missing or truncated the step runs again
 (`refresh_cache`) and overwrites the stale cache entry.
 
-Inside the task the step runs as everywhere (`spin_core.step.execute`): loaded
+Inside the task the step runs as everywhere (`spin_core.execution.execute`): loaded
 from its outputs when they are complete but the cache record was lost (a crash
 right after the step; "reused" in `steps.jsonl`), else its body, journaled
 "started" and "finished" or "failed". A cached step writes nothing to the
@@ -37,7 +37,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from spin_core.config import RESULT_NEUTRAL_FIELDS, SpinConfig
 from spin_core.console import announce
 from spin_core.errors import InputError, retryable
-from spin_core.step import Step, execute
+from spin_core.execution import Step, execute
 from spin_core.storage.rundir import RunDir
 from tasks.context import PrefectContext
 

@@ -1,4 +1,4 @@
-"""What a step body sees of Prefect (`spin_core.step.Context`): the run logger, and
+"""What a step body sees of Prefect (`spin_core.execution.Context`): the run logger, and
 progress and table artifacts."""
 
 from __future__ import annotations

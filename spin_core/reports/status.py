@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spin_core.console import duration, where
 from spin_core.errors import InputError
-from spin_core.step import read_journal
+from spin_core.storage.journal import read_journal
 from spin_core.storage.rundir import RunDir, RunLock, pid_alive
 
 # The steps of one iteration, in the order run_iteration runs them (spin_core/steps.py).

@@ -21,7 +21,7 @@ import pytest
 
 from flows.server import _healthy
 from spin_core.runtime.processes import free_port
-from spin_core.step import read_journal
+from spin_core.storage.journal import read_journal
 from tests.deployments.conftest import BIN, ROOT, Api, Process, Server, scaling_out_commands
 from tests.overrides import MID_GENERATION, overrides, set_args
 from tests.postgres import postgres_database

@@ -1,4 +1,4 @@
-"""tasks/caching.py and spin_core/step.py: fingerprints, cache keys, and a step whose outputs
+"""tasks/caching.py and spin_core/execution.py: fingerprints, cache keys, and a step whose outputs
 exist is loaded, not run, under Prefect and under the plain driver alike."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from spin_core.config import load_config
 from spin_core.driver import PlainRunner
-from spin_core.step import read_journal, step
+from spin_core.execution import step
+from spin_core.storage.journal import read_journal
 from spin_core.storage.rundir import RunDir
 from tasks import caching
 

@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from spin_core import driver
 from spin_core.config import load_config
 from spin_core.pipeline import Decision, after_iteration
-from spin_core.step import read_journal
+from spin_core.storage.journal import read_journal
 from spin_core.storage.rundir import RunDir
 from tests.overrides import overrides
 
@@ -56,7 +56,7 @@ def test_after_iteration_policy(tmp_path, changes, metrics, retried, expected):
 def test_plain_runner_retries_a_transient_failure_but_not_bad_input(tmp_path):
     from spin_core.driver import PlainRunner
     from spin_core.errors import InputError
-    from spin_core.step import step
+    from spin_core.execution import step
 
     config = load_config("configs/demo.yaml")
     failures = {"io": [OSError("disk busy")], "input": [InputError("data.dataset: missing")]}

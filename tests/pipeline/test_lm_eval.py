@@ -193,7 +193,7 @@ def test_task_writes_lm_eval_json_and_a_rerun_is_cached(toy_build, task_dir, off
 
     from flows.dispatch import PrefectRunner
     from spin_core.pipeline import run_lm_eval
-    from spin_core.step import read_journal
+    from spin_core.storage.journal import read_journal
 
     @flow
     def benchmark(config, run_dir: str, model: str, out_dir: str) -> dict | None:

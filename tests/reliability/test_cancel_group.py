@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spin_core.step import read_journal
+from spin_core.storage.journal import read_journal
 from tests.overrides import MID_GENERATION, overrides, set_args
 
 pytestmark = pytest.mark.slow

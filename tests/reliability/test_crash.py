@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from spin_core.step import read_journal
+from spin_core.storage.journal import read_journal
 from tests import overrides as small
 
 pytestmark = pytest.mark.slow

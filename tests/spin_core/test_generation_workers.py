@@ -233,7 +233,7 @@ def test_evaluation_frees_the_model_then_empties_the_cuda_cache(monkeypatch, tmp
 
     from spin_core import steps
     from spin_core.config import load_config
-    from spin_core.step import PlainContext
+    from spin_core.execution import PlainContext
     from spin_core.storage.rundir import RunDir
 
     loaded, emptied = [], []

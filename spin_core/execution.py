@@ -14,7 +14,7 @@ A `Step` (made with `@step`) is a function `body(ctx, config, run_dir, ...)` plu
 `execute(step, ctx, params)` is the one way a step runs: when `done` says the
 outputs are complete, `load` answers and the body is not called; otherwise the
 body runs between "started" and "finished" (or "failed") lines of the run's
-journal, `steps.jsonl`. The plain driver (`spin_core/driver.py`) calls it
+journal, `steps.jsonl` (spin_core/storage/journal.py). The plain driver (`spin_core/driver.py`) calls it
 directly; the Prefect layer (`tasks/caching.py`) calls it inside a cached task.
 
 The body talks to whoever runs it through `ctx` (a `Context`): a logger, progress
@@ -26,14 +26,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-JOURNAL = "steps.jsonl"
+from spin_core.storage.journal import journal
 
 
 class Progress(Protocol):
@@ -204,25 +202,3 @@ def execute(step: Step, ctx: Context, params: Params) -> Any:
         raise
     journal(run_dir, step.name, iteration, "finished")
     return result
-
-
-def journal(run_dir: str | Path, step: str, iteration: int | None, event: str, **extra) -> None:
-    """Append one line to the run's step journal (O_APPEND: lines from ranks do not interleave)."""
-    record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "step": step,
-        "iteration": iteration,
-        "event": event,
-        "pid": os.getpid(),
-    } | extra
-    path = Path(run_dir) / JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def read_journal(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / JOURNAL
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""A step's outputs are declared once (`spin_core.step.Output`): completeness, loading and
+"""A step's outputs are declared once (`spin_core.execution.Output`): completeness, loading and
 the paths every reader uses come from that declaration."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from spin_core import steps
 from spin_core.config import load_config
-from spin_core.step import Output, PlainContext, at_iteration, execute, step
+from spin_core.execution import Output, PlainContext, at_iteration, execute, step
 from spin_core.storage.files import write_parquet_atomic
 from spin_core.storage.rundir import RunDir
 
