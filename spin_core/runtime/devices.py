@@ -115,7 +115,9 @@ class WorkerDevices:
     def env(self) -> dict[str, str]:
         """The variables that give a child process these devices."""
         if self.gpus:
-            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
+            # Its first GPU is cuda:0 whatever this process's rank (`device()` reads
+            # LOCAL_RANK, which a launcher may have set in the environment it inherits).
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus), "LOCAL_RANK": "0"}
         cores = ",".join(map(str, self.cores))
         return {
             "CUDA_VISIBLE_DEVICES": "",

@@ -555,6 +555,7 @@ class GenerationMemory:
     limit: float  # what it may use: the GPU (HF), gpu_memory_utilization of it (vLLM)
     kv_tokens: int  # tokens the KV cache holds
     needed_tokens: int  # tokens the KV cache must hold at least
+    per_batch_token: float = 0.0  # HF: bytes that grow with generation.batch_tokens (KV, prefill)
 
     def fits(self) -> bool:
         return self.peak <= self.limit and self.kv_tokens >= self.needed_tokens
@@ -603,7 +604,8 @@ def generation_memory(cfg: SpinConfig, shape: ModelShape, gpu: float) -> Generat
         MemoryRow("CUDA context, allocator (allowance)", RUNTIME_RESERVE_BYTES, "fixed"),
     ]
     peak = sum(r.bytes for r in rows)
-    return GenerationMemory("hf", rows, peak, gpu, tokens, sequence)
+    per_token = (tokens * kv_per_token + mlp) / tokens
+    return GenerationMemory("hf", rows, peak, gpu, tokens, sequence, per_token)
 
 
 def generation_memory_lines(memory: GenerationMemory, cfg: SpinConfig, gpu: float) -> list[str]:
@@ -641,9 +643,8 @@ def generation_memory_problem(memory: GenerationMemory, cfg: SpinConfig, gpu: fl
             f"{memory.needed_tokens} (raise generation.gpu_memory_utilization or "
             "generation.tensor_parallel_size)"
         )
-    scaling = memory.rows[1].bytes + memory.rows[2].bytes  # KV cache and prefill: × tokens
-    fixed = memory.peak - scaling
-    smaller = max(64, int(g.batch_tokens * (gpu - fixed) / scaling))
+    fixed = memory.peak - memory.per_batch_token * g.batch_tokens
+    smaller = max(64, int((gpu - fixed) / memory.per_batch_token))
     return (
         f"generation memory: the estimate of {memory.peak / GIB:.1f} GiB per GPU exceeds "
         f"{gpu / GIB:g} GiB (--gpu-memory-gib); generation.batch_tokens ≤ about {smaller} fits"

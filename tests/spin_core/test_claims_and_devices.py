@@ -75,6 +75,8 @@ def test_each_worker_gets_its_own_gpus_and_tensor_parallel_groups():
     gpus = ["0", "1", "2", "3", "4", "5", "6", "7"]
     plan, fits = plan_workers(8, 1, gpus=gpus)
     assert fits and [w.env()["CUDA_VISIBLE_DEVICES"] for w in plan] == gpus
+    # a worker's first GPU is its cuda:0, even under a launcher that set LOCAL_RANK
+    assert {w.env()["LOCAL_RANK"] for w in plan} == {"0"}
     plan, fits = plan_workers(4, 2, gpus=gpus)
     assert fits and [w.env()["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0,1", "2,3", "4,5", "6,7"]
     plan, fits = plan_workers(3, 1, gpus=["2", "5"])  # more workers than GPUs: shared
