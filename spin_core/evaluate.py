@@ -10,7 +10,6 @@ is generated from and scored once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +20,6 @@ from spin_core.generation import Decoding, Generated, HFBackend
 from spin_core.loss import reward_metrics, reward_sums
 from spin_core.prompts import encode_pairs
 from spin_core.score import examples_from_ids, score_named
-from spin_core.storage.rundir import RunDir
 
 
 def collapsed(loglik: float, opponent_loglik: float, tolerance: float) -> bool:
@@ -187,21 +185,3 @@ def _reward_metrics(frame: pd.DataFrame, opponent: pd.DataFrame, opponent_genera
             opponent["real_logps"].sum() / max(frame["real_tokens"].sum(), 1)
         ),
     }
-
-
-def training_summary(run: RunDir, iteration: int) -> dict:
-    """Counts of the training set and the last epoch's mean training metrics."""
-    summary = json.loads(run.pairs_counts(iteration).read_text())
-    steps = pd.read_json(run.step_log(iteration), lines=True)
-    last_epoch = steps[steps["epoch"] >= steps["epoch"].max() // 1]
-    summary["train_steps"] = int(steps["step"].max())
-    for key in ("loss", "margin", "reward_accuracy"):
-        summary[f"train_{key}"] = float(last_epoch[key].mean())
-    if "healthy" in steps:
-        checked = steps.dropna(subset=["healthy"])
-        summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
-    summary["lr_scale"] = run.lr_scale(iteration)
-    export = run.export_summary(iteration)
-    if export.exists():  # the fraction of θ(t+1)'s weights that differ from θt's
-        summary |= json.loads(export.read_text())
-    return summary

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from spin_core import data, generation, lm_eval, toy
 from spin_core.config import TOY, DataConfig, SpinConfig, schedule_at
-from spin_core.evaluate import collapsed, evaluate_model, evaluation_config, training_summary
+from spin_core.evaluate import collapsed, evaluate_model, evaluation_config
 from spin_core.execution import Context, Output, Params, at_iteration, step
 from spin_core.generation import Generated
 from spin_core.generation.workers import in_process
@@ -49,6 +49,7 @@ from spin_core.storage.models import load_tokenizer as _load_tokenizer
 from spin_core.storage.rundir import EvalDir, RunDir, RunLock, check_config
 from spin_core.training import train
 from spin_core.training.job import TrainJob
+from spin_core.training.state import training_summary
 
 
 def _run(params: Params) -> RunDir:

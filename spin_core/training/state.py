@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
 from spin_core.runtime.devices import device, rank0_decides
+from spin_core.storage.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +123,23 @@ def truncate_log(log_path: Path, last_step: int) -> None:
         if line.strip() and json.loads(line)["step"] <= last_step
     ]
     log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def training_summary(run: RunDir, iteration: int) -> dict:
+    """What iteration `iteration`'s metrics.json says of its training: the training set's
+    counts, the last epoch's mean step metrics, the health checks, the learning-rate scale
+    and the export's weights-changed fractions, read from the iteration's files."""
+    summary = json.loads(run.pairs_counts(iteration).read_text())
+    steps = pd.read_json(run.step_log(iteration), lines=True)
+    last_epoch = steps[steps["epoch"] >= steps["epoch"].max() // 1]
+    summary["train_steps"] = int(steps["step"].max())
+    for key in ("loss", "margin", "reward_accuracy"):
+        summary[f"train_{key}"] = float(last_epoch[key].mean())
+    if "healthy" in steps:
+        checked = steps.dropna(subset=["healthy"])
+        summary["unhealthy_checks"] = int((~checked["healthy"].astype(bool)).sum())
+    summary["lr_scale"] = run.lr_scale(iteration)
+    export = run.export_summary(iteration)
+    if export.exists():  # the fraction of θ(t+1)'s weights that differ from θt's
+        summary |= json.loads(export.read_text())
+    return summary

@@ -73,8 +73,8 @@ def test_bf16_training_exports_the_fp32_master_update_or_says_it_was_lost(
     """bf16 compute, ZeRO-0, lr 1e-6, 4 steps with accumulation 2: the update lives in the fp32
     master weights. Exported in fp32 it is kept; in bf16 it rounds away (θ1 = θ0 almost
     everywhere), which metrics.json, metrics.parquet and the report then say."""
-    from spin_core.evaluate import training_summary
     from spin_core.reports.report import write_report
+    from spin_core.training.state import training_summary
     from spin_core.training.train import train_iteration
     from tests.spin_core.test_report import write_eval
 
