@@ -69,10 +69,13 @@ def evaluate_model(
     if generated is None:
         generated = generate_heldout(model, tokenizer, prompt_ids, cfg)
     frame = heldout_frame(heldout, generated)
+    opponent = None
+    if opponent_frame is not None:  # its rows in `frame`'s order
+        opponent = opponent_frame.set_index("id").loc[frame["id"]].reset_index()
     opponent_logps = score_heldout(
-        model, tokenizer, frame, prompt_ids, real_ids, cfg, opponent_frame, show_progress
+        model, tokenizer, frame, prompt_ids, real_ids, cfg, opponent, show_progress
     )
-    return frame, heldout_metrics(frame, opponent_frame, opponent_logps, beta, group_of)
+    return frame, heldout_metrics(frame, opponent, opponent_logps, beta, group_of)
 
 
 def generate_heldout(model, tokenizer, prompt_ids: list[list[int]], cfg: SpinConfig):
@@ -106,12 +109,13 @@ def score_heldout(
     prompt_ids: list[list[int]],
     real_ids: list[list[int]],
     cfg: SpinConfig,
-    opponent_frame: pd.DataFrame | None = None,
+    opponent: pd.DataFrame | None = None,
     show_progress: bool = False,
 ):
     """The model's log-probs of the real answers and of its own, added to `frame`
-    (real_logps, real_tokens, generated_logps); with the opponent's frame, also the pairs
-    against the opponent's answers (opponent_generated, tie), whose log-probs it returns."""
+    (real_logps, real_tokens, generated_logps); with the opponent's evaluation rows (in
+    `frame`'s order), also the pairs against the opponent's answers (opponent_generated,
+    tie), whose log-probs it returns."""
     training = cfg.training
     limits = {"max_length": training.max_length, "max_prompt_length": training.max_prompt_length}
     examples = {
@@ -120,8 +124,7 @@ def score_heldout(
             prompt_ids, [ids.tolist() for ids in frame["generated_ids"]], **limits
         ),
     }
-    if opponent_frame is not None:
-        opponent = _aligned(opponent_frame, frame)
+    if opponent is not None:
         opponent_ids = [list(ids) for ids in opponent["generated_ids"]]
         frame["opponent_generated"] = opponent["generated"].to_numpy()
         # y' = y token for token: the margin is 0 whatever the model, so it is a tie.
@@ -143,13 +146,14 @@ def score_heldout(
 
 def heldout_metrics(
     frame: pd.DataFrame,
-    opponent_frame: pd.DataFrame | None = None,
+    opponent: pd.DataFrame | None = None,
     opponent_generated_logps=None,
     beta: float | None = None,
     group_of: Callable[[str], str] | None = None,
 ) -> dict:
-    """Exact match, the real answers' per-token log-likelihood and, against the opponent,
-    the reward metrics (adding each pair's `margin` to `frame`)."""
+    """Exact match, the real answers' per-token log-likelihood and, against the opponent's
+    evaluation rows (in `frame`'s order), the reward metrics (adding each pair's `margin`
+    to `frame`)."""
     metrics: dict = {
         "eval_pairs": len(frame),
         "exact_match": float(frame["exact_match"].mean()),
@@ -162,15 +166,9 @@ def heldout_metrics(
         metrics["exact_match_by_group"] = {
             str(k): float(v) for k, v in frame["exact_match"].groupby(groups).mean().items()
         }
-    if opponent_frame is not None:
-        opponent = _aligned(opponent_frame, frame)
+    if opponent is not None:
         metrics |= _reward_metrics(frame, opponent, opponent_generated_logps, beta)
     return metrics
-
-
-def _aligned(opponent_frame: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
-    """The opponent's evaluation rows in `frame`'s order."""
-    return opponent_frame.set_index("id").loc[frame["id"]].reset_index()
 
 
 def _reward_metrics(frame: pd.DataFrame, opponent: pd.DataFrame, opponent_generated_logps, beta):

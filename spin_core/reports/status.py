@@ -18,7 +18,8 @@ from spin_core.errors import InputError
 from spin_core.storage.journal import read_journal
 from spin_core.storage.rundir import RunDir, RunLock, pid_alive
 
-# The steps of one iteration, in the order run_iteration runs them (spin_core/steps.py).
+# The steps of one iteration, in the order run_iteration runs them (spin_core/pipeline.py;
+# tests/spin_core/test_status.py checks it: importing the pipeline would load torch here).
 ITERATION_STEPS = (
     "sample-prompts",
     "generate-responses",

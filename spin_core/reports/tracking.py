@@ -159,8 +159,9 @@ def track(run: RunDir, config_params: dict[str, str] | None = None) -> dict:
                 log(child.info.run_id, record, step=step)
             log(child.info.run_id, values, step=model.step)
         log(state["parent"], values, step=model.step)
-        if model.sft_baseline():
-            log(state["parent"], model.sft_baseline(), step=model.step)
+        sft = model.sft_baseline()
+        if sft:
+            log(state["parent"], sft, step=model.step)
         if model.iteration is not None:
             client.set_terminated(child.info.run_id)
             client.log_batch(
